@@ -1,0 +1,305 @@
+//! Cross-shard calls: the work item that travels to the target shard and back,
+//! the origin's table of calls awaiting completion, and the [`Submit`] future.
+//!
+//! A call is one allocation. On the origin it gets a slot in the shard's call
+//! table and is boxed as a [`Job`]; the box crosses the request ring, runs on
+//! the target (inline for a plain closure, as a local task for a future), and
+//! crosses back on the response ring carrying its result. The origin then
+//! parks the box in the call's slot and wakes the awaiting task, which takes
+//! the result out and frees the box, on the shard that allocated it.
+
+use std::any::Any;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use crate::error::{Error, Result};
+use crate::executor::CatchUnwind;
+use crate::runtime::{with_shard, Shard};
+
+/// A unit of work that crosses the matrix.
+pub(crate) trait Job: Send + 'static {
+    /// Runs on the target shard; eventually hands `self` back to the origin
+    /// with [`Shard::respond`].
+    fn run(self: Box<Self>, shard: &Shard);
+    /// The origin's call-table slot.
+    fn slot(&self) -> usize;
+    /// For the origin to recover the concrete type.
+    fn into_any(self: Box<Self>) -> Box<dyn Any>;
+}
+
+/// What travels the rings.
+pub(crate) type Message = Box<dyn Job>;
+
+/// Marker: the closure returns the value.
+pub(crate) struct Value;
+/// Marker: the closure returns a future, which runs as a task on the target.
+pub(crate) struct Deferred;
+
+pub(crate) struct Call<F, R, M> {
+    origin: usize,
+    slot: usize,
+    func: Option<F>,
+    result: Option<Result<R>>,
+    mode: PhantomData<fn() -> M>,
+}
+
+impl<F, R, M> Call<F, R, M> {
+    pub(crate) fn new(origin: usize, slot: usize, func: F) -> Self {
+        Self {
+            origin,
+            slot,
+            func: Some(func),
+            result: None,
+            mode: PhantomData,
+        }
+    }
+
+    fn take_result(any: Box<dyn Any>) -> Result<R>
+    where
+        F: 'static,
+        R: 'static,
+        M: 'static,
+    {
+        let call = any
+            .downcast::<Self>()
+            .expect("a completed call is read back as the type it was sent as");
+        call.result.expect("a returned call carries its result")
+    }
+}
+
+impl<F, R> Job for Call<F, R, Value>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    fn run(mut self: Box<Self>, shard: &Shard) {
+        let func = self.func.take().expect("a call runs once");
+        self.result = Some(catch_unwind(AssertUnwindSafe(func)).map_err(|p| Error::from_panic(shard.id, p)));
+        shard.respond(self.origin, self);
+    }
+
+    fn slot(&self) -> usize {
+        self.slot
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+
+impl<F, Fut> Job for Call<F, Fut::Output, Deferred>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future + 'static,
+    Fut::Output: Send + 'static,
+{
+    fn run(mut self: Box<Self>, shard: &Shard) {
+        let func = self.func.take().expect("a call runs once");
+        let id = shard.id;
+        match catch_unwind(AssertUnwindSafe(func)) {
+            Err(payload) => {
+                self.result = Some(Err(Error::from_panic(id, payload)));
+                shard.respond(self.origin, self);
+            }
+            Ok(future) => shard.spawn(Box::pin(async move {
+                self.result = Some(CatchUnwind::new(future, id).await);
+                let origin = self.origin;
+                with_shard(|shard| shard.respond(origin, self)).expect("a task runs on its shard");
+            })),
+        }
+    }
+
+    fn slot(&self) -> usize {
+        self.slot
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+
+enum Slot {
+    Free { next: usize },
+    Waiting(Option<Waker>),
+    Done(Message),
+    Abandoned,
+}
+
+/// The origin's table of calls in flight, indexed by slot.
+#[derive(Default)]
+pub(crate) struct Calls {
+    slots: Vec<Slot>,
+    free_head: Option<usize>,
+    in_flight: usize,
+}
+
+impl Calls {
+    pub(crate) fn open(&mut self) -> usize {
+        self.in_flight += 1;
+        match self.free_head {
+            Some(index) => {
+                let Slot::Free { next } = self.slots[index] else {
+                    unreachable!("the free list only holds free slots")
+                };
+                self.free_head = (next != usize::MAX).then_some(next);
+                self.slots[index] = Slot::Waiting(None);
+                index
+            }
+            None => {
+                self.slots.push(Slot::Waiting(None));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn release(&mut self, index: usize) {
+        self.slots[index] = Slot::Free {
+            next: self.free_head.unwrap_or(usize::MAX),
+        };
+        self.free_head = Some(index);
+        self.in_flight -= 1;
+    }
+
+    /// The call came back. Returns the waker to wake if someone awaits it, or
+    /// gives the call back for the caller to drop (outside this table's
+    /// borrow) when nobody does any more.
+    pub(crate) fn complete(&mut self, message: Message) -> Result<Option<Waker>, Message> {
+        let index = message.slot();
+        match &mut self.slots[index] {
+            Slot::Waiting(waker) => {
+                let waker = waker.take();
+                self.slots[index] = Slot::Done(message);
+                Ok(waker)
+            }
+            Slot::Abandoned => {
+                self.release(index);
+                Err(message)
+            }
+            Slot::Free { .. } | Slot::Done(_) => unreachable!("a call completes once"),
+        }
+    }
+
+    fn poll(&mut self, index: usize, cx: &mut Context<'_>) -> Option<Message> {
+        match &mut self.slots[index] {
+            Slot::Waiting(waker) => {
+                match waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => *waker = Some(cx.waker().clone()),
+                }
+                None
+            }
+            Slot::Done(_) => {
+                let Slot::Done(message) = std::mem::replace(&mut self.slots[index], Slot::Abandoned) else {
+                    unreachable!()
+                };
+                self.release(index);
+                Some(message)
+            }
+            Slot::Free { .. } | Slot::Abandoned => unreachable!("only the owner polls a slot"),
+        }
+    }
+
+    /// The awaiting side went away. Returns the finished call, if it already
+    /// came back, for the caller to drop outside this table's borrow.
+    fn abandon(&mut self, index: usize) -> Option<Message> {
+        match std::mem::replace(&mut self.slots[index], Slot::Abandoned) {
+            Slot::Waiting(_) => None,
+            Slot::Done(message) => {
+                self.release(index);
+                Some(message)
+            }
+            other => {
+                self.slots[index] = other;
+                None
+            }
+        }
+    }
+
+    /// Calls sent from this shard whose completion has not been processed.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+enum State<R> {
+    Ready(Option<Result<R>>),
+    Remote {
+        slot: usize,
+        take: fn(Box<dyn Any>) -> Result<R>,
+    },
+    Local(Pin<Box<dyn Future<Output = Result<R>>>>),
+    Done,
+}
+
+/// The result of a call on another shard (or on this one). Dropping it before
+/// it completes abandons the result; the call itself still runs.
+#[must_use = "a call's result is only seen by awaiting it"]
+pub struct Submit<R> {
+    state: State<R>,
+}
+
+impl<R> Submit<R> {
+    pub(crate) fn ready(result: Result<R>) -> Self {
+        Self {
+            state: State::Ready(Some(result)),
+        }
+    }
+
+    pub(crate) fn local(future: Pin<Box<dyn Future<Output = Result<R>>>>) -> Self {
+        Self {
+            state: State::Local(future),
+        }
+    }
+
+    pub(crate) fn remote<F: 'static, M: 'static>(slot: usize) -> Self
+    where
+        R: 'static,
+    {
+        Self {
+            state: State::Remote {
+                slot,
+                take: Call::<F, R, M>::take_result,
+            },
+        }
+    }
+}
+
+impl<R> Unpin for Submit<R> {}
+
+impl<R> Future for Submit<R> {
+    type Output = Result<R>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R>> {
+        let result = match &mut self.state {
+            State::Ready(result) => result.take().expect("Submit polled after completion"),
+            State::Local(future) => match future.as_mut().poll(cx) {
+                Poll::Ready(result) => result,
+                Poll::Pending => return Poll::Pending,
+            },
+            State::Remote { slot, take } => {
+                let (slot, take) = (*slot, *take);
+                let message = with_shard(|shard| shard.calls.borrow_mut().poll(slot, cx))
+                    .expect("a Submit is awaited on the shard that made it");
+                match message {
+                    Some(message) => take(message.into_any()),
+                    None => return Poll::Pending,
+                }
+            }
+            State::Done => panic!("Submit polled after completion"),
+        };
+        self.state = State::Done;
+        Poll::Ready(result)
+    }
+}
+
+impl<R> Drop for Submit<R> {
+    fn drop(&mut self) {
+        if let State::Remote { slot, .. } = self.state {
+            let finished = with_shard(|shard| shard.calls.borrow_mut().abandon(slot));
+            drop(finished);
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Counters kept by the shards, and the plain snapshots `stats()` returns.
+//!
+//! Every counter has a single writer (the shard that owns the event), so it is
+//! bumped with a relaxed load and store, not a read-modify-write; readers on
+//! other threads see a recent value. A queue's sender-side and receiver-side
+//! counters sit on different cache lines, so counting adds no sharing between
+//! the two shards.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crossbeam_utils::CachePadded;
+
+/// A counter written by one thread and read by any.
+#[derive(Debug, Default)]
+pub(crate) struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        let value = self.0.load(Ordering::Relaxed);
+        self.0.store(value + n, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn max(&self, n: u64) {
+        if n > self.0.load(Ordering::Relaxed) {
+            self.0.store(n, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters written by the sending shard of one ordered pair.
+#[derive(Debug, Default)]
+pub(crate) struct SenderCounters {
+    pub(crate) sent: Counter,
+    pub(crate) batches: Counter,
+    pub(crate) completed: Counter,
+    pub(crate) max_pending: Counter,
+}
+
+/// Counters written by the receiving shard of one ordered pair.
+#[derive(Debug, Default)]
+pub(crate) struct ReceiverCounters {
+    pub(crate) received: Counter,
+    pub(crate) max_depth: Counter,
+}
+
+/// The counters of the request queue `from -> to` (and of the completions
+/// that come back on its response queue).
+#[derive(Debug, Default)]
+pub(crate) struct QueueCounters {
+    pub(crate) sender: CachePadded<SenderCounters>,
+    pub(crate) receiver: CachePadded<ReceiverCounters>,
+}
+
+/// Counters written by one shard about its own loop.
+#[derive(Debug, Default)]
+pub(crate) struct ShardCounters {
+    pub(crate) polls: Counter,
+    pub(crate) tasks_run: Counter,
+    pub(crate) sleeps: Counter,
+    pub(crate) wakeups: Counter,
+}
+
+/// A snapshot of one request queue, from shard `from` to shard `to`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// The sending shard.
+    pub from: usize,
+    /// The receiving shard.
+    pub to: usize,
+    /// Requests handed to the queue by `from` (including those still waiting
+    /// in its overflow FIFO).
+    pub sent: u64,
+    /// Requests taken off the ring by `to`.
+    pub received: u64,
+    /// Completions returned to `from`.
+    pub completed: u64,
+    /// Index publications on the request ring (one per batch).
+    pub batches: u64,
+    /// The most requests `to` found waiting in the ring at once.
+    pub max_depth: u64,
+    /// The most requests `from` held in its overflow FIFO at once.
+    pub max_pending: u64,
+}
+
+/// A snapshot of one shard's own loop.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    /// The shard index.
+    pub shard: usize,
+    /// Turns of the poll loop.
+    pub polls: u64,
+    /// Local task polls.
+    pub tasks_run: u64,
+    /// Times the shard blocked in its sleep point.
+    pub sleeps: u64,
+    /// Eventfd notifications this shard sent to sleeping peers.
+    pub wakeups: u64,
+}
+
+/// A snapshot of all counters of a runtime.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// One entry per ordered pair of distinct shards, ordered by `(from, to)`.
+    pub queues: Vec<QueueStats>,
+    /// One entry per shard.
+    pub shards: Vec<ShardStats>,
+}
+
+pub(crate) fn snapshot_from(queues: &[std::sync::Arc<QueueCounters>], shards: &[CachePadded<ShardCounters>]) -> Stats {
+    let count = shards.len();
+    let queues = (0..count)
+        .flat_map(|from| (0..count).map(move |to| (from, to)))
+        .filter(|(from, to)| from != to)
+        .map(|(from, to)| {
+            let q = &queues[from * count + to];
+            QueueStats {
+                from,
+                to,
+                sent: q.sender.sent.get(),
+                received: q.receiver.received.get(),
+                completed: q.sender.completed.get(),
+                batches: q.sender.batches.get(),
+                max_depth: q.receiver.max_depth.get(),
+                max_pending: q.sender.max_pending.get(),
+            }
+        })
+        .collect();
+    let shards = shards
+        .iter()
+        .enumerate()
+        .map(|(shard, c)| ShardStats {
+            shard,
+            polls: c.polls.get(),
+            tasks_run: c.tasks_run.get(),
+            sleeps: c.sleeps.get(),
+            wakeups: c.wakeups.get(),
+        })
+        .collect();
+    Stats { queues, shards }
+}
