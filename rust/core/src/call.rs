@@ -13,6 +13,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use crate::error::{Error, Result};
@@ -77,7 +78,8 @@ where
 {
     fn run(mut self: Box<Self>, shard: &Shard) {
         let func = self.func.take().expect("a call runs once");
-        self.result = Some(catch_unwind(AssertUnwindSafe(func)).map_err(|p| Error::from_panic(shard.id, p)));
+        self.result =
+            Some(catch_unwind(AssertUnwindSafe(func)).map_err(|p| Error::from_panic(shard.id, p)));
         shard.respond(self.origin, self);
     }
 
@@ -160,7 +162,6 @@ impl Calls {
             next: self.free_head.unwrap_or(usize::MAX),
         };
         self.free_head = Some(index);
-        self.in_flight -= 1;
     }
 
     /// The call came back. Returns the waker to wake if someone awaits it, or
@@ -168,6 +169,7 @@ impl Calls {
     /// borrow) when nobody does any more.
     pub(crate) fn complete(&mut self, message: Message) -> Result<Option<Waker>, Message> {
         let index = message.slot();
+        self.in_flight -= 1;
         match &mut self.slots[index] {
             Slot::Waiting(waker) => {
                 let waker = waker.take();
@@ -192,7 +194,9 @@ impl Calls {
                 None
             }
             Slot::Done(_) => {
-                let Slot::Done(message) = std::mem::replace(&mut self.slots[index], Slot::Abandoned) else {
+                let Slot::Done(message) =
+                    std::mem::replace(&mut self.slots[index], Slot::Abandoned)
+                else {
                     unreachable!()
                 };
                 self.release(index);
@@ -218,7 +222,7 @@ impl Calls {
         }
     }
 
-    /// Calls sent from this shard whose completion has not been processed.
+    /// Calls sent from this shard that have not come back yet.
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight
     }
@@ -227,6 +231,7 @@ impl Calls {
 enum State<R> {
     Ready(Option<Result<R>>),
     Remote {
+        shard: Rc<Shard>,
         slot: usize,
         take: fn(Box<dyn Any>) -> Result<R>,
     },
@@ -234,8 +239,9 @@ enum State<R> {
     Done,
 }
 
-/// The result of a call on another shard (or on this one). Dropping it before
-/// it completes abandons the result; the call itself still runs.
+/// The result of a call on another shard (or on this one). The call is sent
+/// when the `Submit` is made, not when it is first polled; dropping it before
+/// it completes abandons the result, and the call itself still runs.
 #[must_use = "a call's result is only seen by awaiting it"]
 pub struct Submit<R> {
     state: State<R>,
@@ -254,12 +260,13 @@ impl<R> Submit<R> {
         }
     }
 
-    pub(crate) fn remote<F: 'static, M: 'static>(slot: usize) -> Self
+    pub(crate) fn remote<F: 'static, M: 'static>(shard: Rc<Shard>, slot: usize) -> Self
     where
         R: 'static,
     {
         Self {
             state: State::Remote {
+                shard,
                 slot,
                 take: Call::<F, R, M>::take_result,
             },
@@ -279,10 +286,8 @@ impl<R> Future for Submit<R> {
                 Poll::Ready(result) => result,
                 Poll::Pending => return Poll::Pending,
             },
-            State::Remote { slot, take } => {
-                let (slot, take) = (*slot, *take);
-                let message = with_shard(|shard| shard.calls.borrow_mut().poll(slot, cx))
-                    .expect("a Submit is awaited on the shard that made it");
+            State::Remote { shard, slot, take } => {
+                let message = shard.calls.borrow_mut().poll(*slot, cx);
                 match message {
                     Some(message) => take(message.into_any()),
                     None => return Poll::Pending,
@@ -297,8 +302,8 @@ impl<R> Future for Submit<R> {
 
 impl<R> Drop for Submit<R> {
     fn drop(&mut self) {
-        if let State::Remote { slot, .. } = self.state {
-            let finished = with_shard(|shard| shard.calls.borrow_mut().abandon(slot));
+        if let State::Remote { shard, slot, .. } = &self.state {
+            let finished = shard.calls.borrow_mut().abandon(*slot);
             drop(finished);
         }
     }

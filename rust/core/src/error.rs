@@ -56,7 +56,10 @@ impl fmt::Display for Error {
                 "not on a shard: call this from a future run by Runtime::block_on or on a shard",
             ),
             Error::Panicked { shard, message } => {
-                write!(f, "the submitted closure panicked on shard {shard}: {message}")
+                write!(
+                    f,
+                    "the submitted closure panicked on shard {shard}: {message}"
+                )
             }
             Error::Build(why) => write!(f, "cannot build the runtime: {why}"),
         }

@@ -132,7 +132,12 @@ impl Executor {
     }
 
     /// Moves remote wake-ups into the ready queue; returns whether any came.
-    pub(crate) fn take_remote(&self, remote: &RemoteWakes, scratch: &mut Vec<TaskId>, main: &Cell<bool>) -> bool {
+    pub(crate) fn take_remote(
+        &self,
+        remote: &RemoteWakes,
+        scratch: &mut Vec<TaskId>,
+        main: &Cell<bool>,
+    ) -> bool {
         remote.take(scratch);
         let any = !scratch.is_empty();
         for id in scratch.drain(..) {
@@ -165,7 +170,10 @@ impl Executor {
             };
             // The slab is not borrowed while the task runs: it may spawn or
             // wake other tasks.
-            let done = future.as_mut().poll(&mut Context::from_waker(&waker)).is_ready();
+            let done = future
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_ready();
             let mut slots = self.slots.borrow_mut();
             let slot = &mut slots[index];
             if done {
@@ -273,7 +281,9 @@ where
         result: None,
         waker: None,
     }));
-    let handle = JoinHandle { state: state.clone() };
+    let handle = JoinHandle {
+        state: state.clone(),
+    };
     let task = async move {
         let result = CatchUnwind::new(future, shard).await;
         let waker = {

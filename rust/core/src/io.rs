@@ -165,8 +165,7 @@ pub struct Async<T: AsRawFd> {
 impl<T: AsRawFd> Async<T> {
     /// Registers `io` (already in non-blocking mode) with the current shard.
     pub fn new(io: T) -> io::Result<Self> {
-        let shard = with_shard(Rc::clone)
-            .map_err(|e| io::Error::new(io::ErrorKind::Other, e))?;
+        let shard = with_shard(Rc::clone).map_err(io::Error::other)?;
         let (index, _) = shard.reactor.register(io.as_raw_fd())?;
         Ok(Self {
             io: Some(io),
@@ -201,7 +200,11 @@ impl<T: AsRawFd> Async<T> {
         self.retry(true, &mut op).await
     }
 
-    async fn retry<R>(&self, write: bool, op: &mut impl FnMut(&T) -> io::Result<R>) -> io::Result<R> {
+    async fn retry<R>(
+        &self,
+        write: bool,
+        op: &mut impl FnMut(&T) -> io::Result<R>,
+    ) -> io::Result<R> {
         loop {
             match op(self.get_ref()) {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {

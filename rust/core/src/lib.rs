@@ -32,7 +32,8 @@ pub use error::{Error, Result};
 pub use executor::JoinHandle;
 pub use io::Async;
 pub use runtime::{
-    invoke_on_all, shard_count, shard_id, spawn_local, stats, submit_to, submit_to_async, Builder, Runtime,
+    invoke_on_all, shard_count, shard_id, spawn_local, stats, submit_to, submit_to_async, Builder,
+    Runtime,
 };
 pub use stats::{QueueStats, ShardStats, Stats};
 pub use timer::{sleep, Sleep};

@@ -29,10 +29,12 @@ pub struct Matrix<T> {
 impl<T: Send> Matrix<T> {
     /// Creates N*(N-1) rings of `capacity` items each.
     pub fn new(shards: usize, capacity: usize) -> Self {
-        let mut outgoing: Vec<Vec<Option<Producer<T>>>> =
-            (0..shards).map(|_| (0..shards).map(|_| None).collect()).collect();
-        let mut incoming: Vec<Vec<Option<Consumer<T>>>> =
-            (0..shards).map(|_| (0..shards).map(|_| None).collect()).collect();
+        let mut outgoing: Vec<Vec<Option<Producer<T>>>> = (0..shards)
+            .map(|_| (0..shards).map(|_| None).collect())
+            .collect();
+        let mut incoming: Vec<Vec<Option<Consumer<T>>>> = (0..shards)
+            .map(|_| (0..shards).map(|_| None).collect())
+            .collect();
         for from in 0..shards {
             for to in (0..shards).filter(|&to| to != from) {
                 let (producer, consumer) = ring::channel(capacity);
@@ -91,7 +93,10 @@ impl<T: Send> Outbox<T> {
             if moved > 0 {
                 self.counters.sender.batches.add(1);
             }
-            self.counters.sender.max_pending.max(self.pending.len() as u64);
+            self.counters
+                .sender
+                .max_pending
+                .max(self.pending.len() as u64);
         }
         moved
     }
@@ -110,7 +115,11 @@ pub(crate) struct Inbox<T> {
 }
 
 impl<T: Send> Inbox<T> {
-    pub(crate) fn new(ring: Consumer<T>, counters: Arc<QueueCounters>, count_requests: bool) -> Self {
+    pub(crate) fn new(
+        ring: Consumer<T>,
+        counters: Arc<QueueCounters>,
+        count_requests: bool,
+    ) -> Self {
         Self {
             ring,
             counters,
@@ -147,7 +156,11 @@ mod tests {
     #[test]
     fn one_ring_per_ordered_pair() {
         let matrix = Matrix::<u8>::new(4, 8);
-        let rings: usize = matrix.outgoing.iter().map(|row| row.iter().flatten().count()).sum();
+        let rings: usize = matrix
+            .outgoing
+            .iter()
+            .map(|row| row.iter().flatten().count())
+            .sum();
         assert_eq!(rings, 12);
         for shard in 0..4 {
             assert!(matrix.outgoing[shard][shard].is_none());
@@ -160,7 +173,11 @@ mod tests {
         let mut matrix = Matrix::<(usize, usize)>::new(3, 4);
         for from in 0..3 {
             for to in (0..3).filter(|&to| to != from) {
-                matrix.outgoing[from][to].as_mut().unwrap().push((from, to)).unwrap();
+                matrix.outgoing[from][to]
+                    .as_mut()
+                    .unwrap()
+                    .push((from, to))
+                    .unwrap();
             }
         }
         for to in 0..3 {

@@ -171,19 +171,31 @@ impl<T: Send> Producer<T> {
         Ok(())
     }
 
-    /// Moves as many items as fit from the front of `src` into the ring and
-    /// publishes them with a single store. Returns how many moved.
-    pub fn push_from(&mut self, src: &mut VecDeque<T>) -> usize {
-        let count = self.free_slots(src.len()).min(src.len());
-        for (offset, value) in src.drain(..count).enumerate() {
-            // SAFETY: we are the producer and `tail + offset` is below the
+    /// Moves items from `items` into the free slots, taking no more than fit,
+    /// and publishes them with a single store. Returns how many moved; the
+    /// rest stay in the iterator. (If `items` panics, the items already moved
+    /// are leaked, never exposed half-published.)
+    pub fn push_iter(&mut self, items: &mut impl Iterator<Item = T>) -> usize {
+        let free = self.free_slots(items.size_hint().0.max(1));
+        let mut count = 0;
+        while count < free {
+            let Some(value) = items.next() else { break };
+            // SAFETY: we are the producer and `tail + count` is below the
             // `head + capacity` that `free_slots` observed with `Acquire`.
-            unsafe { self.shared.write(self.tail.wrapping_add(offset), value) };
+            unsafe { self.shared.write(self.tail.wrapping_add(count), value) };
+            count += 1;
         }
         if count > 0 {
             self.publish(count);
         }
         count
+    }
+
+    /// Moves as many items as fit from the front of `src` into the ring and
+    /// publishes them with a single store. Returns how many moved.
+    pub fn push_from(&mut self, src: &mut VecDeque<T>) -> usize {
+        let count = self.free_slots(src.len()).min(src.len());
+        self.push_iter(&mut src.drain(..count))
     }
 
     /// Whether the consumer half has been dropped.
@@ -238,21 +250,45 @@ impl<T: Send> Consumer<T> {
         Some(value)
     }
 
+    /// Hands up to `max` items to `take`, in order, and frees their slots with
+    /// a single store. Returns how many were taken. If `take` panics, the
+    /// items it already received are still freed.
+    pub fn pop_with(&mut self, max: usize, mut take: impl FnMut(T)) -> usize {
+        let count = self.ready_slots(max).min(max);
+        /// Publishes the items taken so far, also when `take` unwinds.
+        struct Taken<'a, T: Send> {
+            consumer: &'a mut Consumer<T>,
+            count: usize,
+        }
+        impl<T: Send> Drop for Taken<'_, T> {
+            fn drop(&mut self) {
+                if self.count > 0 {
+                    self.consumer.publish(self.count);
+                }
+            }
+        }
+        let mut taken = Taken {
+            consumer: self,
+            count: 0,
+        };
+        while taken.count < count {
+            let index = taken.consumer.head.wrapping_add(taken.count);
+            // SAFETY: we are the consumer and `index` is below the `tail` that
+            // `ready_slots` observed with `Acquire`; counting it as taken
+            // before `take` runs means it is read exactly once.
+            let value = unsafe { taken.consumer.shared.read(index) };
+            taken.count += 1;
+            take(value);
+        }
+        count
+    }
+
     /// Moves up to `max` items into `out` and frees their slots with a single
     /// store. Returns how many moved.
     pub fn pop_into(&mut self, out: &mut Vec<T>, max: usize) -> usize {
-        let count = self.ready_slots(max).min(max);
-        out.reserve(count);
-        for offset in 0..count {
-            // SAFETY: we are the consumer and `head + offset` is below the
-            // `tail` that `ready_slots` observed with `Acquire`; each index is
-            // read once before the head moves past it.
-            out.push(unsafe { self.shared.read(self.head.wrapping_add(offset)) });
-        }
-        if count > 0 {
-            self.publish(count);
-        }
-        count
+        let ready = self.ready_slots(max).min(max);
+        out.reserve(ready);
+        self.pop_with(ready, |value| out.push(value))
     }
 
     /// Whether the ring holds no item, reading the producer's latest tail.
@@ -328,6 +364,34 @@ mod tests {
         assert_eq!(tx.push_from(&mut pending), 3);
         assert_eq!(rx.pop_into(&mut out, usize::MAX), 8);
         assert_eq!(out, (0..11).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn push_iter_takes_only_what_fits() {
+        let (mut tx, mut rx) = channel(4);
+        let mut items = 0..10;
+        assert_eq!(tx.push_iter(&mut items), 4);
+        assert_eq!(items.next(), Some(4), "the rest stay in the iterator");
+        let mut seen = Vec::new();
+        assert_eq!(rx.pop_with(3, |v| seen.push(v)), 3);
+        assert_eq!(tx.push_iter(&mut items), 3);
+        assert_eq!(rx.pop_with(usize::MAX, |v| seen.push(v)), 4);
+        assert_eq!(seen, [0, 1, 2, 3, 5, 6, 7]);
+    }
+
+    #[test]
+    fn pop_with_frees_what_it_took_when_the_callback_panics() {
+        let (mut tx, mut rx) = channel(8);
+        assert_eq!(tx.push_iter(&mut (0..6).map(Box::new)), 6);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rx.pop_with(usize::MAX, |v| assert!(*v < 2, "stop at 2"));
+        }));
+        assert!(result.is_err());
+        // 0, 1 and 2 were taken (2 inside the panicking call); 3.. remain.
+        assert_eq!(rx.pop().map(|b| *b), Some(3));
+        let mut rest = Vec::new();
+        rx.pop_into(&mut rest, usize::MAX);
+        assert_eq!(rest.into_iter().map(|b| *b).collect::<Vec<_>>(), [4, 5]);
     }
 
     #[test]

@@ -23,7 +23,9 @@ use crossbeam_utils::CachePadded;
 
 use crate::call::{Call, Calls, Deferred, Message, Submit, Value};
 use crate::error::{Error, Result};
-use crate::executor::{joinable, Executor, JoinHandle, RemoteWakes, TaskId, TaskWaker, WakeTarget, MAIN_TASK};
+use crate::executor::{
+    joinable, Executor, JoinHandle, RemoteWakes, TaskId, TaskWaker, WakeTarget, MAIN_TASK,
+};
 use crate::io::{Reactor, WAKE_TOKEN};
 use crate::matrix::{Inbox, Matrix, Outbox};
 use crate::stats::{self, QueueCounters, ShardCounters, Stats};
@@ -33,6 +35,9 @@ use crate::wake::SleepFlag;
 /// How often a busy shard polls epoll, in turns of its loop (an idle shard
 /// polls it on every turn).
 const IO_POLL_INTERVAL: u64 = 16;
+
+/// How often an idle shard reads the clock to decide whether to sleep.
+const IDLE_CLOCK_INTERVAL: u32 = 32;
 
 /// Settings of a runtime; see [`Builder`].
 #[derive(Debug, Clone)]
@@ -230,7 +235,9 @@ impl Shard {
             } else {
                 shared.queues[peer * count + id].clone()
             };
-            ring.map(|ring| RefCell::new(Outbox::new(ring, shared.config.batch, counters, requests)))
+            ring.map(|ring| {
+                RefCell::new(Outbox::new(ring, shared.config.batch, counters, requests))
+            })
         };
         let requests_out = parts
             .requests_out
@@ -316,7 +323,9 @@ impl Shard {
 
     /// Sends a finished call back to its origin.
     pub(crate) fn respond(&self, origin: usize, message: Message) {
-        let outbox = self.responses_out[origin].as_ref().expect("no ring to self");
+        let outbox = self.responses_out[origin]
+            .as_ref()
+            .expect("no ring to self");
         if outbox.borrow_mut().send(message) {
             self.flush_to(origin);
         }
@@ -335,7 +344,10 @@ impl Shard {
         }
         if moved > 0 {
             let handle = &self.shared.handles[peer];
-            if handle.flag.must_notify(&mut self.notified.borrow_mut()[peer]) {
+            if handle
+                .flag
+                .must_notify(&mut self.notified.borrow_mut()[peer])
+            {
                 let _ = handle.waker.wake();
                 self.counters().wakeups.add(1);
             }
@@ -384,7 +396,9 @@ impl Shard {
 
     fn fire_timers(&self) -> bool {
         let mut wakers = std::mem::take(&mut *self.timer_wakers.borrow_mut());
-        self.timers.borrow_mut().expired(Instant::now(), &mut wakers);
+        self.timers
+            .borrow_mut()
+            .expired(Instant::now(), &mut wakers);
         let fired = !wakers.is_empty();
         for waker in wakers.drain(..) {
             waker.wake();
@@ -401,9 +415,11 @@ impl Shard {
 
         let mut work = self.take_messages();
         if !self.handle.remote.is_empty() {
-            work |= self
-                .exec
-                .take_remote(&self.handle.remote, &mut self.remote_ids.borrow_mut(), &self.main_woken);
+            work |= self.exec.take_remote(
+                &self.handle.remote,
+                &mut self.remote_ids.borrow_mut(),
+                &self.main_woken,
+            );
         }
         if !self.timers.borrow().is_empty() {
             work |= self.fire_timers();
@@ -425,8 +441,16 @@ impl Shard {
         self.main_woken.get()
             || self.exec.has_ready()
             || !self.handle.remote.is_empty()
-            || self.requests_in.borrow_mut().iter_mut().any(|inbox| !inbox.is_empty())
-            || self.responses_in.borrow_mut().iter_mut().any(|inbox| !inbox.is_empty())
+            || self
+                .requests_in
+                .borrow_mut()
+                .iter_mut()
+                .any(|inbox| !inbox.is_empty())
+            || self
+                .responses_in
+                .borrow_mut()
+                .iter_mut()
+                .any(|inbox| !inbox.is_empty())
     }
 
     /// The sleep point: blocks in epoll until notified, a descriptor is ready
@@ -456,6 +480,7 @@ impl Shard {
     fn run_until(&self, mut done: impl FnMut(bool) -> bool) {
         let idle_poll = self.shared.config.idle_poll;
         let mut idle_since: Option<Instant> = None;
+        let mut idle_turns = 0u32;
         loop {
             let work = self.poll_once();
             if done(work) {
@@ -463,15 +488,22 @@ impl Shard {
             }
             if work || self.main_woken.get() {
                 idle_since = None;
+                idle_turns = 0;
                 continue;
             }
-            let since = *idle_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= idle_poll {
-                self.sleep();
-                idle_since = None;
-            } else {
-                std::hint::spin_loop();
+            // Reading the clock costs as much as a turn of the loop; look at
+            // it only every IDLE_CLOCK_INTERVAL idle turns.
+            idle_turns += 1;
+            if idle_poll.is_zero() || idle_turns % IDLE_CLOCK_INTERVAL == 1 {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= idle_poll {
+                    self.sleep();
+                    idle_since = None;
+                    idle_turns = 0;
+                    continue;
+                }
             }
+            std::hint::spin_loop();
         }
     }
 
@@ -536,6 +568,13 @@ pub struct Runtime {
 
 static PIN_NOTICE: std::sync::Once = std::sync::Once::new();
 
+/// The cores this process may run on, read once: pinning shard 0 narrows the
+/// calling thread's own affinity, which must not shrink later runtimes.
+fn available_cores() -> &'static [core_affinity::CoreId] {
+    static CORES: std::sync::OnceLock<Vec<core_affinity::CoreId>> = std::sync::OnceLock::new();
+    CORES.get_or_init(|| core_affinity::get_core_ids().unwrap_or_default())
+}
+
 impl Runtime {
     /// A builder with the defaults.
     pub fn builder() -> Builder {
@@ -543,7 +582,7 @@ impl Runtime {
     }
 
     fn start(config: Config) -> Result<Self> {
-        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let cores = available_cores();
         let count = config.shards.unwrap_or(cores.len().max(1));
         if count == 0 {
             return Err(Error::Build("a runtime needs at least one shard".into()));
@@ -575,7 +614,9 @@ impl Runtime {
             count,
             handles,
             closing: AtomicBool::new(false),
-            drained: (0..count).map(|_| CachePadded::new(AtomicBool::new(false))).collect(),
+            drained: (0..count)
+                .map(|_| CachePadded::new(AtomicBool::new(false)))
+                .collect(),
             queues: (0..count * count).map(|_| Arc::default()).collect(),
             counters: (0..count).map(|_| CachePadded::default()).collect(),
             config: config.clone(),
@@ -588,14 +629,18 @@ impl Runtime {
             .zip(requests.outgoing.into_iter().zip(requests.incoming))
             .zip(responses.outgoing.into_iter().zip(responses.incoming))
             .enumerate()
-            .map(|(id, ((poll, (requests_out, requests_in)), (responses_out, responses_in)))| Parts {
-                id,
-                poll,
-                requests_out,
-                responses_out,
-                requests_in,
-                responses_in,
-            })
+            .map(
+                |(id, ((poll, (requests_out, requests_in)), (responses_out, responses_in)))| {
+                    Parts {
+                        id,
+                        poll,
+                        requests_out,
+                        responses_out,
+                        requests_in,
+                        responses_in,
+                    }
+                },
+            )
             .collect();
 
         let mut threads = Vec::with_capacity(count - 1);
@@ -693,8 +738,10 @@ impl Drop for Runtime {
     }
 }
 
-/// Runs `func` on shard `shard` and resolves to its result. On the current
-/// shard `func` runs at once (inline, like Seastar's `submit_to`).
+/// Runs `func` on shard `shard` and resolves to its result. The call is sent
+/// at once (the returned future only waits for the answer), so make it on a
+/// shard, inside the future given to [`Runtime::block_on`] or a task. On the
+/// current shard `func` runs at once (inline, like Seastar's `submit_to`).
 ///
 /// Fails, without sending anything, with [`Error::NoSuchShard`] for an index
 /// out of range, [`Error::Closed`] once shutdown has begun, and
@@ -708,14 +755,20 @@ where
     let submitted = with_shard(|current| {
         current.check_target(shard)?;
         if shard == current.id {
-            let result = catch_unwind(AssertUnwindSafe(func)).map_err(|p| Error::from_panic(shard, p));
+            let result =
+                catch_unwind(AssertUnwindSafe(func)).map_err(|p| Error::from_panic(shard, p));
             return Ok(Submit::ready(result));
         }
         let slot = current.calls.borrow_mut().open();
-        current.send_request(shard, Box::new(Call::<F, R, Value>::new(current.id, slot, func)));
-        Ok(Submit::remote::<F, Value>(slot))
+        current.send_request(
+            shard,
+            Box::new(Call::<F, R, Value>::new(current.id, slot, func)),
+        );
+        Ok(Submit::remote::<F, Value>(current.clone(), slot))
     });
-    submitted.and_then(|s| s).unwrap_or_else(|e| Submit::ready(Err(e)))
+    submitted
+        .and_then(|s| s)
+        .unwrap_or_else(|e| Submit::ready(Err(e)))
 }
 
 /// Like [`submit_to`], for a closure that returns a future: the closure is
@@ -732,16 +785,19 @@ where
         if shard == current.id {
             let id = current.id;
             return Ok(Submit::local(Box::pin(async move {
-                let future = catch_unwind(AssertUnwindSafe(func)).map_err(|p| Error::from_panic(id, p))?;
+                let future =
+                    catch_unwind(AssertUnwindSafe(func)).map_err(|p| Error::from_panic(id, p))?;
                 crate::executor::CatchUnwind::new(future, id).await
             })));
         }
         let slot = current.calls.borrow_mut().open();
         let call = Call::<F, Fut::Output, Deferred>::new(current.id, slot, func);
         current.send_request(shard, Box::new(call));
-        Ok(Submit::remote::<F, Deferred>(slot))
+        Ok(Submit::remote::<F, Deferred>(current.clone(), slot))
     });
-    submitted.and_then(|s| s).unwrap_or_else(|e| Submit::ready(Err(e)))
+    submitted
+        .and_then(|s| s)
+        .unwrap_or_else(|e| Submit::ready(Err(e)))
 }
 
 /// Runs `func` on every shard and returns the results in shard order.
@@ -751,7 +807,9 @@ where
     R: Send + 'static,
 {
     let count = shard_count().ok_or(Error::NotOnShard)?;
-    let calls: Vec<Submit<R>> = (0..count).map(|shard| submit_to(shard, func.clone())).collect();
+    let calls: Vec<Submit<R>> = (0..count)
+        .map(|shard| submit_to(shard, func.clone()))
+        .collect();
     let mut results = Vec::with_capacity(count);
     for call in calls {
         results.push(call.await?);

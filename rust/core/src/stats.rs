@@ -112,7 +112,10 @@ pub struct Stats {
     pub shards: Vec<ShardStats>,
 }
 
-pub(crate) fn snapshot_from(queues: &[std::sync::Arc<QueueCounters>], shards: &[CachePadded<ShardCounters>]) -> Stats {
+pub(crate) fn snapshot_from(
+    queues: &[std::sync::Arc<QueueCounters>],
+    shards: &[CachePadded<ShardCounters>],
+) -> Stats {
     let count = shards.len();
     let queues = (0..count)
         .flat_map(|from| (0..count).map(move |to| (from, to)))

@@ -88,7 +88,10 @@ fn ring_transfers_through_wraparound() {
                 thread::yield_now();
             }
         }
-        assert_eq!(received.into_iter().map(|b| *b).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(
+            received.into_iter().map(|b| *b).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
         sender.join().unwrap();
     });
 }
@@ -121,7 +124,10 @@ fn two_senders_one_sleeper() {
                 got += rx.pop_into(&mut received, usize::MAX);
             }
             if got == 0 {
-                flag.sleep(|| receivers.iter_mut().any(|rx| !rx.is_empty()), || eventfd.wait());
+                flag.sleep(
+                    || receivers.iter_mut().any(|rx| !rx.is_empty()),
+                    || eventfd.wait(),
+                );
             }
         }
         received.sort_unstable();

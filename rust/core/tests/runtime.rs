@@ -1,0 +1,334 @@
+//! Behaviour of the runtime seen from its public API.
+
+use std::cell::Cell;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shardloop_core::{
+    invoke_on_all, shard_count, shard_id, sleep, spawn_local, submit_to, submit_to_async, Async,
+    Error, Runtime,
+};
+
+fn runtime(shards: usize) -> Runtime {
+    Runtime::builder()
+        .shards(shards)
+        .pin(false)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn submit_to_runs_on_the_target_shard() {
+    let rt = runtime(3);
+    let ids = rt.block_on(async {
+        let mut ids = Vec::new();
+        for target in 0..3 {
+            ids.push(
+                submit_to(target, move || (target, shard_id()))
+                    .await
+                    .unwrap(),
+            );
+        }
+        ids
+    });
+    assert_eq!(ids, [(0, Some(0)), (1, Some(1)), (2, Some(2))]);
+}
+
+#[test]
+fn futures_run_as_tasks_on_the_target() {
+    let rt = runtime(2);
+    let got = rt.block_on(async {
+        submit_to_async(1, || async {
+            // Not Send: it lives on shard 1 only.
+            let local = Rc::new(Cell::new(1));
+            sleep(Duration::from_millis(5)).await;
+            local.set(local.get() + 1);
+            (local.get(), shard_id())
+        })
+        .await
+    });
+    assert_eq!(got, Ok((2, Some(1))));
+}
+
+#[test]
+fn local_target_runs_inline() {
+    let rt = runtime(2);
+    rt.block_on(async {
+        let ran = Arc::new(AtomicUsize::new(0));
+        let flag = ran.clone();
+        let call = submit_to(0, move || flag.fetch_add(1, Ordering::Relaxed));
+        assert_eq!(ran.load(Ordering::Relaxed), 1, "ran before the first poll");
+        assert_eq!(call.await, Ok(0));
+    });
+}
+
+#[test]
+fn nested_calls_between_shards() {
+    let rt = runtime(3);
+    let got = rt.block_on(async {
+        submit_to_async(1, || async {
+            submit_to(2, || shard_id().unwrap() * 10).await.unwrap() + 1
+        })
+        .await
+    });
+    assert_eq!(got, Ok(21));
+}
+
+#[test]
+fn invoke_on_all_returns_results_in_shard_order() {
+    let rt = runtime(4);
+    let got = rt.block_on(invoke_on_all(|| shard_id().unwrap() * 2));
+    assert_eq!(got, Ok(vec![0, 2, 4, 6]));
+    assert_eq!(rt.block_on(async { shard_count() }), Some(4));
+}
+
+#[test]
+fn bad_shard_index_names_the_range_and_sends_nothing() {
+    let rt = runtime(2);
+    let err = rt
+        .block_on(async { submit_to(7, || ()).await })
+        .unwrap_err();
+    assert_eq!(err, Error::NoSuchShard { shard: 7, count: 2 });
+    assert!(err.to_string().contains("0..2"), "{err}");
+    assert!(rt.stats().queues.iter().all(|q| q.sent == 0));
+}
+
+#[test]
+fn off_a_shard_is_an_error() {
+    let err = futures_lite_block_on(submit_to(0, || ()));
+    assert_eq!(err, Err(Error::NotOnShard));
+    assert_eq!(shard_id(), None);
+}
+
+/// Polls a future once on a thread that is not a shard.
+fn futures_lite_block_on<F: std::future::Future>(future: F) -> F::Output {
+    use std::task::{Context, Poll, Waker};
+    let mut future = std::pin::pin!(future);
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(value) => value,
+        Poll::Pending => panic!("expected an immediate result"),
+    }
+}
+
+#[test]
+fn zero_shards_is_an_error() {
+    let err = Runtime::builder().shards(0).build().err().unwrap();
+    assert!(matches!(err, Error::Build(_)), "{err}");
+}
+
+#[test]
+fn a_panic_comes_back_as_an_error_and_the_shard_keeps_serving() {
+    let rt = runtime(2);
+    rt.block_on(async {
+        let err = submit_to(1, || -> u32 { panic!("boom") })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            Error::Panicked {
+                shard: 1,
+                message: "boom".into()
+            }
+        );
+        let err = submit_to_async(1, || async { panic!("async boom") })
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("async boom"), "{err}");
+        assert_eq!(submit_to(1, || 5).await, Ok(5));
+    });
+}
+
+#[test]
+fn many_in_flight_overflow_the_ring_without_loss() {
+    // A ring of 8 and 5,000 calls in flight: most wait in the overflow FIFO.
+    let rt = Runtime::builder()
+        .shards(2)
+        .pin(false)
+        .ring_capacity(8)
+        .build()
+        .unwrap();
+    let sum = rt.block_on(async {
+        let calls: Vec<_> = (0..5_000u64).map(|i| submit_to(1, move || i)).collect();
+        let mut sum = 0;
+        for call in calls {
+            sum += call.await.unwrap();
+        }
+        sum
+    });
+    assert_eq!(sum, (0..5_000).sum::<u64>());
+    let stats = rt.stats();
+    let queue = stats
+        .queues
+        .iter()
+        .find(|q| q.from == 0 && q.to == 1)
+        .unwrap();
+    assert_eq!(
+        (queue.sent, queue.received, queue.completed),
+        (5_000, 5_000, 5_000)
+    );
+    assert!(queue.max_pending > 8, "{queue:?}");
+    assert!(queue.max_depth <= 8, "{queue:?}");
+    assert!(queue.batches >= 5_000 / 16, "{queue:?}");
+}
+
+#[test]
+fn shutdown_finishes_submitted_work() {
+    let done = Arc::new(AtomicUsize::new(0));
+    let rt = runtime(3);
+    let counter = done.clone();
+    rt.block_on(async move {
+        for target in 1..3 {
+            let counter = counter.clone();
+            // Submitted, never awaited: shutdown must still run them.
+            drop(submit_to_async(target, move || async move {
+                sleep(Duration::from_millis(20)).await;
+                counter.fetch_add(1, Ordering::SeqCst);
+            }));
+        }
+    });
+    rt.shutdown();
+    assert_eq!(done.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn submit_after_shutdown_began_is_refused_and_reported() {
+    let rt = runtime(2);
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let report = seen.clone();
+    rt.block_on(async move {
+        // Still running when shutdown begins; then it tries another call.
+        drop(submit_to_async(1, move || async move {
+            sleep(Duration::from_millis(30)).await;
+            *report.lock().unwrap() = Some(submit_to(0, || ()).await);
+        }));
+    });
+    rt.shutdown();
+    assert_eq!(*seen.lock().unwrap(), Some(Err(Error::Closed)));
+}
+
+#[test]
+fn a_result_dropped_outside_block_on_does_not_stall_shutdown() {
+    let rt = runtime(2);
+    #[allow(clippy::async_yields_async)]
+    let pending = rt.block_on(async { submit_to(1, || 1) });
+    drop(pending);
+    rt.shutdown();
+}
+
+#[test]
+fn spawn_local_and_join() {
+    let rt = runtime(1);
+    let got = rt.block_on(async {
+        let handle = spawn_local(async {
+            sleep(Duration::from_millis(2)).await;
+            7
+        });
+        let failing = spawn_local(async { panic!("task failed") });
+        (handle.await, failing.await)
+    });
+    assert_eq!(got.0, Ok(7));
+    assert!(matches!(got.1, Err(Error::Panicked { shard: 0, .. })));
+}
+
+#[test]
+fn sleep_waits_at_least_its_duration() {
+    let rt = runtime(2);
+    let elapsed = rt.block_on(async {
+        submit_to_async(1, || async {
+            let start = Instant::now();
+            sleep(Duration::from_millis(15)).await;
+            start.elapsed()
+        })
+        .await
+    });
+    assert!(elapsed.unwrap() >= Duration::from_millis(15));
+}
+
+#[test]
+fn idle_shards_sleep_and_wake_on_demand() {
+    let rt = Runtime::builder()
+        .shards(2)
+        .pin(false)
+        .idle_poll(Duration::ZERO)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        sleep(Duration::from_millis(20)).await;
+        for i in 0..50u32 {
+            assert_eq!(submit_to(1, move || i + 1).await, Ok(i + 1));
+            sleep(Duration::from_millis(1)).await;
+        }
+    });
+    let stats = rt.stats();
+    assert!(stats.shards[1].sleeps > 10, "{:?}", stats.shards);
+    assert!(stats.shards[0].wakeups > 10, "{:?}", stats.shards);
+}
+
+#[test]
+fn io_readiness_drives_a_tcp_echo() {
+    let rt = runtime(2);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let client = std::thread::spawn(move || {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(b"hello shard").unwrap();
+        let mut buf = [0; 11];
+        stream.read_exact(&mut buf).unwrap();
+        buf
+    });
+    let served = rt.block_on(async {
+        submit_to_async(1, move || async move {
+            let listener = Async::new(listener).unwrap();
+            let (stream, _) = listener.read_with(|l| l.accept()).await.unwrap();
+            stream.set_nonblocking(true).unwrap();
+            let stream = Async::new(stream).unwrap();
+            let mut buf = [0; 11];
+            let mut read = 0;
+            while read < buf.len() {
+                read += stream
+                    .read_with(|mut s| s.read(&mut buf[read..]))
+                    .await
+                    .unwrap();
+            }
+            stream.write_with(|mut s| s.write(&buf)).await.unwrap()
+        })
+        .await
+    });
+    assert_eq!(served, Ok(11));
+    assert_eq!(&client.join().unwrap(), b"hello shard");
+}
+
+#[test]
+fn stats_count_every_queue() {
+    let rt = runtime(3);
+    rt.block_on(async {
+        for _ in 0..10 {
+            submit_to(2, || ()).await.unwrap();
+        }
+    });
+    let stats = rt.stats();
+    assert_eq!(stats.queues.len(), 6);
+    assert_eq!(stats.shards.len(), 3);
+    let q = stats
+        .queues
+        .iter()
+        .find(|q| (q.from, q.to) == (0, 2))
+        .unwrap();
+    assert_eq!((q.sent, q.received, q.completed), (10, 10, 10));
+    assert!(stats
+        .queues
+        .iter()
+        .filter(|q| (q.from, q.to) != (0, 2))
+        .all(|q| q.sent == 0));
+}
