@@ -14,12 +14,16 @@ use shardloop_core::{submit_to, Runtime};
 
 const IN_FLIGHT: usize = 1024;
 
-/// Pins the calling thread to the `core`-th core of the process (read once,
-/// before any thread of the bench is pinned).
-fn pin(core: usize) {
+/// The cores of the process, read once before any thread of the bench is
+/// pinned (pinning narrows what the pinned thread sees).
+fn cores() -> &'static [core_affinity::CoreId] {
     static CORES: std::sync::OnceLock<Vec<core_affinity::CoreId>> = std::sync::OnceLock::new();
-    let cores = CORES.get_or_init(|| core_affinity::get_core_ids().unwrap_or_default());
-    if let Some(&id) = cores.get(core) {
+    CORES.get_or_init(|| core_affinity::get_core_ids().unwrap_or_default())
+}
+
+/// Pins the calling thread to the `core`-th core of the process.
+fn pin(core: usize) {
+    if let Some(&id) = cores().get(core) {
         core_affinity::set_for_current(id);
     }
 }
@@ -119,11 +123,10 @@ fn ring_pair_round_trip(iters: u64) -> Duration {
 }
 
 fn bench(c: &mut Criterion) {
-    // Shard 0 is this thread, pinned to core 0 by the runtime; the runtime
-    // must read the core list before anything narrows this thread's affinity.
+    assert!(cores().len() >= 2, "the bench needs two cores");
+    // Shard 0 is this thread, pinned to core 0 by the runtime.
     let runtime = Runtime::builder().shards(2).pin(true).build().unwrap();
-    assert!(runtime.is_pinned(), "the bench needs two cores");
-    pin(0);
+    assert!(runtime.is_pinned());
 
     let mut group = c.benchmark_group("round_trip");
     group

@@ -378,6 +378,10 @@ impl Shard {
         for job in batch.drain(..) {
             job.run(self);
         }
+        if work {
+            // Answers go out now, not after the rest of this turn.
+            self.flush_all();
+        }
         for inbox in self.responses_in.borrow_mut().iter_mut() {
             inbox.drain_into(&mut batch);
         }
@@ -548,8 +552,7 @@ impl Shard {
                 if let Poll::Ready(value) = future.as_mut().poll(&mut cx) {
                     output = Some(value);
                 }
-            }
-            if output.is_some() {
+                // Calls the future just made go out now, not next turn.
                 self.flush_all();
             }
             output.is_some()
