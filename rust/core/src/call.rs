@@ -2,7 +2,7 @@
 //! the origin's table of calls awaiting completion, and the [`Submit`] future.
 //!
 //! A call is one allocation. On the origin it gets a slot in the shard's call
-//! table and is boxed as a [`Job`]; the box crosses the request ring, runs on
+//! table and is boxed as a [`Message`]; the box crosses the request ring, runs on
 //! the target (inline for a plain closure, as a local task for a future), and
 //! crosses back on the response ring carrying its result. The origin then
 //! parks the box in the call's slot and wakes the awaiting task, which takes
@@ -20,19 +20,24 @@ use crate::error::{Error, Result};
 use crate::executor::CatchUnwind;
 use crate::runtime::{with_shard, Shard};
 
-/// A unit of work that crosses the matrix.
-pub(crate) trait Job: Send + 'static {
-    /// Runs on the target shard; eventually hands `self` back to the origin
-    /// with [`Shard::respond`].
-    fn run(self: Box<Self>, shard: &Shard);
-    /// The origin's call-table slot.
-    fn slot(&self) -> usize;
-    /// For the origin to recover the concrete type.
-    fn into_any(self: Box<Self>) -> Box<dyn Any>;
+/// A unit of work one shard hands another. The runtime moves the box
+/// through the rings; its two methods say what happens at each end. Calls made
+/// with [`submit_to`](crate::submit_to) are messages; other layers (such as
+/// language bindings) define their own.
+pub trait Message: Send + 'static {
+    /// Runs on the target shard, inside its poll loop. It must hand `self`
+    /// back to its origin with [`respond`](crate::respond), at once or later
+    /// from a task of the target shard: the origin counts it as in flight,
+    /// and shutdown waits for it, until it is back.
+    fn run(self: Box<Self>);
+
+    /// Runs on the origin shard, inside its poll loop, once the message is
+    /// back. The box is freed here, on the shard that allocated it.
+    fn complete(self: Box<Self>);
 }
 
 /// What travels the rings.
-pub(crate) type Message = Box<dyn Job>;
+pub(crate) type Envelope = Box<dyn Message>;
 
 /// Marker: the closure returns the value.
 pub(crate) struct Value;
@@ -71,62 +76,76 @@ impl<F, R, M> Call<F, R, M> {
     }
 }
 
-impl<F, R> Job for Call<F, R, Value>
+impl<F, R> Message for Call<F, R, Value>
 where
     F: FnOnce() -> R + Send + 'static,
     R: Send + 'static,
 {
-    fn run(mut self: Box<Self>, shard: &Shard) {
+    fn run(mut self: Box<Self>) {
         let func = self.func.take().expect("a call runs once");
-        self.result =
-            Some(catch_unwind(AssertUnwindSafe(func)).map_err(|p| Error::from_panic(shard.id, p)));
-        shard.respond(self.origin, self);
+        with_shard(|shard| {
+            self.result = Some(
+                catch_unwind(AssertUnwindSafe(func)).map_err(|p| Error::from_panic(shard.id, p)),
+            );
+            let origin = self.origin;
+            shard.respond(origin, self);
+        })
+        .expect("messages run on a shard");
     }
 
-    fn slot(&self) -> usize {
-        self.slot
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        self
+    fn complete(self: Box<Self>) {
+        complete_call(self.slot, self);
     }
 }
 
-impl<F, Fut> Job for Call<F, Fut::Output, Deferred>
+impl<F, Fut> Message for Call<F, Fut::Output, Deferred>
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future + 'static,
     Fut::Output: Send + 'static,
 {
-    fn run(mut self: Box<Self>, shard: &Shard) {
+    fn run(mut self: Box<Self>) {
         let func = self.func.take().expect("a call runs once");
-        let id = shard.id;
-        match catch_unwind(AssertUnwindSafe(func)) {
-            Err(payload) => {
-                self.result = Some(Err(Error::from_panic(id, payload)));
-                shard.respond(self.origin, self);
+        with_shard(|shard| {
+            let id = shard.id;
+            match catch_unwind(AssertUnwindSafe(func)) {
+                Err(payload) => {
+                    self.result = Some(Err(Error::from_panic(id, payload)));
+                    let origin = self.origin;
+                    shard.respond(origin, self);
+                }
+                Ok(future) => shard.spawn(Box::pin(async move {
+                    self.result = Some(CatchUnwind::new(future, id).await);
+                    let origin = self.origin;
+                    with_shard(|shard| shard.respond(origin, self))
+                        .expect("a task runs on its shard");
+                })),
             }
-            Ok(future) => shard.spawn(Box::pin(async move {
-                self.result = Some(CatchUnwind::new(future, id).await);
-                let origin = self.origin;
-                with_shard(|shard| shard.respond(origin, self)).expect("a task runs on its shard");
-            })),
-        }
+        })
+        .expect("messages run on a shard");
     }
 
-    fn slot(&self) -> usize {
-        self.slot
+    fn complete(self: Box<Self>) {
+        complete_call(self.slot, self);
     }
+}
 
-    fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        self
+/// Parks a returned call in its slot and wakes whoever awaits it; frees it
+/// when nobody does any more.
+fn complete_call(slot: usize, call: Box<dyn Any>) {
+    let completed = with_shard(|shard| shard.calls.borrow_mut().complete(slot, call))
+        .expect("completions run on a shard");
+    match completed {
+        Ok(Some(waker)) => waker.wake(),
+        Ok(None) => {}
+        Err(abandoned) => drop(abandoned),
     }
 }
 
 enum Slot {
     Free { next: usize },
     Waiting(Option<Waker>),
-    Done(Message),
+    Done(Box<dyn Any>),
     Abandoned,
 }
 
@@ -135,12 +154,10 @@ enum Slot {
 pub(crate) struct Calls {
     slots: Vec<Slot>,
     free_head: Option<usize>,
-    in_flight: usize,
 }
 
 impl Calls {
     pub(crate) fn open(&mut self) -> usize {
-        self.in_flight += 1;
         match self.free_head {
             Some(index) => {
                 let Slot::Free { next } = self.slots[index] else {
@@ -167,9 +184,11 @@ impl Calls {
     /// The call came back. Returns the waker to wake if someone awaits it, or
     /// gives the call back for the caller to drop (outside this table's
     /// borrow) when nobody does any more.
-    pub(crate) fn complete(&mut self, message: Message) -> Result<Option<Waker>, Message> {
-        let index = message.slot();
-        self.in_flight -= 1;
+    pub(crate) fn complete(
+        &mut self,
+        index: usize,
+        message: Box<dyn Any>,
+    ) -> Result<Option<Waker>, Box<dyn Any>> {
         match &mut self.slots[index] {
             Slot::Waiting(waker) => {
                 let waker = waker.take();
@@ -184,7 +203,7 @@ impl Calls {
         }
     }
 
-    fn poll(&mut self, index: usize, cx: &mut Context<'_>) -> Option<Message> {
+    fn poll(&mut self, index: usize, cx: &mut Context<'_>) -> Option<Box<dyn Any>> {
         match &mut self.slots[index] {
             Slot::Waiting(waker) => {
                 match waker {
@@ -208,7 +227,7 @@ impl Calls {
 
     /// The awaiting side went away. Returns the finished call, if it already
     /// came back, for the caller to drop outside this table's borrow.
-    fn abandon(&mut self, index: usize) -> Option<Message> {
+    fn abandon(&mut self, index: usize) -> Option<Box<dyn Any>> {
         match std::mem::replace(&mut self.slots[index], Slot::Abandoned) {
             Slot::Waiting(_) => None,
             Slot::Done(message) => {
@@ -220,11 +239,6 @@ impl Calls {
                 None
             }
         }
-    }
-
-    /// Calls sent from this shard that have not come back yet.
-    pub(crate) fn in_flight(&self) -> usize {
-        self.in_flight
     }
 }
 
@@ -289,7 +303,7 @@ impl<R> Future for Submit<R> {
             State::Remote { shard, slot, take } => {
                 let message = shard.calls.borrow_mut().poll(*slot, cx);
                 match message {
-                    Some(message) => take(message.into_any()),
+                    Some(message) => take(message),
                     None => return Poll::Pending,
                 }
             }

@@ -17,6 +17,9 @@ use crate::runtime::{with_shard, Shard};
 /// The token of the shard's own eventfd waker.
 pub(crate) const WAKE_TOKEN: Token = Token(usize::MAX);
 
+/// The token of descriptors watched for an external driver.
+const WATCH_TOKEN: Token = Token(usize::MAX - 1);
+
 #[derive(Default)]
 struct Source {
     generation: u32,
@@ -34,6 +37,8 @@ pub(crate) struct Reactor {
     sources: RefCell<Vec<Source>>,
     free: RefCell<Vec<usize>>,
     live: std::cell::Cell<usize>,
+    /// Set when a watched descriptor became readable.
+    watched: std::cell::Cell<bool>,
 }
 
 impl Reactor {
@@ -44,6 +49,7 @@ impl Reactor {
             sources: RefCell::default(),
             free: RefCell::default(),
             live: std::cell::Cell::new(0),
+            watched: std::cell::Cell::new(false),
         }
     }
 
@@ -70,6 +76,11 @@ impl Reactor {
                 if event.token() == WAKE_TOKEN {
                     continue;
                 }
+                if event.token() == WATCH_TOKEN {
+                    self.watched.set(true);
+                    woke = true;
+                    continue;
+                }
                 let Some(source) = sources.get_mut(event.token().0) else {
                     continue;
                 };
@@ -91,6 +102,22 @@ impl Reactor {
             waker.wake();
         }
         woke
+    }
+
+    /// Watches `fd` for readability on behalf of an external driver.
+    pub(crate) fn watch(&self, fd: RawFd) -> io::Result<()> {
+        self.poll.borrow().registry().register(
+            &mut SourceFd(&fd),
+            WATCH_TOKEN,
+            Interest::READABLE,
+        )?;
+        self.live.set(self.live.get() + 1);
+        Ok(())
+    }
+
+    /// Whether a watched descriptor became readable since the last call.
+    pub(crate) fn take_watched(&self) -> bool {
+        self.watched.replace(false)
     }
 
     fn register(&self, fd: RawFd) -> io::Result<(usize, u32)> {

@@ -27,13 +27,13 @@ mod sync;
 mod timer;
 pub mod wake;
 
-pub use call::Submit;
+pub use call::{Message, Submit};
 pub use error::{Error, Result};
 pub use executor::JoinHandle;
 pub use io::Async;
 pub use runtime::{
-    invoke_on_all, shard_count, shard_id, spawn_local, stats, submit_to, submit_to_async, Builder,
-    Runtime,
+    check_target, invoke_on_all, respond, send, shard_count, shard_id, spawn_local, stats,
+    submit_to, submit_to_async, wake_driver, Builder, Driver, Runtime,
 };
 pub use stats::{QueueStats, ShardStats, Stats};
 pub use timer::{sleep, Sleep};

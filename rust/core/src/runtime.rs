@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 
-use crate::call::{Call, Calls, Deferred, Message, Submit, Value};
+use crate::call::{Call, Calls, Deferred, Envelope, Message, Submit, Value};
 use crate::error::{Error, Result};
 use crate::executor::{
     joinable, Executor, JoinHandle, RemoteWakes, TaskId, TaskWaker, WakeTarget, MAIN_TASK,
@@ -31,6 +31,7 @@ use crate::matrix::{Inbox, Matrix, Outbox};
 use crate::stats::{self, QueueCounters, ShardCounters, Stats};
 use crate::timer::Timers;
 use crate::wake::SleepFlag;
+use std::os::fd::RawFd;
 
 /// How often a busy shard polls epoll, in turns of its loop (an idle shard
 /// polls it on every turn).
@@ -108,7 +109,20 @@ impl Builder {
     /// Starts shards 1..N on their own threads and makes the calling thread
     /// shard 0.
     pub fn build(self) -> Result<Runtime> {
-        Runtime::start(self.config)
+        Runtime::start(self.config, None)
+    }
+
+    /// Like [`build`](Self::build), but each of shards 1..N runs `main`
+    /// instead of the built-in loop, and `main` drives its shard through the
+    /// [`Driver`] it is given (this is how another event loop, such as
+    /// Python's, runs on a shard). Shard 0's driver comes from
+    /// [`Runtime::enter`]. `main` should return once [`Driver::may_stop`]
+    /// says so.
+    pub fn build_driven<M>(self, main: M) -> Result<Runtime>
+    where
+        M: Fn(Driver) + Send + Sync + 'static,
+    {
+        Runtime::start(self.config, Some(Arc::new(main)))
     }
 }
 
@@ -163,20 +177,24 @@ pub(crate) struct Shard {
     pub(crate) id: usize,
     shared: Arc<Shared>,
     handle: Arc<ShardHandle>,
-    requests_out: Vec<Option<RefCell<Outbox<Message>>>>,
-    responses_out: Vec<Option<RefCell<Outbox<Message>>>>,
-    requests_in: RefCell<Vec<Inbox<Message>>>,
-    responses_in: RefCell<Vec<Inbox<Message>>>,
+    requests_out: Vec<Option<RefCell<Outbox<Envelope>>>>,
+    responses_out: Vec<Option<RefCell<Outbox<Envelope>>>>,
+    requests_in: RefCell<Vec<Inbox<Envelope>>>,
+    responses_in: RefCell<Vec<Inbox<Envelope>>>,
     /// Per peer: the last sleep of that peer this shard notified.
     notified: RefCell<Vec<usize>>,
-    messages: RefCell<Vec<Message>>,
+    messages: RefCell<Vec<Envelope>>,
     remote_ids: RefCell<Vec<TaskId>>,
     timer_wakers: RefCell<Vec<Waker>>,
     pub(crate) exec: Executor,
     pub(crate) timers: RefCell<Timers>,
     pub(crate) reactor: Reactor,
     pub(crate) calls: RefCell<Calls>,
+    /// Messages sent from this shard that have not come back yet.
+    in_flight: Cell<usize>,
     main_woken: Cell<bool>,
+    /// Set by [`wake_driver`]: the external driver has work to look at.
+    attention: Cell<bool>,
     closing_seen: Cell<bool>,
     polls: Cell<u64>,
 }
@@ -186,10 +204,10 @@ pub(crate) struct Shard {
 struct Parts {
     id: usize,
     poll: mio::Poll,
-    requests_out: Vec<Option<crate::ring::Producer<Message>>>,
-    responses_out: Vec<Option<crate::ring::Producer<Message>>>,
-    requests_in: Vec<Option<crate::ring::Consumer<Message>>>,
-    responses_in: Vec<Option<crate::ring::Consumer<Message>>>,
+    requests_out: Vec<Option<crate::ring::Producer<Envelope>>>,
+    responses_out: Vec<Option<crate::ring::Producer<Envelope>>>,
+    requests_in: Vec<Option<crate::ring::Consumer<Envelope>>>,
+    responses_in: Vec<Option<crate::ring::Consumer<Envelope>>>,
 }
 
 thread_local! {
@@ -229,16 +247,17 @@ impl Shard {
     fn new(parts: Parts, shared: Arc<Shared>) -> Self {
         let id = parts.id;
         let count = shared.count;
-        let outbox = |peer: usize, ring: Option<crate::ring::Producer<Message>>, requests: bool| {
-            let counters = if requests {
-                shared.queues[id * count + peer].clone()
-            } else {
-                shared.queues[peer * count + id].clone()
+        let outbox =
+            |peer: usize, ring: Option<crate::ring::Producer<Envelope>>, requests: bool| {
+                let counters = if requests {
+                    shared.queues[id * count + peer].clone()
+                } else {
+                    shared.queues[peer * count + id].clone()
+                };
+                ring.map(|ring| {
+                    RefCell::new(Outbox::new(ring, shared.config.batch, counters, requests))
+                })
             };
-            ring.map(|ring| {
-                RefCell::new(Outbox::new(ring, shared.config.batch, counters, requests))
-            })
-        };
         let requests_out = parts
             .requests_out
             .into_iter()
@@ -251,7 +270,7 @@ impl Shard {
             .enumerate()
             .map(|(peer, ring)| outbox(peer, ring, false))
             .collect();
-        let inboxes = |rings: Vec<Option<crate::ring::Consumer<Message>>>, requests: bool| {
+        let inboxes = |rings: Vec<Option<crate::ring::Consumer<Envelope>>>, requests: bool| {
             rings
                 .into_iter()
                 .enumerate()
@@ -280,7 +299,9 @@ impl Shard {
             timers: RefCell::default(),
             reactor: Reactor::new(parts.poll),
             calls: RefCell::default(),
+            in_flight: Cell::new(0),
             main_woken: Cell::new(false),
+            attention: Cell::new(false),
             closing_seen: Cell::new(false),
             polls: Cell::new(0),
             shared,
@@ -307,14 +328,14 @@ impl Shard {
                 count: self.shared.count,
             });
         }
-        if self.closing_seen.get() || self.shared.closing.load(Ordering::Acquire) {
-            self.closing_seen.set(true);
+        if self.is_closing() {
             return Err(Error::Closed);
         }
         Ok(())
     }
 
-    fn send_request(&self, to: usize, message: Message) {
+    fn send_request(&self, to: usize, message: Envelope) {
+        self.in_flight.set(self.in_flight.get() + 1);
         let outbox = self.requests_out[to].as_ref().expect("no ring to self");
         if outbox.borrow_mut().send(message) {
             self.flush_to(to);
@@ -322,7 +343,11 @@ impl Shard {
     }
 
     /// Sends a finished call back to its origin.
-    pub(crate) fn respond(&self, origin: usize, message: Message) {
+    pub(crate) fn respond(&self, origin: usize, message: Envelope) {
+        if origin == self.id {
+            message.complete();
+            return;
+        }
         let outbox = self.responses_out[origin]
             .as_ref()
             .expect("no ring to self");
@@ -375,8 +400,8 @@ impl Shard {
             inbox.drain_into(&mut batch);
         }
         let mut work = !batch.is_empty();
-        for job in batch.drain(..) {
-            job.run(self);
+        for message in batch.drain(..) {
+            message.run();
         }
         if work {
             // Answers go out now, not after the rest of this turn.
@@ -385,14 +410,12 @@ impl Shard {
         for inbox in self.responses_in.borrow_mut().iter_mut() {
             inbox.drain_into(&mut batch);
         }
-        work |= !batch.is_empty();
+        if !batch.is_empty() {
+            work = true;
+            self.in_flight.set(self.in_flight.get() - batch.len());
+        }
         for message in batch.drain(..) {
-            let completed = self.calls.borrow_mut().complete(message);
-            match completed {
-                Ok(Some(waker)) => waker.wake(),
-                Ok(None) => {}
-                Err(abandoned) => drop(abandoned),
-            }
+            message.complete();
         }
         *self.messages.borrow_mut() = batch;
         work
@@ -443,6 +466,7 @@ impl Shard {
     /// Whether anything arrived since the last turn (the sleeper's re-check).
     fn has_input(&self) -> bool {
         self.main_woken.get()
+            || self.attention.get()
             || self.exec.has_ready()
             || !self.handle.remote.is_empty()
             || self
@@ -459,16 +483,17 @@ impl Shard {
 
     /// The sleep point: blocks in epoll until notified, a descriptor is ready
     /// or the next timer is due.
-    fn sleep(&self) {
+    fn sleep(&self, until: Option<Instant>) {
         if self.has_pending_outboxes() {
             // A full ring: its consumer is busy draining it, keep polling.
             return;
         }
-        let timeout = self
-            .timers
-            .borrow()
-            .next_deadline()
-            .map(|deadline| deadline.saturating_duration_since(Instant::now()));
+        let next_timer = self.timers.borrow().next_deadline();
+        let wake_at = match (next_timer, until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timeout = wake_at.map(|at| at.saturating_duration_since(Instant::now()));
         let blocked = self.handle.flag.sleep(
             || self.has_input(),
             || {
@@ -480,15 +505,16 @@ impl Shard {
         }
     }
 
-    /// Runs the loop until `done` says so; `done` is asked after every turn.
-    fn run_until(&self, mut done: impl FnMut(bool) -> bool) {
+    /// Runs the loop until `done` says so (it is asked after every turn) or
+    /// `until` passes. Returns whether `done` ended it.
+    fn run_until(&self, until: Option<Instant>, mut done: impl FnMut(bool) -> bool) -> bool {
         let idle_poll = self.shared.config.idle_poll;
         let mut idle_since: Option<Instant> = None;
         let mut idle_turns = 0u32;
         loop {
             let work = self.poll_once();
             if done(work) {
-                return;
+                return true;
             }
             if work || self.main_woken.get() {
                 idle_since = None;
@@ -499,9 +525,13 @@ impl Shard {
             // it only every IDLE_CLOCK_INTERVAL idle turns.
             idle_turns += 1;
             if idle_poll.is_zero() || idle_turns % IDLE_CLOCK_INTERVAL == 1 {
-                let since = *idle_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= idle_poll {
-                    self.sleep();
+                let now = Instant::now();
+                if until.is_some_and(|until| now >= until) {
+                    return false;
+                }
+                let since = *idle_since.get_or_insert(now);
+                if now.duration_since(since) >= idle_poll {
+                    self.sleep(until);
                     idle_since = None;
                     idle_turns = 0;
                     continue;
@@ -511,21 +541,20 @@ impl Shard {
         }
     }
 
-    /// During shutdown: whether every shard has finished its calls, so this
-    /// one may stop. A shard publishes that it is drained once it has seen
-    /// the shutdown, has no call of its own in flight and nothing left to
-    /// push; since it can start no call after seeing the shutdown, it stays
-    /// drained. When all are, no call exists anywhere.
-    fn may_stop(&self) -> bool {
-        if !self.closing_seen.get() {
-            if !self.shared.closing.load(Ordering::Acquire) {
-                return false;
-            }
+    fn is_closing(&self) -> bool {
+        if !self.closing_seen.get() && self.shared.closing.load(Ordering::Acquire) {
             self.closing_seen.set(true);
+        }
+        self.closing_seen.get()
+    }
+
+    fn may_stop(&self) -> bool {
+        if !self.is_closing() {
+            return false;
         }
         let drained = &self.shared.drained[self.id];
         if !drained.load(Ordering::Relaxed) {
-            if self.calls.borrow().in_flight() > 0 || self.has_pending_outboxes() {
+            if self.in_flight.get() > 0 || self.has_pending_outboxes() {
                 return false;
             }
             drained.store(true, Ordering::SeqCst);
@@ -547,7 +576,7 @@ impl Shard {
         let mut cx = Context::from_waker(&waker);
         self.main_woken.set(true);
         let mut output = None;
-        self.run_until(|_| {
+        self.run_until(None, |_| {
             if self.main_woken.replace(false) {
                 if let Poll::Ready(value) = future.as_mut().poll(&mut cx) {
                     output = Some(value);
@@ -569,6 +598,9 @@ pub struct Runtime {
     pinned: bool,
 }
 
+/// What a driven runtime runs on shards 1..N.
+type ThreadMain = Arc<dyn Fn(Driver) + Send + Sync>;
+
 static PIN_NOTICE: std::sync::Once = std::sync::Once::new();
 
 /// The cores this process may run on, read once: pinning shard 0 narrows the
@@ -584,7 +616,7 @@ impl Runtime {
         Builder::default()
     }
 
-    fn start(config: Config) -> Result<Self> {
+    fn start(config: Config, main: Option<ThreadMain>) -> Result<Self> {
         let cores = available_cores();
         let count = config.shards.unwrap_or(cores.len().max(1));
         if count == 0 {
@@ -625,8 +657,8 @@ impl Runtime {
             config: config.clone(),
         });
 
-        let requests = Matrix::<Message>::new(count, config.ring_capacity);
-        let responses = Matrix::<Message>::new(count, config.ring_capacity);
+        let requests = Matrix::<Envelope>::new(count, config.ring_capacity);
+        let responses = Matrix::<Envelope>::new(count, config.ring_capacity);
         let mut parts: Vec<Parts> = polls
             .into_iter()
             .zip(requests.outgoing.into_iter().zip(requests.incoming))
@@ -649,6 +681,7 @@ impl Runtime {
         let mut threads = Vec::with_capacity(count - 1);
         for parts in parts.drain(1..) {
             let shared = shared.clone();
+            let main = main.clone();
             let core = pinned.then(|| cores[parts.id]);
             let thread = thread::Builder::new()
                 .name(format!("shard-{}", parts.id))
@@ -657,9 +690,20 @@ impl Runtime {
                         core_affinity::set_for_current(core);
                     }
                     let shard = Rc::new(Shard::new(parts, shared));
-                    let _enter = Enter::new(shard.clone());
-                    shard.run_until(|_| shard.may_stop());
-                    shard.exec.clear();
+                    match &main {
+                        Some(main) => {
+                            main(Driver::enter(shard.clone()));
+                            // Whatever the driving loop left: finish it here.
+                            let _enter = Enter::new(shard.clone());
+                            shard.run_until(None, |_| shard.may_stop());
+                            shard.exec.clear();
+                        }
+                        None => {
+                            let _enter = Enter::new(shard.clone());
+                            shard.run_until(None, |_| shard.may_stop());
+                            shard.exec.clear();
+                        }
+                    }
                 })
                 .map_err(|e| Error::Build(format!("spawning a shard thread: {e}")))?;
             threads.push(thread);
@@ -701,6 +745,26 @@ impl Runtime {
         self.shared.stats()
     }
 
+    /// Makes the calling thread shard 0 until the returned driver is
+    /// dropped, for a runtime whose shard 0 is driven by another loop.
+    ///
+    /// # Panics
+    /// If the calling thread is already running a shard.
+    pub fn enter(&self) -> Driver {
+        Driver::enter(self.shard0.clone())
+    }
+
+    /// Stops accepting calls (they fail with [`Error::Closed`]) and tells
+    /// every shard to finish what was submitted and stop. Driven shards see
+    /// it through [`Driver::may_stop`]; [`shutdown`](Self::shutdown) then
+    /// joins them.
+    pub fn begin_shutdown(&self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        for handle in &self.shared.handles {
+            let _ = handle.waker.wake();
+        }
+    }
+
     /// Stops accepting calls, finishes every call already submitted, and
     /// joins the shard threads. Local tasks still running are dropped, each
     /// on its own shard.
@@ -712,13 +776,10 @@ impl Runtime {
         if self.threads.is_empty() && self.shared.closing.load(Ordering::Acquire) {
             return;
         }
-        self.shared.closing.store(true, Ordering::SeqCst);
-        for handle in &self.shared.handles[1..] {
-            let _ = handle.waker.wake();
-        }
-        {
+        self.begin_shutdown();
+        if !self.shard0.is_closing() || !self.shard0.may_stop() {
             let _enter = Enter::new(self.shard0.clone());
-            self.shard0.run_until(|_| self.shard0.may_stop());
+            self.shard0.run_until(None, |_| self.shard0.may_stop());
             self.shard0.exec.clear();
         }
         let mut panicked = None;
@@ -851,4 +912,111 @@ where
         handle
     })
     .expect("spawn_local must be called on a shard")
+}
+
+/// Lets another event loop drive a shard: it calls [`poll`](Self::poll) or
+/// [`wait`](Self::wait) where it would otherwise wait for I/O, and handles
+/// its own work when they return. The driver keeps the thread's shard
+/// current until it is dropped, so it never leaves the shard's thread.
+pub struct Driver {
+    shard: Rc<Shard>,
+    _current: Enter,
+}
+
+impl Driver {
+    fn enter(shard: Rc<Shard>) -> Self {
+        let current = Enter::new(shard.clone());
+        Self {
+            shard,
+            _current: current,
+        }
+    }
+
+    /// This shard's index.
+    pub fn shard_id(&self) -> usize {
+        self.shard.id
+    }
+
+    /// The number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shard.shared.count
+    }
+
+    /// One turn of the shard's loop, without waiting. Returns whether it found
+    /// anything to do.
+    pub fn poll(&self) -> bool {
+        self.shard.poll_once()
+    }
+
+    /// Turns the shard's loop (spinning for `idle_poll`, then sleeping) until
+    /// [`wake_driver`] was called by a message or task of this shard, a
+    /// watched descriptor became readable, shutdown lets the shard stop, or
+    /// `timeout` passes (`None`: no limit). Returns `false` only on timeout.
+    pub fn wait(&self, timeout: Option<Duration>) -> bool {
+        let shard = &self.shard;
+        let until = timeout.map(|timeout| Instant::now() + timeout);
+        shard.run_until(until, |_| {
+            shard.attention.replace(false)
+                || shard.reactor.take_watched()
+                || (shard.is_closing() && shard.may_stop())
+        })
+    }
+
+    /// Makes [`wait`](Self::wait) return when `fd` becomes readable (for
+    /// example the epoll descriptor of the driving loop's own selector).
+    pub fn watch_fd(&self, fd: RawFd) -> std::io::Result<()> {
+        self.shard.reactor.watch(fd)
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_closing(&self) -> bool {
+        self.shard.is_closing()
+    }
+
+    /// Whether shutdown has begun and every shard has finished its calls, so
+    /// the driving loop may stop.
+    pub fn may_stop(&self) -> bool {
+        self.shard.may_stop()
+    }
+
+    /// A snapshot of the runtime's counters.
+    pub fn stats(&self) -> Stats {
+        self.shard.shared.stats()
+    }
+}
+
+/// Sends `message` to shard `target`, where its [`Message::run`] runs; it
+/// comes back to [`Message::complete`] here. Fails, sending nothing, with
+/// [`Error::NoSuchShard`], [`Error::Closed`] or [`Error::NotOnShard`]. A
+/// message to the current shard runs at once.
+pub fn send(target: usize, message: Box<dyn Message>) -> Result<()> {
+    with_shard(|shard| {
+        shard.check_target(target)?;
+        if target == shard.id {
+            message.run();
+        } else {
+            shard.send_request(target, message);
+        }
+        Ok(())
+    })?
+}
+
+/// Hands a message that ran here back to its `origin` shard (see
+/// [`Message::run`]).
+///
+/// # Panics
+/// Off a shard.
+pub fn respond(origin: usize, message: Box<dyn Message>) {
+    with_shard(|shard| shard.respond(origin, message)).expect("respond must be called on a shard");
+}
+
+/// Makes the current shard's [`Driver::wait`] return after this turn: for
+/// messages that leave work for the driving loop. Does nothing off a shard.
+pub fn wake_driver() {
+    let _ = with_shard(|shard| shard.attention.set(true));
+}
+
+/// Whether `target` is a shard that can receive a call now.
+pub fn check_target(target: usize) -> Result<()> {
+    with_shard(|shard| shard.check_target(target))?
 }

@@ -332,3 +332,82 @@ fn stats_count_every_queue() {
         .filter(|q| (q.from, q.to) != (0, 2))
         .all(|q| q.sent == 0));
 }
+
+/// (completed on, ran on) of each returned probe.
+type Trail = Arc<std::sync::Mutex<Vec<(usize, Option<usize>)>>>;
+
+/// A message that records where it ran and comes back.
+struct Probe {
+    origin: usize,
+    ran_on: Option<usize>,
+    done: Trail,
+}
+
+impl shardloop_core::Message for Probe {
+    fn run(mut self: Box<Self>) {
+        self.ran_on = shard_id();
+        shardloop_core::wake_driver();
+        let origin = self.origin;
+        shardloop_core::respond(origin, self);
+    }
+
+    fn complete(self: Box<Self>) {
+        self.done
+            .lock()
+            .unwrap()
+            .push((shard_id().unwrap(), self.ran_on));
+        shardloop_core::wake_driver();
+    }
+}
+
+#[test]
+fn driven_shards_carry_custom_messages_and_stop_together() {
+    let loops = Arc::new(AtomicUsize::new(0));
+    let counted = loops.clone();
+    let rt = Runtime::builder()
+        .shards(3)
+        .pin(false)
+        .build_driven(move |driver| {
+            while !driver.may_stop() {
+                driver.wait(Some(Duration::from_millis(50)));
+            }
+            counted.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    let done = Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let driver = rt.enter();
+        assert_eq!((driver.shard_id(), driver.shard_count()), (0, 3));
+        for target in [1, 2, 0] {
+            let probe = Probe {
+                origin: 0,
+                ran_on: None,
+                done: done.clone(),
+            };
+            shardloop_core::send(target, Box::new(probe)).unwrap();
+        }
+        let err = shardloop_core::send(
+            3,
+            Box::new(Probe {
+                origin: 0,
+                ran_on: None,
+                done: done.clone(),
+            }),
+        );
+        assert_eq!(err, Err(Error::NoSuchShard { shard: 3, count: 3 }));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while done.lock().unwrap().len() < 3 && Instant::now() < deadline {
+            driver.wait(Some(Duration::from_millis(10)));
+        }
+        rt.begin_shutdown();
+        assert_eq!(shardloop_core::check_target(1), Err(Error::Closed));
+        while !driver.may_stop() {
+            driver.wait(None);
+        }
+    }
+    rt.shutdown();
+    let mut done = done.lock().unwrap().clone();
+    done.sort();
+    assert_eq!(done, [(0, Some(0)), (0, Some(1)), (0, Some(2))]);
+    assert_eq!(loops.load(Ordering::SeqCst), 2);
+}
