@@ -32,7 +32,7 @@ pub use error::{Error, Result};
 pub use executor::JoinHandle;
 pub use io::Async;
 pub use runtime::{
-    check_target, invoke_on_all, respond, send, shard_count, shard_id, spawn_local, stats,
+    check_target, count_tasks, invoke_on_all, respond, send, shard_count, shard_id, spawn_local, stats,
     submit_to, submit_to_async, wake_driver, Builder, Driver, Runtime,
 };
 pub use stats::{QueueStats, ShardStats, Stats};

@@ -1020,3 +1020,9 @@ pub fn wake_driver() {
 pub fn check_target(target: usize) -> Result<()> {
     with_shard(|shard| shard.check_target(target))?
 }
+
+/// Counts `n` units of work run by the driving loop in the current shard's
+/// `tasks_run` counter. Does nothing off a shard.
+pub fn count_tasks(n: u64) {
+    let _ = with_shard(|shard| shard.counters().tasks_run.add(n));
+}

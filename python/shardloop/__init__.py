@@ -1,0 +1,68 @@
+"""shardloop: Seastar's shard-per-core model for Python.
+
+One pinned event loop per core ("shard"), each an asyncio loop; no locks
+between shards; shards talk only through single-producer/single-consumer
+queues. Send plain functions or coroutine functions to a chosen shard::
+
+    import shardloop
+    from shardloop import shard
+
+    async def main():
+        return await shard.submit_to(1, sum, [1, 2, 3])
+
+    print(shardloop.run(main()))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from . import shard
+from ._loop import EventLoopPolicy, ShardLoop, current_loop, new_event_loop
+from ._shardloop import ShutdownError
+from .sharded import ForeignRef, Sharded
+
+T = TypeVar("T")
+
+__all__ = [
+    "EventLoopPolicy",
+    "ForeignRef",
+    "ShardLoop",
+    "Sharded",
+    "ShutdownError",
+    "new_event_loop",
+    "run",
+    "shard",
+    "stats",
+]
+
+
+def run(
+    main: Coroutine[Any, Any, T],
+    *,
+    shards: int | None = None,
+    pin: bool = True,
+    idle_poll: float = 200e-6,
+) -> T:
+    """Runs ``main()`` on shard 0 (this thread) of a new runtime and returns
+    its result.
+
+    The other shards start on their own threads, pinned to cores when
+    ``pin``; ``shards=None`` means ``SHARDLOOP_SHARDS`` or one per available
+    core. An idle shard polls for ``idle_poll`` seconds before it sleeps.
+    When ``main()`` ends (or Ctrl-C cancels it) every shard finishes the
+    calls already submitted, and the runtime stops.
+    """
+    factory = functools.partial(new_event_loop, shards, pin=pin, idle_poll=idle_poll)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+def stats() -> dict[str, Any]:
+    """The runtime's counters as plain dicts: ``queues`` (per ordered pair of
+    shards: sent, received, completed, batches, max_depth, max_pending) and
+    ``shards`` (per shard: polls, tasks_run, sleeps, wakeups)."""
+    return current_loop()._driver.stats()

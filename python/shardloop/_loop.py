@@ -1,0 +1,182 @@
+"""Shard loops: asyncio event loops whose waiting happens in the shard's Rust
+reactor, with the GIL released.
+
+A :class:`ShardLoop` is a standard selector event loop with one difference:
+its selector, instead of blocking in ``epoll_wait``, asks the shard's driver
+to wait. The driver polls the shard's rings (cross-shard calls and their
+answers), its timers and, through one watched descriptor, the loop's own
+epoll set; it returns as soon as any of them has something for Python. The
+loop then runs the calls that arrived and resolves the futures of calls that
+came back, on this thread, before running its ready callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import selectors
+import threading
+from typing import Any
+
+from . import _shardloop
+
+_running_loop = asyncio.events._get_running_loop
+
+
+class _ShardSelector(selectors.EpollSelector):
+    """An epoll selector whose blocking wait happens in the shard's driver."""
+
+    def __init__(self, driver: _shardloop.Driver) -> None:
+        super().__init__()
+        self._driver = driver
+        driver.watch_fd(self.fileno())
+
+    def select(
+        self, timeout: float | None = None
+    ) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = super().select(0)
+        if ready or (timeout is not None and timeout <= 0):
+            self._driver.poll()
+        else:
+            self._driver.wait(timeout)
+            ready = super().select(0)
+        return ready
+
+
+class ShardLoop(asyncio.SelectorEventLoop):
+    """The asyncio event loop of one shard.
+
+    On every shard ``asyncio.get_running_loop()`` returns its ShardLoop; the
+    standard library (tasks, timers, streams, executors, thread-safe
+    callbacks) works on it as on the default loop.
+    """
+
+    def __init__(
+        self, driver: _shardloop.Driver, runtime: _shardloop.Runtime | None = None
+    ) -> None:
+        self._driver = driver
+        self._runtime = runtime
+        self._stopped: asyncio.Future[None] | None = None
+        super().__init__(selector=_ShardSelector(driver))
+
+    @property
+    def shard_id(self) -> int:
+        """The index of this loop's shard."""
+        return self._driver.shard_id
+
+    @property
+    def shard_count(self) -> int:
+        """The number of shards of this loop's runtime."""
+        return self._driver.shard_count
+
+    def _process_events(self, event_list: list[Any]) -> None:
+        super()._process_events(event_list)
+        driver = self._driver
+        driver.run_incoming(self)
+        stopped = self._stopped
+        if stopped is not None and not stopped.done() and driver.may_stop():
+            stopped.set_result(None)
+
+    def _until_stopped(self) -> asyncio.Future[None]:
+        """A future that completes once shutdown lets this shard stop."""
+        if self._stopped is None:
+            self._stopped = self.create_future()
+        return self._stopped
+
+    def close(self) -> None:
+        """Closes the loop; on shard 0 this shuts the whole runtime down,
+        finishing every call already submitted."""
+        if self.is_closed():
+            return
+        runtime = self._runtime
+        if runtime is not None:
+            runtime.begin_shutdown()
+            # Keep serving this shard's queues until every shard is done.
+            self.run_until_complete(self._until_stopped())
+            super().close()
+            self._driver.close()
+            runtime.shutdown()
+        else:
+            super().close()
+
+
+def _serve_shard(driver: _shardloop.Driver) -> None:
+    """The main function of shards 1..N: run a ShardLoop until shutdown."""
+    loop = ShardLoop(driver)
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(loop._until_stopped())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        _cancel_remaining(loop)
+        loop.close()
+        asyncio.set_event_loop(None)
+
+
+def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+
+
+def _shard_count(shards: int | None) -> int | None:
+    if shards is not None:
+        return shards
+    env = os.environ.get("SHARDLOOP_SHARDS")
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise ValueError(f"SHARDLOOP_SHARDS must be an integer, not {env!r}") from None
+    return None
+
+
+def new_event_loop(
+    shards: int | None = None,
+    *,
+    pin: bool = True,
+    idle_poll: float = 200e-6,
+) -> ShardLoop:
+    """Starts a runtime and returns shard 0's loop, for the calling thread.
+
+    ``shards`` defaults to ``SHARDLOOP_SHARDS`` or one per available core;
+    ``idle_poll`` is how long (seconds) an idle shard keeps polling before it
+    sleeps. Closing the loop shuts the runtime down. Use it with
+    ``asyncio.run(main(), loop_factory=shardloop.new_event_loop)``.
+    """
+    if threading.current_thread() is not threading.main_thread() and pin:
+        # Pinning shard 0 pins the calling thread; that is only expected of
+        # the main thread.
+        pin = False
+    runtime = _shardloop.Runtime(
+        _serve_shard, shards=_shard_count(shards), pin=pin, idle_poll=idle_poll
+    )
+    try:
+        driver = runtime.enter()
+    except BaseException:
+        runtime.begin_shutdown()
+        runtime.shutdown()
+        raise
+    return ShardLoop(driver, runtime)
+
+
+class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    """An event loop policy whose loops are shardloop runtimes (like uvloop's)."""
+
+    def new_event_loop(self) -> ShardLoop:
+        return new_event_loop()
+
+
+def current_loop() -> ShardLoop:
+    """The running shard loop of this thread, or RuntimeError saying how to
+    get one."""
+    loop = _running_loop()
+    if isinstance(loop, ShardLoop):
+        return loop
+    raise RuntimeError(
+        "not running on a shard: start a runtime with shardloop.run(main()) "
+        "(or asyncio.run(main(), loop_factory=shardloop.new_event_loop)) and call "
+        "this from code running on it"
+    )

@@ -1,0 +1,247 @@
+//! Python calls between shards.
+//!
+//! A call is a [`PyCall`] message. On the target its `run` only parks it in
+//! this thread's inbox and tells the driver (the shard's poll loop runs
+//! without the GIL); the shard's event loop then runs the inbox with the GIL
+//! held ([`run_incoming`]): a plain function's result goes straight back, a
+//! coroutine becomes a task of the target's loop and answers when it is done.
+//! Back on the origin, `complete` parks the call in the inbox too, and
+//! `run_incoming` resolves the caller's asyncio future on its own loop, so
+//! no `call_soon_threadsafe` is involved anywhere.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use pyo3::exceptions::asyncio::CancelledError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+/// What a message asks of its target.
+pub(crate) enum Request {
+    /// Call `func(*args, **kwargs)`.
+    Call {
+        func: Py<PyAny>,
+        args: Py<PyTuple>,
+        kwargs: Option<Py<PyDict>>,
+    },
+    /// Cancel the task running call `id` of the origin.
+    Cancel { id: u64 },
+}
+
+pub(crate) struct PyCall {
+    pub(crate) origin: usize,
+    pub(crate) target: usize,
+    pub(crate) id: u64,
+    /// Taken, and dropped, on the target.
+    pub(crate) request: Option<Request>,
+    /// The caller's future; only touched on the origin.
+    pub(crate) future: Option<Py<PyAny>>,
+    /// Written on the target, read on the origin.
+    pub(crate) outcome: Option<PyResult<Py<PyAny>>>,
+}
+
+enum Incoming {
+    Request(Box<PyCall>),
+    Returned(Box<PyCall>),
+}
+
+thread_local! {
+    /// Messages that arrived while the poll loop ran without the GIL.
+    static INBOX: RefCell<Vec<Incoming>> = const { RefCell::new(Vec::new()) };
+    /// Tasks running calls for other shards, by (origin, id), so a caller's
+    /// cancellation can reach them.
+    static RUNNING: RefCell<HashMap<(usize, u64), Py<PyAny>>> = RefCell::new(HashMap::new());
+}
+
+impl shardloop_core::Message for PyCall {
+    fn run(self: Box<Self>) {
+        INBOX.with(|inbox| inbox.borrow_mut().push(Incoming::Request(self)));
+        shardloop_core::wake_driver();
+    }
+
+    fn complete(self: Box<Self>) {
+        INBOX.with(|inbox| inbox.borrow_mut().push(Incoming::Returned(self)));
+        shardloop_core::wake_driver();
+    }
+}
+
+/// Sends the call back to its origin.
+fn answer(call: Box<PyCall>) {
+    let origin = call.origin;
+    shardloop_core::respond(origin, call);
+}
+
+/// Whether messages wait for [`run_incoming`].
+pub(crate) fn has_incoming() -> bool {
+    INBOX.with(|inbox| !inbox.borrow().is_empty())
+}
+
+/// Runs every request and resolves every returned call that arrived on this
+/// shard; `event_loop` is the shard's asyncio loop. Returns how many there
+/// were.
+pub(crate) fn run_incoming(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let mut count = 0;
+    loop {
+        let batch = INBOX.with(|inbox| std::mem::take(&mut *inbox.borrow_mut()));
+        if batch.is_empty() {
+            break;
+        }
+        count += batch.len();
+        for item in batch {
+            match item {
+                Incoming::Request(call) => serve(py, event_loop, call)?,
+                Incoming::Returned(call) => resolve(py, call)?,
+            }
+        }
+    }
+    if count > 0 {
+        shardloop_core::count_tasks(count as u64);
+    }
+    Ok(count)
+}
+
+fn serve(py: Python<'_>, event_loop: &Bound<'_, PyAny>, mut call: Box<PyCall>) -> PyResult<()> {
+    match call.request.take() {
+        Some(Request::Call { func, args, kwargs }) => {
+            let result = func.bind(py).call(args.bind(py), kwargs.as_ref().map(|k| k.bind(py)));
+            // The callable and its arguments are released here, on the
+            // target, where they were used.
+            drop((func, args, kwargs));
+            match result {
+                Ok(value) if is_coroutine(py, &value)? => {
+                    let task = event_loop.call_method1(intern!(py, "create_task"), (value,))?;
+                    RUNNING.with(|running| {
+                        running.borrow_mut().insert((call.origin, call.id), task.clone().unbind());
+                    });
+                    let responder = Bound::new(
+                        py,
+                        Responder {
+                            call: RefCell::new(Some(call)),
+                        },
+                    )?;
+                    task.call_method1(intern!(py, "add_done_callback"), (responder,))?;
+                }
+                other => {
+                    call.outcome = Some(other.map(Bound::unbind));
+                    answer(call);
+                }
+            }
+        }
+        Some(Request::Cancel { id }) => {
+            let task = RUNNING.with(|running| running.borrow().get(&(call.origin, id)).map(|t| t.clone_ref(py)));
+            if let Some(task) = task {
+                task.bind(py).call_method0(intern!(py, "cancel"))?;
+            }
+            answer(call);
+        }
+        None => answer(call),
+    }
+    Ok(())
+}
+
+fn resolve(py: Python<'_>, mut call: Box<PyCall>) -> PyResult<()> {
+    let (Some(future), Some(outcome)) = (call.future.take(), call.outcome.take()) else {
+        return Ok(());
+    };
+    let future = future.bind(py);
+    if future.call_method0(intern!(py, "done"))?.is_truthy()? {
+        // The caller gave up (cancelled); the result is dropped here.
+        return Ok(());
+    }
+    match outcome {
+        Ok(value) => {
+            future.call_method1(intern!(py, "set_result"), (value,))?;
+        }
+        Err(err) if err.is_instance_of::<CancelledError>(py) => {
+            future.call_method0(intern!(py, "cancel"))?;
+        }
+        Err(err) => {
+            add_shard_note(py, &err, call.target)?;
+            future.call_method1(intern!(py, "set_exception"), (err.value(py),))?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds "raised on shard N" to the exception's notes (PEP 678).
+pub(crate) fn add_shard_note(py: Python<'_>, err: &PyErr, shard: usize) -> PyResult<()> {
+    err.add_note(py, format!("raised on shard {shard}"))
+}
+
+fn is_coroutine(py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<bool> {
+    static ISCOROUTINE: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+    let iscoroutine = ISCOROUTINE.import(py, "asyncio", "iscoroutine")?;
+    iscoroutine.call1((value,))?.is_truthy()
+}
+
+/// Whether `func` is known to be a plain (non-async) Python function, whose
+/// call cannot be cancelled once sent. Unknown callables count as async.
+pub(crate) fn is_plain_function(py: Python<'_>, func: &Bound<'_, PyAny>) -> bool {
+    const CO_COROUTINE: u32 = 0x0080;
+    const CO_ITERABLE_COROUTINE: u32 = 0x0100;
+    let func = func.getattr(intern!(py, "__func__")).unwrap_or_else(|_| func.clone());
+    let Ok(code) = func.getattr(intern!(py, "__code__")) else {
+        return false;
+    };
+    code.getattr(intern!(py, "co_flags"))
+        .and_then(|flags| flags.extract::<u32>())
+        .is_ok_and(|flags| flags & (CO_COROUTINE | CO_ITERABLE_COROUTINE) == 0)
+}
+
+/// Done-callback of a task that runs a call for another shard: sends its
+/// outcome back.
+#[pyclass(unsendable)]
+struct Responder {
+    call: RefCell<Option<Box<PyCall>>>,
+}
+
+#[pymethods]
+impl Responder {
+    fn __call__(&self, py: Python<'_>, task: &Bound<'_, PyAny>) -> PyResult<()> {
+        let Some(mut call) = self.call.borrow_mut().take() else {
+            return Ok(());
+        };
+        RUNNING.with(|running| running.borrow_mut().remove(&(call.origin, call.id)));
+        let outcome = if task.call_method0(intern!(py, "cancelled"))?.is_truthy()? {
+            Err(CancelledError::new_err("the call was cancelled on its shard"))
+        } else {
+            match task.call_method0(intern!(py, "exception"))? {
+                exc if exc.is_none() => Ok(task.call_method0(intern!(py, "result"))?.unbind()),
+                exc => Err(PyErr::from_value(exc)),
+            }
+        };
+        call.outcome = Some(outcome);
+        answer(call);
+        Ok(())
+    }
+}
+
+/// Done-callback of a caller's future for a cancellable call: when the
+/// caller cancels, the task running the call on its shard is cancelled too.
+#[pyclass(unsendable)]
+pub(crate) struct CancelOnDone {
+    pub(crate) origin: usize,
+    pub(crate) target: usize,
+    pub(crate) id: u64,
+}
+
+#[pymethods]
+impl CancelOnDone {
+    fn __call__(&self, py: Python<'_>, future: &Bound<'_, PyAny>) -> PyResult<()> {
+        if !future.call_method0(intern!(py, "cancelled"))?.is_truthy()? {
+            return Ok(());
+        }
+        let cancel = PyCall {
+            origin: self.origin,
+            target: self.target,
+            id: self.id,
+            request: Some(Request::Cancel { id: self.id }),
+            future: None,
+            outcome: None,
+        };
+        // A cancel during shutdown cannot be sent; the call then finishes.
+        let _ = shardloop_core::send(self.target, Box::new(cancel));
+        Ok(())
+    }
+}

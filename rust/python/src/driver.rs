@@ -1,0 +1,254 @@
+//! `Driver`: the handle through which a shard's asyncio loop turns the
+//! shard's Rust poll loop, and sends calls to other shards.
+
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+use crate::call::{self, CancelOnDone, PyCall, Request};
+use crate::errors::to_py;
+use crate::stats;
+
+/// Carries a value of this thread across `Python::detach`.
+pub(crate) struct OnThisThread<T>(pub(crate) T);
+
+// SAFETY: `Python::detach` runs its closure synchronously on the calling
+// thread and returns before the caller continues, so the wrapped value (a
+// shard's `!Send` handle, or a reference to it) never reaches another thread.
+unsafe impl<T> Send for OnThisThread<T> {}
+
+impl<T> OnThisThread<T> {
+    /// The wrapped value. (A method, so closures capture the whole wrapper,
+    /// not the `!Send` field.)
+    pub(crate) fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+/// What a thread keeps of the shard it runs. The Python `Driver` object is
+/// only a token for it: the shard handle itself (`!Send`) never leaves the
+/// thread, and the Python object may be dropped anywhere.
+struct Current {
+    token: u64,
+    driver: shardloop_core::Driver,
+    next_id: Cell<u64>,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
+}
+
+static TOKENS: AtomicU64 = AtomicU64::new(1);
+
+/// The shard this thread runs, as seen by its event loop.
+#[pyclass(frozen, module = "shardloop._shardloop")]
+pub(crate) struct Driver {
+    token: u64,
+    shard_id: usize,
+    shard_count: usize,
+}
+
+impl Driver {
+    /// Installs `driver` as this thread's shard. Fails if it already has one.
+    pub(crate) fn install(driver: shardloop_core::Driver) -> PyResult<Self> {
+        let token = TOKENS.fetch_add(1, Ordering::Relaxed);
+        let (shard_id, shard_count) = (driver.shard_id(), driver.shard_count());
+        CURRENT.with(|current| {
+            let mut current = current.borrow_mut();
+            if current.is_some() {
+                return Err(PyRuntimeError::new_err("this thread already runs a shard"));
+            }
+            *current = Some(Current {
+                token,
+                driver,
+                next_id: Cell::new(0),
+            });
+            Ok(())
+        })?;
+        Ok(Self {
+            token,
+            shard_id,
+            shard_count,
+        })
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&Current) -> R) -> PyResult<R> {
+        CURRENT.with(|current| match &*current.borrow() {
+            Some(state) if state.token == self.token => Ok(f(state)),
+            _ => Err(PyRuntimeError::new_err(
+                "this shard driver is closed, or used off its shard's thread",
+            )),
+        })
+    }
+
+    /// Releases the shard from this thread; the driver is unusable after.
+    pub(crate) fn close(&self) {
+        let released = CURRENT.with(|current| {
+            let mut current = current.borrow_mut();
+            match &*current {
+                Some(state) if state.token == self.token => current.take(),
+                _ => None,
+            }
+        });
+        drop(released);
+    }
+}
+
+#[pymethods]
+impl Driver {
+    /// This shard's index.
+    #[getter]
+    fn shard_id(&self) -> usize {
+        self.shard_id
+    }
+
+    /// The number of shards.
+    #[getter]
+    fn shard_count(&self) -> usize {
+        self.shard_count
+    }
+
+    /// One turn of the shard's loop without waiting, with the GIL released.
+    fn poll(&self, py: Python<'_>) -> PyResult<bool> {
+        self.with(|state| {
+            let driver = OnThisThread(&state.driver);
+            py.detach(move || driver.into_inner().poll())
+        })
+    }
+
+    /// Turns the shard's loop with the GIL released until cross-shard work
+    /// arrived, a watched descriptor is readable, shutdown lets the shard
+    /// stop, or `timeout` seconds pass (None: no limit).
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        if call::has_incoming() {
+            return Ok(true);
+        }
+        let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
+        self.with(|state| {
+            let driver = OnThisThread(&state.driver);
+            py.detach(move || driver.into_inner().wait(timeout))
+        })
+    }
+
+    /// Makes `wait` return when `fd` becomes readable.
+    fn watch_fd(&self, fd: i32) -> PyResult<()> {
+        self.with(|state| state.driver.watch_fd(fd))?.map_err(PyErr::from)
+    }
+
+    /// Whether shutdown has begun.
+    fn is_closing(&self) -> PyResult<bool> {
+        self.with(|state| state.driver.is_closing())
+    }
+
+    /// Whether shutdown has begun and every shard has finished its calls.
+    fn may_stop(&self) -> PyResult<bool> {
+        self.with(|state| state.driver.may_stop())
+    }
+
+    /// Runs the calls that arrived for this shard and resolves the futures of
+    /// calls that came back. Returns how many there were.
+    fn run_incoming(&self, py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyResult<usize> {
+        self.with(|_| ())?;
+        call::run_incoming(py, event_loop)
+    }
+
+    /// Sends `func(*args, **kwargs)` to shard `target` and returns a future
+    /// of its result on `event_loop`.
+    #[pyo3(signature = (event_loop, target, func, args, kwargs=None))]
+    fn submit<'py>(
+        &self,
+        py: Python<'py>,
+        event_loop: &Bound<'py, PyAny>,
+        target: i64,
+        func: Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        kwargs: Option<Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let id = self.with(|state| {
+            let id = state.next_id.get();
+            state.next_id.set(id + 1);
+            id
+        })?;
+        let (me, count) = (self.shard_id, self.shard_count);
+        let target = usize::try_from(target).unwrap_or(usize::MAX);
+        shardloop_core::check_target(target).map_err(|e| match e {
+            shardloop_core::Error::NoSuchShard { .. } => to_py(shardloop_core::Error::NoSuchShard {
+                shard: target,
+                count,
+            }),
+            other => to_py(other),
+        })?;
+        if target == me {
+            return submit_local(py, event_loop, me, &func, &args, kwargs.as_ref());
+        }
+        let future = event_loop.call_method0(intern!(py, "create_future"))?;
+        let cancellable = !call::is_plain_function(py, &func);
+        let message = PyCall {
+            origin: me,
+            target,
+            id,
+            request: Some(Request::Call {
+                func: func.unbind(),
+                args: args.unbind(),
+                kwargs: kwargs.map(Bound::unbind),
+            }),
+            future: Some(future.clone().unbind()),
+            outcome: None,
+        };
+        shardloop_core::send(target, Box::new(message)).map_err(to_py)?;
+        if cancellable {
+            let hook = Bound::new(py, CancelOnDone { origin: me, target, id })?;
+            future.call_method1(intern!(py, "add_done_callback"), (hook,))?;
+        }
+        Ok(future)
+    }
+
+    /// The runtime's counters.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let snapshot = self.with(|state| state.driver.stats())?;
+        stats::to_dict(py, &snapshot)
+    }
+
+    /// Releases the shard from this thread; the driver is unusable after.
+    #[pyo3(name = "close")]
+    fn py_close(&self) {
+        self.close();
+    }
+}
+
+/// A call to the current shard runs at once, like Seastar's.
+fn submit_local<'py>(
+    py: Python<'py>,
+    event_loop: &Bound<'py, PyAny>,
+    me: usize,
+    func: &Bound<'py, PyAny>,
+    args: &Bound<'py, PyTuple>,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let result = func.call(args, kwargs);
+    if let Ok(value) = &result {
+        static ISCOROUTINE: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+        if ISCOROUTINE.import(py, "asyncio", "iscoroutine")?.call1((value,))?.is_truthy()? {
+            return event_loop.call_method1(intern!(py, "create_task"), (value,));
+        }
+    }
+    let future = event_loop.call_method0(intern!(py, "create_future"))?;
+    match result {
+        Ok(value) => future.call_method1(intern!(py, "set_result"), (value,))?,
+        Err(err) => {
+            call::add_shard_note(py, &err, me)?;
+            future.call_method1(intern!(py, "set_exception"), (err.value(py),))?
+        }
+    };
+    Ok(future)
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Driver>()
+}

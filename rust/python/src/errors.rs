@@ -1,0 +1,35 @@
+//! How the runtime's errors look from Python.
+
+use pyo3::create_exception;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use shardloop_core::Error;
+
+create_exception!(
+    shardloop._shardloop,
+    ShutdownError,
+    PyRuntimeError,
+    "The runtime is shutting down: the call was not sent."
+);
+
+/// The Python exception for a runtime error.
+pub(crate) fn to_py(error: Error) -> PyErr {
+    match error {
+        Error::NoSuchShard { .. } => PyValueError::new_err(error.to_string()),
+        Error::Closed => ShutdownError::new_err(error.to_string()),
+        Error::NotOnShard => not_on_shard(),
+        other => PyRuntimeError::new_err(other.to_string()),
+    }
+}
+
+/// The error for calls made outside a running runtime.
+pub(crate) fn not_on_shard() -> PyErr {
+    PyRuntimeError::new_err(
+        "not running on a shard: start a runtime with shardloop.run(main()) and call this \
+         from main() or from code it runs on a shard",
+    )
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("ShutdownError", m.py().get_type::<ShutdownError>())
+}

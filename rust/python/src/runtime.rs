@@ -1,0 +1,146 @@
+//! `Runtime`: starts the shards, whose threads run a Python function that
+//! drives them, and stops them.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::driver::{Driver, OnThisThread};
+use crate::errors::to_py;
+use crate::stats;
+
+thread_local! {
+    /// The runtime whose shard 0 is this thread. The Python `Runtime` object
+    /// is only a token for it, so the `!Send` runtime never leaves the
+    /// thread while the Python object may be dropped anywhere.
+    static OWNED: RefCell<Option<(u64, shardloop_core::Runtime)>> = const { RefCell::new(None) };
+}
+
+static TOKENS: AtomicU64 = AtomicU64::new(1);
+
+/// A running set of shards; the thread that builds it is shard 0.
+#[pyclass(frozen, module = "shardloop._shardloop")]
+pub(crate) struct Runtime {
+    token: u64,
+}
+
+impl Runtime {
+    fn with<R>(&self, f: impl FnOnce(&shardloop_core::Runtime) -> R) -> PyResult<R> {
+        OWNED.with(|owned| match &*owned.borrow() {
+            Some((token, runtime)) if *token == self.token => Ok(f(runtime)),
+            _ => Err(PyRuntimeError::new_err(
+                "the runtime has been shut down, or is used off the thread that started it",
+            )),
+        })
+    }
+}
+
+/// What shards 1..N run: `worker(driver)` with the GIL, then the driver is
+/// closed on this thread whatever `worker` did.
+fn worker_main(worker: &Py<PyAny>, driver: shardloop_core::Driver) {
+    Python::attach(|py| {
+        let driver = match Driver::install(driver).and_then(|d| Bound::new(py, d)) {
+            Ok(driver) => driver,
+            Err(err) => return err.print(py),
+        };
+        if let Err(err) = worker.call1(py, (driver.clone(),)) {
+            err.print(py);
+        }
+        driver.get().close();
+    });
+}
+
+#[pymethods]
+impl Runtime {
+    /// Starts `shards` shards (None: one per available core). Shards 1..N
+    /// run `worker(driver)` on their own threads.
+    #[new]
+    #[pyo3(signature = (worker, shards=None, pin=true, idle_poll=0.0002, batch=16, ring_capacity=1024))]
+    fn new(
+        worker: Py<PyAny>,
+        shards: Option<usize>,
+        pin: bool,
+        idle_poll: f64,
+        batch: usize,
+        ring_capacity: usize,
+    ) -> PyResult<Self> {
+        let mut builder = shardloop_core::Runtime::builder()
+            .pin(pin)
+            .idle_poll(Duration::from_secs_f64(idle_poll.max(0.0)))
+            .batch(batch)
+            .ring_capacity(ring_capacity);
+        if let Some(shards) = shards {
+            builder = builder.shards(shards);
+        }
+        let runtime = builder
+            .build_driven(move |driver| worker_main(&worker, driver))
+            .map_err(|e| match e {
+                shardloop_core::Error::Build(_) => pyo3::exceptions::PyValueError::new_err(e.to_string()),
+                other => to_py(other),
+            })?;
+        let token = TOKENS.fetch_add(1, Ordering::Relaxed);
+        OWNED.with(|owned| {
+            let mut owned = owned.borrow_mut();
+            if owned.is_some() {
+                return Err(PyRuntimeError::new_err("this thread already runs a shardloop runtime"));
+            }
+            *owned = Some((token, runtime));
+            Ok(())
+        })?;
+        Ok(Self { token })
+    }
+
+    /// The driver of shard 0, for the calling thread's event loop.
+    fn enter(&self, py: Python<'_>) -> PyResult<Py<Driver>> {
+        let driver = self.with(|rt| rt.enter())?;
+        Py::new(py, Driver::install(driver)?)
+    }
+
+    /// The number of shards.
+    #[getter]
+    fn shard_count(&self) -> PyResult<usize> {
+        self.with(|rt| rt.shard_count())
+    }
+
+    /// Whether the shards are pinned to cores.
+    #[getter]
+    fn pinned(&self) -> PyResult<bool> {
+        self.with(|rt| rt.is_pinned())
+    }
+
+    /// Refuses new calls and tells every shard to finish and stop.
+    fn begin_shutdown(&self) -> PyResult<()> {
+        self.with(|rt| rt.begin_shutdown())
+    }
+
+    /// Finishes submitted work and joins the shard threads (with the GIL
+    /// released, so they can finish their Python work). Shard 0's driver must
+    /// be closed first.
+    fn shutdown(&self, py: Python<'_>) {
+        let runtime = OWNED.with(|owned| {
+            let mut owned = owned.borrow_mut();
+            match &*owned {
+                Some((token, _)) if *token == self.token => owned.take().map(|(_, rt)| rt),
+                _ => None,
+            }
+        });
+        if let Some(runtime) = runtime {
+            let runtime = OnThisThread(runtime);
+            py.detach(move || runtime.into_inner().shutdown());
+        }
+    }
+
+    /// The runtime's counters as plain dicts.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let snapshot = self.with(|rt| rt.stats())?;
+        stats::to_dict(py, &snapshot)
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Runtime>()
+}

@@ -1,0 +1,35 @@
+//! Runtime counters as plain Python dicts.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use shardloop_core::Stats;
+
+pub(crate) fn to_dict<'py>(py: Python<'py>, stats: &Stats) -> PyResult<Bound<'py, PyDict>> {
+    let queues = PyList::empty(py);
+    for q in &stats.queues {
+        let d = PyDict::new(py);
+        d.set_item("from", q.from)?;
+        d.set_item("to", q.to)?;
+        d.set_item("sent", q.sent)?;
+        d.set_item("received", q.received)?;
+        d.set_item("completed", q.completed)?;
+        d.set_item("batches", q.batches)?;
+        d.set_item("max_depth", q.max_depth)?;
+        d.set_item("max_pending", q.max_pending)?;
+        queues.append(d)?;
+    }
+    let shards = PyList::empty(py);
+    for s in &stats.shards {
+        let d = PyDict::new(py);
+        d.set_item("shard", s.shard)?;
+        d.set_item("polls", s.polls)?;
+        d.set_item("tasks_run", s.tasks_run)?;
+        d.set_item("sleeps", s.sleeps)?;
+        d.set_item("wakeups", s.wakeups)?;
+        shards.append(d)?;
+    }
+    let result = PyDict::new(py);
+    result.set_item("queues", queues)?;
+    result.set_item("shards", shards)?;
+    Ok(result)
+}
