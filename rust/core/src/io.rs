@@ -115,7 +115,13 @@ impl Reactor {
         Ok(())
     }
 
-    /// Whether a watched descriptor became readable since the last call.
+    /// Whether a watched descriptor became readable since the last
+    /// [`take_watched`](Self::take_watched).
+    pub(crate) fn watched(&self) -> bool {
+        self.watched.get()
+    }
+
+    /// Like [`watched`](Self::watched), and clears it.
     pub(crate) fn take_watched(&self) -> bool {
         self.watched.replace(false)
     }

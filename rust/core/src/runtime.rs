@@ -33,8 +33,9 @@ use crate::timer::Timers;
 use crate::wake::SleepFlag;
 use std::os::fd::RawFd;
 
-/// How often a busy shard polls epoll, in turns of its loop (an idle shard
-/// polls it on every turn).
+/// How often a shard polls epoll without waiting, in turns of its loop (a
+/// shard that goes to sleep polls it then too). A syscall costs as much as
+/// dozens of turns, so it is not done on every idle turn.
 const IO_POLL_INTERVAL: u64 = 16;
 
 /// How often an idle shard reads the clock to decide whether to sleep.
@@ -456,7 +457,7 @@ impl Shard {
             self.counters().tasks_run.add(ran as u64);
             work = true;
         }
-        if self.reactor.has_sources() && (!work || polls % IO_POLL_INTERVAL == 0) {
+        if self.reactor.has_sources() && polls % IO_POLL_INTERVAL == 0 {
             work |= self.reactor.poll(Some(Duration::ZERO));
         }
         self.flush_all();
@@ -957,9 +958,15 @@ impl Driver {
         let until = timeout.map(|timeout| Instant::now() + timeout);
         shard.run_until(until, |_| {
             shard.attention.replace(false)
-                || shard.reactor.take_watched()
+                || shard.reactor.watched()
                 || (shard.is_closing() && shard.may_stop())
         })
+    }
+
+    /// Whether a watched descriptor signalled readiness since the last call
+    /// (edge-triggered: it reports new readiness, not lasting readiness).
+    pub fn take_fd_ready(&self) -> bool {
+        self.shard.reactor.take_watched()
     }
 
     /// Makes [`wait`](Self::wait) return when `fd` becomes readable (for

@@ -12,6 +12,7 @@ use pyo3::types::{PyDict, PyTuple};
 
 use crate::call::{self, CancelOnDone, PyCall, Request};
 use crate::errors::to_py;
+use crate::gil;
 use crate::stats;
 
 /// Carries a value of this thread across `Python::detach`.
@@ -114,25 +115,38 @@ impl Driver {
     }
 
     /// One turn of the shard's loop without waiting, with the GIL released.
+    /// Returns whether the watched descriptors signalled new readiness.
     fn poll(&self, py: Python<'_>) -> PyResult<bool> {
+        let shard = self.shard_id;
         self.with(|state| {
             let driver = OnThisThread(&state.driver);
-            py.detach(move || driver.into_inner().poll())
+            gil::detached(py, shard, move || {
+                let driver = driver.into_inner();
+                driver.poll();
+                driver.take_fd_ready()
+            })
         })
     }
 
     /// Turns the shard's loop with the GIL released until cross-shard work
     /// arrived, a watched descriptor is readable, shutdown lets the shard
-    /// stop, or `timeout` seconds pass (None: no limit).
+    /// stop, or `timeout` seconds pass (None: no limit). Returns whether the
+    /// watched descriptors signalled new readiness.
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        if call::has_incoming() {
-            return Ok(true);
-        }
-        let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
+        let timeout = if call::has_incoming() {
+            Some(Duration::ZERO)
+        } else {
+            timeout.map(|t| Duration::from_secs_f64(t.max(0.0)))
+        };
+        let shard = self.shard_id;
         self.with(|state| {
             let driver = OnThisThread(&state.driver);
-            py.detach(move || driver.into_inner().wait(timeout))
+            gil::detached(py, shard, move || {
+                let driver = driver.into_inner();
+                driver.wait(timeout);
+                driver.take_fd_ready()
+            })
         })
     }
 

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 mod call;
 mod driver;
 mod errors;
+mod gil;
 mod runtime;
 mod stats;
 
