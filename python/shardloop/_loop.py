@@ -32,9 +32,10 @@ class _ShardSelector(selectors.EpollSelector):
     set is level-triggered). That saves a syscall on most turns.
     """
 
-    def __init__(self, driver: _shardloop.Driver) -> None:
+    def __init__(self, driver: _shardloop.Driver, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
         self._driver = driver
+        self._loop = loop
         self._look = True
         driver.watch_fd(self.fileno())
 
@@ -45,7 +46,7 @@ class _ShardSelector(selectors.EpollSelector):
         if ready or (timeout is not None and timeout <= 0):
             signalled = self._driver.poll()
         else:
-            signalled = self._driver.wait(timeout)
+            signalled = self._driver.wait(self._loop, timeout)
             if signalled:
                 ready = super().select(0)
                 signalled = False
@@ -75,7 +76,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
         self._driver = driver
         self._runtime = runtime
         self._stopped: asyncio.Future[None] | None = None
-        super().__init__(selector=_ShardSelector(driver))
+        super().__init__(selector=_ShardSelector(driver, self))
 
     @property
     def shard_id(self) -> int:

@@ -79,9 +79,11 @@ pub(crate) fn has_incoming() -> bool {
 
 /// Runs every request and resolves every returned call that arrived on this
 /// shard; `event_loop` is the shard's asyncio loop. Returns how many there
-/// were.
-pub(crate) fn run_incoming(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyResult<usize> {
+/// were, and whether any of them left work for the event loop (a task
+/// started or a future resolved) rather than only answering plain calls.
+pub(crate) fn run_incoming(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyResult<(usize, bool)> {
     let mut count = 0;
+    let mut scheduled = false;
     loop {
         let batch = INBOX.with(|inbox| std::mem::take(&mut *inbox.borrow_mut()));
         if batch.is_empty() {
@@ -89,19 +91,23 @@ pub(crate) fn run_incoming(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyR
         }
         count += batch.len();
         for item in batch {
-            match item {
+            scheduled |= match item {
                 Incoming::Request(call) => serve(py, event_loop, call)?,
-                Incoming::Returned(call) => resolve(py, call)?,
-            }
+                Incoming::Returned(call) => {
+                    resolve(py, call)?;
+                    true
+                }
+            };
         }
     }
     if count > 0 {
         shardloop_core::count_tasks(count as u64);
     }
-    Ok(count)
+    Ok((count, scheduled))
 }
 
-fn serve(py: Python<'_>, event_loop: &Bound<'_, PyAny>, mut call: Box<PyCall>) -> PyResult<()> {
+/// Runs one request; returns whether it started a task on the event loop.
+fn serve(py: Python<'_>, event_loop: &Bound<'_, PyAny>, mut call: Box<PyCall>) -> PyResult<bool> {
     match call.request.take() {
         Some(Request::Call { func, args, kwargs }) => {
             let result = func.bind(py).call(args.bind(py), kwargs.as_ref().map(|k| k.bind(py)));
@@ -121,6 +127,7 @@ fn serve(py: Python<'_>, event_loop: &Bound<'_, PyAny>, mut call: Box<PyCall>) -
                         },
                     )?;
                     task.call_method1(intern!(py, "add_done_callback"), (responder,))?;
+                    return Ok(true);
                 }
                 other => {
                     call.outcome = Some(other.map(Bound::unbind));
@@ -137,7 +144,7 @@ fn serve(py: Python<'_>, event_loop: &Bound<'_, PyAny>, mut call: Box<PyCall>) -
         }
         None => answer(call),
     }
-    Ok(())
+    Ok(false)
 }
 
 fn resolve(py: Python<'_>, mut call: Box<PyCall>) -> PyResult<()> {
@@ -180,9 +187,18 @@ fn is_coroutine(py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<bool> {
 pub(crate) fn is_plain_function(py: Python<'_>, func: &Bound<'_, PyAny>) -> bool {
     const CO_COROUTINE: u32 = 0x0080;
     const CO_ITERABLE_COROUTINE: u32 = 0x0100;
-    let func = func.getattr(intern!(py, "__func__")).unwrap_or_else(|_| func.clone());
-    let Ok(code) = func.getattr(intern!(py, "__code__")) else {
-        return false;
+    // Plain functions have __code__; bound methods have __func__.__code__.
+    // Looking up a missing attribute raises (slow), so test with hasattr-free
+    // lookups in the likely order.
+    let code = match func.getattr_opt(intern!(py, "__code__")) {
+        Ok(Some(code)) => code,
+        _ => match func.getattr_opt(intern!(py, "__func__")) {
+            Ok(Some(inner)) => match inner.getattr_opt(intern!(py, "__code__")) {
+                Ok(Some(code)) => code,
+                _ => return false,
+            },
+            _ => return false,
+        },
     };
     code.getattr(intern!(py, "co_flags"))
         .and_then(|flags| flags.extract::<u32>())

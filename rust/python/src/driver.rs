@@ -3,7 +3,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::intern;
@@ -128,26 +128,36 @@ impl Driver {
         })
     }
 
-    /// Turns the shard's loop with the GIL released until cross-shard work
-    /// arrived, a watched descriptor is readable, shutdown lets the shard
-    /// stop, or `timeout` seconds pass (None: no limit). Returns whether the
-    /// watched descriptors signalled new readiness.
-    #[pyo3(signature = (timeout=None))]
-    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        let timeout = if call::has_incoming() {
-            Some(Duration::ZERO)
-        } else {
-            timeout.map(|t| Duration::from_secs_f64(t.max(0.0)))
-        };
+    /// Turns the shard's loop with the GIL released until there is work for
+    /// `event_loop`: a watched descriptor is readable, a call came back or
+    /// started a task, shutdown lets the shard stop, or `timeout` seconds
+    /// pass (None: no limit). Calls of plain functions that arrive meanwhile
+    /// are run and answered here, without a turn of the event loop. Returns
+    /// whether the watched descriptors signalled new readiness.
+    #[pyo3(signature = (event_loop, timeout=None))]
+    fn wait(&self, py: Python<'_>, event_loop: &Bound<'_, PyAny>, timeout: Option<f64>) -> PyResult<bool> {
+        let until = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
         let shard = self.shard_id;
-        self.with(|state| {
-            let driver = OnThisThread(&state.driver);
-            gil::detached(py, shard, move || {
-                let driver = driver.into_inner();
-                driver.wait(timeout);
-                driver.take_fd_ready()
-            })
-        })
+        loop {
+            let left = if call::has_incoming() {
+                Some(Duration::ZERO)
+            } else {
+                until.map(|until| until.saturating_duration_since(Instant::now()))
+            };
+            let (fd_ready, closing) = self.with(|state| {
+                let driver = OnThisThread(&state.driver);
+                gil::detached(py, shard, move || {
+                    let driver = driver.into_inner();
+                    driver.wait(left);
+                    (driver.take_fd_ready(), driver.is_closing())
+                })
+            })?;
+            let (ran, scheduled) = call::run_incoming(py, event_loop)?;
+            let timed_out = until.is_some_and(|until| Instant::now() >= until);
+            if fd_ready || scheduled || closing || timed_out || ran == 0 {
+                return Ok(fd_ready);
+            }
+        }
     }
 
     /// Makes `wait` return when `fd` becomes readable.
@@ -169,7 +179,7 @@ impl Driver {
     /// calls that came back. Returns how many there were.
     fn run_incoming(&self, py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyResult<usize> {
         self.with(|_| ())?;
-        call::run_incoming(py, event_loop)
+        Ok(call::run_incoming(py, event_loop)?.0)
     }
 
     /// Sends `func(*args, **kwargs)` to shard `target` and returns a future
