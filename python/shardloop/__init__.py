@@ -53,12 +53,20 @@ def run(
     The other shards start on their own threads, pinned to cores when
     ``pin``; ``shards=None`` means ``SHARDLOOP_SHARDS`` or one per available
     core. An idle shard polls for ``idle_poll`` seconds before it sleeps.
-    When ``main()`` ends (or Ctrl-C cancels it) every shard finishes the
-    calls already submitted, and the runtime stops.
+    When ``main()`` ends every shard finishes the calls already submitted,
+    and the runtime stops. Ctrl-C cancels ``main()`` and the tasks of every
+    shard, then stops the runtime and raises ``KeyboardInterrupt``.
     """
     factory = functools.partial(new_event_loop, shards, pin=pin, idle_poll=idle_poll)
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
+        try:
+            return runner.run(main)
+        except KeyboardInterrupt:
+            # Ctrl-C: the tasks of every shard are cancelled before shutdown.
+            loop = runner.get_loop()
+            if isinstance(loop, ShardLoop):
+                loop._cancel_on_close = True
+            raise
 
 
 def stats() -> dict[str, Any]:

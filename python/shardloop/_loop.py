@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import selectors
+import signal
 import threading
 from typing import Any
 
@@ -76,7 +77,14 @@ class ShardLoop(asyncio.SelectorEventLoop):
         self._driver = driver
         self._runtime = runtime
         self._stopped: asyncio.Future[None] | None = None
+        self._old_wakeup_fd: int | None = None
+        self._cancel_on_close = False
         super().__init__(selector=_ShardSelector(driver, self))
+        if runtime is not None and threading.current_thread() is threading.main_thread():
+            # The shard waits in Rust, where Python cannot see a signal; the
+            # C-level handler's write to this loop's self-pipe wakes the
+            # shard so that Python runs the handler (Ctrl-C included).
+            self._old_wakeup_fd = signal.set_wakeup_fd(self._csock.fileno())
 
     @property
     def shard_id(self) -> int:
@@ -108,7 +116,15 @@ class ShardLoop(asyncio.SelectorEventLoop):
         if self.is_closed():
             return
         runtime = self._runtime
+        if self._old_wakeup_fd is not None:
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+            self._old_wakeup_fd = None
         if runtime is not None:
+            if self._cancel_on_close:
+                # Interrupted: stop the work running for us elsewhere too.
+                from .shard import invoke_on_others
+
+                self.run_until_complete(invoke_on_others(_cancel_tasks))
             runtime.begin_shutdown()
             # Keep serving this shard's queues until every shard is done.
             self.run_until_complete(self._until_stopped())
@@ -130,6 +146,14 @@ def _serve_shard(driver: _shardloop.Driver) -> None:
         _cancel_remaining(loop)
         loop.close()
         asyncio.set_event_loop(None)
+
+
+def _cancel_tasks() -> int:
+    """Cancels every task of the current shard's loop; returns how many."""
+    tasks = [t for t in asyncio.all_tasks() if not t.done()]
+    for task in tasks:
+        task.cancel()
+    return len(tasks)
 
 
 def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:

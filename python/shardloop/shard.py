@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from . import _shardloop
 from ._loop import current_loop
 
 T = TypeVar("T")
@@ -16,48 +17,33 @@ T = TypeVar("T")
 __all__ = ["count", "id", "invoke_on_all", "invoke_on_others", "submit_to"]
 
 
-@overload
-def submit_to(
-    shard_id: int, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any
-) -> asyncio.Future[T]: ...
-@overload
-def submit_to(
-    shard_id: int, fn: Callable[..., T], /, *args: Any, **kwargs: Any
-) -> asyncio.Future[T]: ...
-def submit_to(shard_id: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-    """Runs ``fn(*args, **kwargs)`` on shard ``shard_id``; await the result.
+if TYPE_CHECKING:
 
-    A coroutine function runs as a task on the target shard and finishes
-    there. The call is sent at once; the returned future resolves on the
-    calling shard. An exception raised by ``fn`` is raised here, with its
-    traceback and a note naming the shard. Cancelling the future cancels a
-    remote coroutine on its shard (a plain function already running
-    finishes; its result is dropped).
-
-    Raises ``ValueError`` for a shard outside ``range(count())``,
-    ``ShutdownError`` once shutdown began, and ``RuntimeError`` off a shard;
-    nothing is sent then.
-    """
-    loop = current_loop()
-    return loop._driver.submit(loop, shard_id, fn, args, kwargs or None)
+    @overload
+    def submit_to(
+        shard_id: int, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any
+    ) -> asyncio.Future[T]: ...
+    @overload
+    def submit_to(
+        shard_id: int, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> asyncio.Future[T]: ...
+    def submit_to(shard_id: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Runs ``fn(*args, **kwargs)`` on shard ``shard_id``; await the result."""
+else:
+    submit_to = _shardloop.submit_to
 
 
 async def invoke_on_all(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> list[Any]:
     """Runs ``fn`` on every shard; returns the results in shard order."""
-    loop = current_loop()
-    submit = loop._driver.submit
-    calls = [submit(loop, i, fn, args, kwargs or None) for i in range(loop.shard_count)]
+    calls = [submit_to(i, fn, *args, **kwargs) for i in range(current_loop().shard_count)]
     return list(await asyncio.gather(*calls))
 
 
 async def invoke_on_others(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> list[Any]:
     """Runs ``fn`` on every shard but this one; results in shard order."""
     loop = current_loop()
-    submit = loop._driver.submit
     me = loop.shard_id
-    calls = [
-        submit(loop, i, fn, args, kwargs or None) for i in range(loop.shard_count) if i != me
-    ]
+    calls = [submit_to(i, fn, *args, **kwargs) for i in range(loop.shard_count) if i != me]
     return list(await asyncio.gather(*calls))
 
 

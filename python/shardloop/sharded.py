@@ -151,7 +151,7 @@ class ForeignRef(Generic[T]):
         if obj is None or loop is None or getattr(loop, "shard_id", self._owner) == self._owner:
             return
         try:
-            current_loop()._driver.submit(loop, self._owner, _release, (obj,), None)
+            shard.submit_to(self._owner, _release, obj)
         except Exception:
             # The runtime is shutting down: the object is released here.
             pass

@@ -495,15 +495,13 @@ impl Shard {
             (a, b) => a.or(b),
         };
         let timeout = wake_at.map(|at| at.saturating_duration_since(Instant::now()));
-        let blocked = self.handle.flag.sleep(
+        self.handle.flag.sleep(
             || self.has_input(),
             || {
+                self.counters().sleeps.add(1);
                 self.reactor.poll(timeout);
             },
         );
-        if blocked {
-            self.counters().sleeps.add(1);
-        }
     }
 
     /// Runs the loop until `done` says so (it is asked after every turn) or

@@ -165,10 +165,21 @@ fn resolve(py: Python<'_>, mut call: Box<PyCall>) -> PyResult<()> {
         }
         Err(err) => {
             add_shard_note(py, &err, call.target)?;
-            future.call_method1(intern!(py, "set_exception"), (err.value(py),))?;
+            future.call_method1(intern!(py, "set_exception"), (exception_with_traceback(py, err),))?;
         }
     }
     Ok(())
+}
+
+/// The exception object of `err`, carrying its traceback (so the frames of
+/// the other shard show where it was raised).
+pub(crate) fn exception_with_traceback(py: Python<'_>, err: PyErr) -> Bound<'_, pyo3::exceptions::PyBaseException> {
+    let traceback = err.traceback(py);
+    let value = err.into_value(py).into_bound(py);
+    if let Some(traceback) = traceback {
+        let _ = value.setattr(intern!(py, "__traceback__"), traceback);
+    }
+    value
 }
 
 /// Adds "raised on shard N" to the exception's notes (PEP 678).

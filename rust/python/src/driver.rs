@@ -138,6 +138,7 @@ impl Driver {
     fn wait(&self, py: Python<'_>, event_loop: &Bound<'_, PyAny>, timeout: Option<f64>) -> PyResult<bool> {
         let until = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
         let shard = self.shard_id;
+        let timers = loop_queue_len(py, event_loop, intern!(py, "_scheduled"));
         loop {
             let left = if call::has_incoming() {
                 Some(Duration::ZERO)
@@ -155,6 +156,13 @@ impl Driver {
             let (ran, scheduled) = call::run_incoming(py, event_loop)?;
             let timed_out = until.is_some_and(|until| Instant::now() >= until);
             if fd_ready || scheduled || closing || timed_out || ran == 0 {
+                return Ok(fd_ready);
+            }
+            // A plain call may still have left work for the loop: callbacks
+            // (a cancelled task, a resolved future) or a new timer.
+            if loop_queue_len(py, event_loop, intern!(py, "_ready")) != Some(0)
+                || loop_queue_len(py, event_loop, intern!(py, "_scheduled")) != timers
+            {
                 return Ok(fd_ready);
             }
         }
@@ -180,57 +188,6 @@ impl Driver {
     fn run_incoming(&self, py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyResult<usize> {
         self.with(|_| ())?;
         Ok(call::run_incoming(py, event_loop)?.0)
-    }
-
-    /// Sends `func(*args, **kwargs)` to shard `target` and returns a future
-    /// of its result on `event_loop`.
-    #[pyo3(signature = (event_loop, target, func, args, kwargs=None))]
-    fn submit<'py>(
-        &self,
-        py: Python<'py>,
-        event_loop: &Bound<'py, PyAny>,
-        target: i64,
-        func: Bound<'py, PyAny>,
-        args: Bound<'py, PyTuple>,
-        kwargs: Option<Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let id = self.with(|state| {
-            let id = state.next_id.get();
-            state.next_id.set(id + 1);
-            id
-        })?;
-        let (me, count) = (self.shard_id, self.shard_count);
-        let target = usize::try_from(target).unwrap_or(usize::MAX);
-        shardloop_core::check_target(target).map_err(|e| match e {
-            shardloop_core::Error::NoSuchShard { .. } => to_py(shardloop_core::Error::NoSuchShard {
-                shard: target,
-                count,
-            }),
-            other => to_py(other),
-        })?;
-        if target == me {
-            return submit_local(py, event_loop, me, &func, &args, kwargs.as_ref());
-        }
-        let future = event_loop.call_method0(intern!(py, "create_future"))?;
-        let cancellable = !call::is_plain_function(py, &func);
-        let message = PyCall {
-            origin: me,
-            target,
-            id,
-            request: Some(Request::Call {
-                func: func.unbind(),
-                args: args.unbind(),
-                kwargs: kwargs.map(Bound::unbind),
-            }),
-            future: Some(future.clone().unbind()),
-            outcome: None,
-        };
-        shardloop_core::send(target, Box::new(message)).map_err(to_py)?;
-        if cancellable {
-            let hook = Bound::new(py, CancelOnDone { origin: me, target, id })?;
-            future.call_method1(intern!(py, "add_done_callback"), (hook,))?;
-        }
-        Ok(future)
     }
 
     /// The runtime's counters.
@@ -267,12 +224,101 @@ fn submit_local<'py>(
         Ok(value) => future.call_method1(intern!(py, "set_result"), (value,))?,
         Err(err) => {
             call::add_shard_note(py, &err, me)?;
-            future.call_method1(intern!(py, "set_exception"), (err.value(py),))?
+            future.call_method1(intern!(py, "set_exception"), (call::exception_with_traceback(py, err),))?
         }
     };
     Ok(future)
 }
 
+/// The length of one of the asyncio loop's own queues (`_ready`, the
+/// callbacks due now, or `_scheduled`, the timers); None if it has none.
+fn loop_queue_len(py: Python<'_>, event_loop: &Bound<'_, PyAny>, name: &Bound<'_, pyo3::types::PyString>) -> Option<usize> {
+    let _ = py;
+    event_loop.getattr(name).ok()?.len().ok()
+}
+
+/// The running event loop of this thread, if it is a shard's.
+fn running_shard_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    static GET_RUNNING_LOOP: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+    let event_loop = GET_RUNNING_LOOP.import(py, "asyncio.events", "_get_running_loop")?.call0()?;
+    let on_shard = CURRENT.with(|current| current.borrow().is_some());
+    if event_loop.is_none() || !on_shard {
+        return Err(crate::errors::not_on_shard());
+    }
+    Ok(event_loop)
+}
+
+/// submit_to(shard_id, fn, /, *args, **kwargs)
+/// --
+///
+/// Runs `fn(*args, **kwargs)` on shard `shard_id`; await the result.
+///
+/// A coroutine function runs as a task on the target shard and finishes
+/// there. The call is sent at once; the returned future resolves on the
+/// calling shard. An exception raised by `fn` is raised here, with its
+/// traceback and a note naming the shard. Cancelling the future cancels a
+/// remote coroutine on its shard (a plain function already running
+/// finishes; its result is dropped).
+///
+/// Raises ValueError for a shard outside range(count()), ShutdownError once
+/// shutdown began, and RuntimeError off a shard; nothing is sent then.
+#[pyfunction]
+#[pyo3(signature = (shard_id, func, /, *args, **kwargs))]
+fn submit_to<'py>(
+    py: Python<'py>,
+    shard_id: i64,
+    func: Bound<'py, PyAny>,
+    args: Bound<'py, PyTuple>,
+    kwargs: Option<Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let event_loop = running_shard_loop(py)?;
+    let (me, count, id) = CURRENT.with(|current| {
+        let current = current.borrow();
+        let state = current.as_ref().expect("checked by running_shard_loop");
+        let id = state.next_id.get();
+        state.next_id.set(id + 1);
+        (state.driver.shard_id(), state.driver.shard_count(), id)
+    });
+    let target = usize::try_from(shard_id).unwrap_or(usize::MAX);
+    shardloop_core::check_target(target).map_err(|e| match e {
+        shardloop_core::Error::NoSuchShard { .. } => to_py(shardloop_core::Error::NoSuchShard {
+            shard: shard_id.max(0) as usize,
+            count,
+        }),
+        other => to_py(other),
+    })?;
+    if shard_id < 0 {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "shard {shard_id} does not exist: valid shards are 0..{count} (0 to {})",
+            count - 1
+        )));
+    }
+    if target == me {
+        return submit_local(py, &event_loop, me, &func, &args, kwargs.as_ref());
+    }
+    let future = event_loop.call_method0(intern!(py, "create_future"))?;
+    let cancellable = !call::is_plain_function(py, &func);
+    let message = PyCall {
+        origin: me,
+        target,
+        id,
+        request: Some(Request::Call {
+            func: func.unbind(),
+            args: args.unbind(),
+            kwargs: kwargs.map(Bound::unbind),
+        }),
+        future: Some(future.clone().unbind()),
+        outcome: None,
+    };
+    shardloop_core::send(target, Box::new(message)).map_err(to_py)?;
+    if cancellable {
+        let hook = Bound::new(py, CancelOnDone { origin: me, target, id })?;
+        future.call_method1(intern!(py, "add_done_callback"), (hook,))?;
+    }
+    Ok(future)
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<Driver>()
+    m.add_class::<Driver>()?;
+    m.add_function(wrap_pyfunction!(submit_to, m)?)
 }

@@ -1,0 +1,224 @@
+"""The runtime as a whole: loops, services, handles, counters, idling,
+shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import weakref
+from typing import Any
+
+import pytest
+from conftest import run2
+
+import shardloop
+from shardloop import shard
+
+
+def test_every_shard_has_its_own_running_loop() -> None:
+    def loop_info() -> tuple[int, str, int]:
+        loop = asyncio.get_running_loop()
+        return shard.id(), type(loop).__name__, id(loop)
+
+    async def main() -> list[tuple[int, str, int]]:
+        return await shard.invoke_on_all(loop_info)
+
+    info = run2(main(), shards=3)
+    assert [i[0] for i in info] == [0, 1, 2]
+    assert {i[1] for i in info} == {"ShardLoop"}
+    assert len({i[2] for i in info}) == 3
+
+
+def test_new_event_loop_reads_shardloop_shards(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHARDLOOP_SHARDS", "3")
+    loop = shardloop.new_event_loop(pin=False)
+    try:
+        assert loop.run_until_complete(shard.invoke_on_all(shard.id)) == [0, 1, 2]
+    finally:
+        loop.close()
+    monkeypatch.setenv("SHARDLOOP_SHARDS", "many")
+    with pytest.raises(ValueError, match="SHARDLOOP_SHARDS"):
+        shardloop.new_event_loop(pin=False)
+
+
+def test_asyncio_run_with_loop_factory_and_policy() -> None:
+    async def main() -> int:
+        return shard.count()
+
+    factory = lambda: shardloop.new_event_loop(2, pin=False)  # noqa: E731
+    if sys.version_info >= (3, 12):
+        assert asyncio.run(main(), loop_factory=factory) == 2
+    with asyncio.Runner(loop_factory=factory) as runner:
+        assert runner.run(main()) == 2
+    policy = shardloop.EventLoopPolicy()
+    loop = policy.new_event_loop()
+    try:
+        assert isinstance(loop, shardloop.ShardLoop)
+    finally:
+        loop.close()
+
+
+def test_zero_shards_is_an_error() -> None:
+    with pytest.raises(ValueError, match="at least one shard"):
+        shardloop.new_event_loop(0)
+
+
+class Counter:
+    def __init__(self, start: int) -> None:
+        self.value = start
+        self.stopped_on: int | None = None
+        self.shard = shard.id()
+
+    async def add(self, n: int) -> int:
+        await asyncio.sleep(0)
+        self.value += n
+        return self.shard
+
+    def stop(self) -> None:
+        self.stopped_on = shard.id()
+        STOPPED.append((self.shard, self.stopped_on))
+
+
+STOPPED: list[tuple[int, int]] = []
+
+
+def test_sharded_service_lives_on_every_shard() -> None:
+    STOPPED.clear()
+
+    async def main() -> tuple[Any, ...]:
+        counters = await shardloop.Sharded(Counter, 10).start()
+        local = counters.local()
+        on = await counters.invoke_on(2, "add", 5)
+        shards_seen = await counters.invoke_on_all(lambda c: c.shard)
+        total = await counters.map_reduce(lambda c: c.value, lambda acc, v: acc + v, 0)
+        await counters.stop()
+        with pytest.raises(RuntimeError, match="not started"):
+            counters.local()
+        return local.shard, on, shards_seen, total
+
+    assert run2(main(), shards=3) == (0, 2, [0, 1, 2], 35)
+    assert sorted(STOPPED) == [(0, 0), (1, 1), (2, 2)]
+
+
+class Resource:
+    freed_on: list[int] = []
+
+    def __init__(self) -> None:
+        self.owner = shard.id()
+
+    def whoami(self) -> tuple[int, int]:
+        return self.owner, shard.id()
+
+
+def test_foreign_ref_routes_calls_and_releases_on_the_owner() -> None:
+    freed: list[int] = []
+
+    def make_ref() -> shardloop.ForeignRef[Resource]:
+        resource = Resource()
+        weakref.finalize(resource, lambda: freed.append(shard.id()))
+        return shardloop.ForeignRef(resource)
+
+    async def use_elsewhere(ref: shardloop.ForeignRef[Resource]) -> tuple[int, int]:
+        with pytest.raises(RuntimeError, match="owned by shard 1"):
+            ref.get()
+        return await ref.invoke("whoami")
+
+    async def main() -> tuple[int, tuple[int, int]]:
+        ref = await shard.submit_to(1, make_ref)
+        owner = ref.owner
+        result = await shard.submit_to(2, use_elsewhere, ref)
+        del ref
+        gc.collect()
+        for _ in range(200):
+            if freed:
+                break
+            await asyncio.sleep(0.01)
+        return owner, result
+
+    assert run2(main(), shards=3) == (1, (1, 1))
+    assert freed == [1]
+
+
+def test_stats_are_plain_dicts_that_count() -> None:
+    def nothing() -> None:
+        return None
+
+    async def main() -> dict[str, Any]:
+        for _ in range(100):
+            await shard.submit_to(1, nothing)
+        return shardloop.stats()
+
+    stats = run2(main())
+    queue = next(q for q in stats["queues"] if (q["from"], q["to"]) == (0, 1))
+    assert queue["sent"] == queue["received"] == queue["completed"] == 100
+    assert queue["batches"] >= 1 and queue["max_depth"] >= 1
+    assert {"polls", "tasks_run", "sleeps", "wakeups"} <= set(stats["shards"][1])
+    assert stats["shards"][1]["tasks_run"] >= 100
+
+
+def test_idle_runtime_sleeps_and_uses_no_cpu() -> None:
+    async def main() -> tuple[float, int, int]:
+        before = shardloop.stats()["shards"]
+        await asyncio.sleep(0.1)  # longer than idle_poll: everyone sleeps
+        cpu = time.process_time()
+        await asyncio.sleep(1.0)
+        used = time.process_time() - cpu
+        after = shardloop.stats()["shards"]
+        return used, after[1]["sleeps"] - before[1]["sleeps"], after[1]["polls"] - before[1]["polls"]
+
+    used, sleeps, polls = run2(main(), idle_poll=0.0002)
+    assert sleeps >= 1
+    assert used < 0.1, f"an idle runtime used {used:.3f}s of CPU in 1s"
+    assert polls < 10_000
+
+
+def test_keyboard_interrupt_stops_all_shards_cleanly() -> None:
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        import shardloop
+        from shardloop import shard
+
+        async def forever():
+            await asyncio.sleep(3600)
+
+        async def main():
+            shard.submit_to(1, forever)
+            print("ready", flush=True)
+            await asyncio.sleep(3600)
+
+        try:
+            shardloop.run(main(), shards=2, pin=False)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            sys.exit(3)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, err
+    assert "interrupted" in out
+
+
+def test_examples_of_the_readme_run() -> None:
+    env = dict(os.environ, SHARDLOOP_SHARDS="2")
+    out = subprocess.run(
+        [sys.executable, "-m", "shardloop", "demo", "--shards", "2"],
+        capture_output=True, text=True, timeout=120, env=env, check=True,
+    ).stdout
+    assert "submit_to" in out and "invoke_on_all" in out

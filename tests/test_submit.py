@@ -1,0 +1,191 @@
+"""Cross-shard calls: results, where they run, errors, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import traceback
+
+import pytest
+from conftest import run2
+
+import shardloop
+from shardloop import shard
+
+
+def where(x: int) -> tuple[int, int, str]:
+    return x * 2, shard.id(), threading.current_thread().name
+
+
+async def async_where(x: int) -> tuple[int, int, int]:
+    await asyncio.sleep(0.001)
+    return x + 1, shard.id(), id(asyncio.get_running_loop())
+
+
+def test_plain_function_runs_on_the_target_shard() -> None:
+    async def main() -> None:
+        value, on, thread = await shard.submit_to(1, where, 21)
+        assert (value, on) == (42, 1)
+        assert thread != threading.current_thread().name
+        assert await shard.submit_to(0, where, 1) == (2, 0, threading.current_thread().name)
+
+    run2(main())
+
+
+def test_coroutine_function_runs_as_a_task_on_the_target() -> None:
+    async def main() -> None:
+        value, on, loop_id = await shard.submit_to(2, async_where, 1)
+        assert (value, on) == (2, 2)
+        assert loop_id != id(asyncio.get_running_loop())
+
+    run2(main(), shards=3)
+
+
+def test_keyword_arguments_and_many_in_flight() -> None:
+    def combine(a: int, *, b: int) -> int:
+        return a * 10 + b
+
+    async def main() -> list[int]:
+        return list(await asyncio.gather(*(shard.submit_to(1, combine, i, b=1) for i in range(3000))))
+
+    assert run2(main()) == [i * 10 + 1 for i in range(3000)]
+
+
+def test_invoke_on_all_and_others_in_shard_order() -> None:
+    async def main() -> tuple[list[int], list[int], int, int]:
+        return (
+            await shard.invoke_on_all(shard.id),
+            await shard.invoke_on_others(shard.id),
+            shard.id(),
+            shard.count(),
+        )
+
+    assert run2(main(), shards=3) == ([0, 1, 2], [1, 2], 0, 3)
+
+
+class Boom(Exception):
+    pass
+
+
+def explode(message: str) -> None:
+    raise Boom(message)
+
+
+async def async_explode() -> None:
+    await asyncio.sleep(0)
+    raise Boom("async")
+
+
+def test_exception_comes_back_with_traceback_and_shard_note() -> None:
+    async def main() -> None:
+        with pytest.raises(Boom, match="remote") as info:
+            await shard.submit_to(1, explode, "remote")
+        assert "raised on shard 1" in info.value.__notes__
+        frames = [frame.name for frame in traceback.extract_tb(info.value.__traceback__)]
+        assert "explode" in frames
+        with pytest.raises(Boom, match="async") as info:
+            await shard.submit_to(1, async_explode)
+        assert "raised on shard 1" in info.value.__notes__
+        # The shard keeps serving.
+        assert (await shard.submit_to(1, where, 1))[0] == 2
+
+    run2(main())
+
+
+def test_bad_shard_raises_value_error_naming_the_range_before_sending() -> None:
+    async def main() -> None:
+        for bad in (2, 99, -1):
+            with pytest.raises(ValueError, match=r"valid shards are 0\.\.2"):
+                shard.submit_to(bad, where, 1)
+        assert all(q["sent"] == 0 for q in shardloop.stats()["queues"])
+
+    run2(main())
+
+
+def test_submit_outside_a_runtime_says_how_to_start_one() -> None:
+    with pytest.raises(RuntimeError, match=r"shardloop\.run"):
+        shard.submit_to(0, where, 1)
+
+    async def on_plain_asyncio() -> None:
+        shard.submit_to(0, where, 1)
+
+    with pytest.raises(RuntimeError, match=r"shardloop\.run"):
+        asyncio.run(on_plain_asyncio())
+
+
+def test_cancelling_the_caller_cancels_the_remote_coroutine() -> None:
+    async def main() -> list[str]:
+        events: list[str] = []
+
+        async def slow() -> None:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                events.append(f"cancelled on {shard.id()}")
+                raise
+
+        call = shard.submit_to(1, slow)
+        await asyncio.sleep(0.05)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        for _ in range(200):
+            if events:
+                break
+            await asyncio.sleep(0.01)
+        return events
+
+    assert run2(main()) == ["cancelled on 1"]
+
+
+def test_cancelled_plain_call_still_runs_and_its_result_is_dropped() -> None:
+    ran = threading.Event()
+
+    def slow_plain() -> int:
+        ran.set()
+        return 1
+
+    async def main() -> None:
+        call = shard.submit_to(1, slow_plain)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.get_running_loop().run_in_executor(None, ran.wait, 10)
+        assert (await shard.submit_to(1, where, 3))[0] == 6
+
+    run2(main())
+    assert ran.is_set()
+
+
+def test_work_submitted_before_shutdown_is_finished() -> None:
+    done: list[int] = []
+
+    async def record(i: int) -> None:
+        await asyncio.sleep(0.05)
+        done.append(i)
+
+    async def main() -> None:
+        for i in range(10):
+            shard.submit_to(1, record, i)  # not awaited
+
+    run2(main())
+    assert sorted(done) == list(range(10))
+
+
+def test_submit_after_shutdown_began_raises_shutdown_error() -> None:
+    outcome: list[BaseException | str] = []
+
+    async def later() -> None:
+        await asyncio.sleep(0.1)
+        try:
+            shard.submit_to(0, where, 1)
+        except shardloop.ShutdownError as exc:
+            outcome.append(exc)
+        else:
+            outcome.append("sent")
+
+    async def main() -> None:
+        shard.submit_to(1, later)
+
+    run2(main())
+    assert len(outcome) == 1 and isinstance(outcome[0], shardloop.ShutdownError)
