@@ -1,15 +1,40 @@
-# The commands people and CI run. `make test` is what CI runs.
+# The commands people and CI run: `make run` and `make test` (CI runs
+# `make test` through .ci/run). Python dependencies live in .venv.
 SHELL := /bin/bash
 CARGO ?= cargo
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
 LOOM_ENV := RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR=target/loom
 
-.PHONY: test test-rust lint-rust loom miri bench-rust
+.PHONY: run test develop lint lint-rust lint-python test-rust loom test-python miri bench bench-rust bench-python clean
 
-test: lint-rust test-rust loom
+run: develop
+	$(PY) -m shardloop demo
+
+test: lint-rust test-rust loom develop lint-python test-python
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "maturin>=1.5,<2" "pytest>=8" "ruff>=0.6" "mypy>=1.10" "uvloop>=0.19"
+	touch $@
+
+# Builds the extension (release) into the virtual environment.
+develop: $(VENV)/.installed
+	$(VENV)/bin/maturin develop --release -q
+
+lint: lint-rust lint-python
 
 lint-rust:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+lint-python: develop
+	$(VENV)/bin/ruff check python tests
+	$(VENV)/bin/ruff format --check python tests
+	$(VENV)/bin/mypy python/shardloop
+	$(PY) -m mypy.stubtest shardloop._shardloop
 
 test-rust:
 	$(CARGO) test --workspace
@@ -18,11 +43,22 @@ test-rust:
 loom:
 	$(LOOM_ENV) $(CARGO) test --release -p shardloop-core --test loom_wake
 
+test-python: develop
+	$(PY) -m pytest -q tests
+
 # The ring's unit tests under miri (scaled down there); needs the nightly
 # toolchain's miri component.
 miri:
 	rustup component add --toolchain nightly miri rust-src
 	$(CARGO) +nightly miri test -p shardloop-core --lib ring::
 
+bench: bench-rust bench-python
+
 bench-rust:
 	$(CARGO) bench -p shardloop-core --bench ring --bench submit_to
+
+bench-python: develop
+	$(PY) -m shardloop bench
+
+clean:
+	rm -rf target $(VENV)

@@ -8,7 +8,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-
 import shardloop
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {

@@ -15,9 +15,8 @@ import weakref
 from typing import Any
 
 import pytest
-from conftest import run2
-
 import shardloop
+from conftest import run2
 from shardloop import shard
 
 
@@ -107,8 +106,6 @@ def test_sharded_service_lives_on_every_shard() -> None:
 
 
 class Resource:
-    freed_on: list[int] = []
-
     def __init__(self) -> None:
         self.owner = shard.id()
 
@@ -170,7 +167,11 @@ def test_idle_runtime_sleeps_and_uses_no_cpu() -> None:
         await asyncio.sleep(1.0)
         used = time.process_time() - cpu
         after = shardloop.stats()["shards"]
-        return used, after[1]["sleeps"] - before[1]["sleeps"], after[1]["polls"] - before[1]["polls"]
+        return (
+            used,
+            after[1]["sleeps"] - before[1]["sleeps"],
+            after[1]["polls"] - before[1]["polls"],
+        )
 
     used, sleeps, polls = run2(main(), idle_poll=0.0002)
     assert sleeps >= 1
@@ -219,6 +220,10 @@ def test_examples_of_the_readme_run() -> None:
     env = dict(os.environ, SHARDLOOP_SHARDS="2")
     out = subprocess.run(
         [sys.executable, "-m", "shardloop", "demo", "--shards", "2"],
-        capture_output=True, text=True, timeout=120, env=env, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=True,
     ).stdout
     assert "submit_to" in out and "invoke_on_all" in out

@@ -7,9 +7,8 @@ import threading
 import traceback
 
 import pytest
-from conftest import run2
-
 import shardloop
+from conftest import run2
 from shardloop import shard
 
 
@@ -46,7 +45,9 @@ def test_keyword_arguments_and_many_in_flight() -> None:
         return a * 10 + b
 
     async def main() -> list[int]:
-        return list(await asyncio.gather(*(shard.submit_to(1, combine, i, b=1) for i in range(3000))))
+        return list(
+            await asyncio.gather(*(shard.submit_to(1, combine, i, b=1) for i in range(3000)))
+        )
 
     assert run2(main()) == [i * 10 + 1 for i in range(3000)]
 

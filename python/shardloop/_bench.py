@@ -106,7 +106,9 @@ def _bench_threads(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> dic
         def run_coroutine(i: int) -> asyncio.Future[int]:
             return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(async_work(i), remote))
 
-        return await _measure({"call_soon_threadsafe": call_soon, "run_coroutine_threadsafe": run_coroutine})
+        return await _measure(
+            {"call_soon_threadsafe": call_soon, "run_coroutine_threadsafe": run_coroutine}
+        )
 
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
@@ -137,8 +139,11 @@ def run_benchmarks() -> dict[str, Any]:
         rates.update({f"uvloop/{k}": v for k, v in _bench_threads(uvloop.new_event_loop).items()})
     base = rates["asyncio/run_coroutine_threadsafe/sequential"]
     results["ratios"] = {
-        "plain sequential vs asyncio run_coroutine_threadsafe": rates["shardloop/plain/sequential"] / base,
-        "coroutine sequential vs asyncio run_coroutine_threadsafe": rates["shardloop/coroutine/sequential"]
+        "plain sequential vs asyncio run_coroutine_threadsafe": rates["shardloop/plain/sequential"]
+        / base,
+        "coroutine sequential vs asyncio run_coroutine_threadsafe": rates[
+            "shardloop/coroutine/sequential"
+        ]
         / base,
         "plain sequential vs asyncio call_soon_threadsafe": rates["shardloop/plain/sequential"]
         / rates["asyncio/call_soon_threadsafe/sequential"],
@@ -154,12 +159,12 @@ def main(as_json: bool) -> None:
         print(json.dumps(results, indent=2))
         return
     machine = results["machine"]
-    print(f"{machine['cpus']} CPUs, Python {machine['python']}, GIL {'on' if machine['gil'] else 'off'}")
-    print(f"median of {ROUNDS} rounds; sequential = one call at a time, in_flight = {IN_FLIGHT} at once\n")
+    gil = "on" if machine["gil"] else "off"
+    print(f"{machine['cpus']} CPUs, Python {machine['python']}, GIL {gil}")
+    print(f"median of {ROUNDS} rounds; sequential = one call at a time, ", end="")
+    print(f"in_flight = {IN_FLIGHT} at once\n")
     for name, rate in results["calls_per_second"].items():
         print(f"  {name:48} {rate:>14,.0f} calls/s")
     print()
     for name, ratio in results["ratios"].items():
         print(f"  {name:60} {ratio:6.1f}x")
-
-

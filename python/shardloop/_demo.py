@@ -36,7 +36,9 @@ async def _main() -> None:
         return
     target = 1
     print(f"\nsubmit_to({target}, square, 12)       -> {await shard.submit_to(target, square, 12)}")
-    print(f"submit_to({target}, slow_square, 12)  -> {await shard.submit_to(target, slow_square, 12)}")
+    print(
+        f"submit_to({target}, slow_square, 12)  -> {await shard.submit_to(target, slow_square, 12)}"
+    )
 
     start = time.perf_counter()
     for i in range(CALLS):

@@ -40,9 +40,7 @@ class _ShardSelector(selectors.EpollSelector):
         self._look = True
         driver.watch_fd(self.fileno())
 
-    def select(
-        self, timeout: float | None = None
-    ) -> list[tuple[selectors.SelectorKey, int]]:
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         ready = super().select(0) if self._look else []
         if ready or (timeout is not None and timeout <= 0):
             signalled = self._driver.poll()
@@ -84,7 +82,9 @@ class ShardLoop(asyncio.SelectorEventLoop):
             # The shard waits in Rust, where Python cannot see a signal; the
             # C-level handler's write to this loop's self-pipe wakes the
             # shard so that Python runs the handler (Ctrl-C included).
-            self._old_wakeup_fd = signal.set_wakeup_fd(self._csock.fileno())
+            # (_csock is the write end of the self-pipe of every selector loop.)
+            self_pipe = self._csock  # type: ignore[attr-defined]
+            self._old_wakeup_fd = signal.set_wakeup_fd(self_pipe.fileno())
 
     @property
     def shard_id(self) -> int:
@@ -97,7 +97,9 @@ class ShardLoop(asyncio.SelectorEventLoop):
         return self._driver.shard_count
 
     def _process_events(self, event_list: list[Any]) -> None:
-        super()._process_events(event_list)
+        # (_process_events is the selector loop's hook for the events of one
+        # select(); typeshed does not list it.)
+        super()._process_events(event_list)  # type: ignore[misc]
         driver = self._driver
         driver.run_incoming(self)
         stopped = self._stopped
@@ -137,6 +139,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
 
 def _serve_shard(driver: _shardloop.Driver) -> None:
     """The main function of shards 1..N: run a ShardLoop until shutdown."""
+    threading.current_thread().name = f"shard-{driver.shard_id}"
     loop = ShardLoop(driver)
     asyncio.set_event_loop(loop)
     try:

@@ -47,7 +47,7 @@ async def invoke_on_others(fn: Callable[..., Any], /, *args: Any, **kwargs: Any)
     return list(await asyncio.gather(*calls))
 
 
-def id() -> int:  # noqa: A001 - mirrors Seastar's this_shard_id()
+def id() -> int:
     """The index of the current shard."""
     return current_loop().shard_id
 

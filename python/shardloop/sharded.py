@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from . import shard
-from ._loop import _running_loop, current_loop
+from ._loop import _running_loop
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -76,7 +76,9 @@ class Sharded(Generic[T]):
         """Calls a method (by name) or ``fn(instance, ...)`` on shard ``shard_id``."""
         return await shard.submit_to(shard_id, self._apply, fn, args, kwargs)
 
-    async def invoke_on_all(self, fn: str | Callable[..., Any], /, *args: Any, **kwargs: Any) -> list[Any]:
+    async def invoke_on_all(
+        self, fn: str | Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> list[Any]:
         """Like :meth:`invoke_on` on every shard; results in shard order."""
         return await shard.invoke_on_all(self._apply, fn, args, kwargs)
 
@@ -129,8 +131,7 @@ class ForeignRef(Generic[T]):
         """The object itself; only on its owner shard."""
         if shard.id() != self._owner:
             raise RuntimeError(
-                f"this object is owned by shard {self._owner}; "
-                "use invoke() from other shards"
+                f"this object is owned by shard {self._owner}; use invoke() from other shards"
             )
         assert self._obj is not None
         return self._obj

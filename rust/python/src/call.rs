@@ -81,7 +81,10 @@ pub(crate) fn has_incoming() -> bool {
 /// shard; `event_loop` is the shard's asyncio loop. Returns how many there
 /// were, and whether any of them left work for the event loop (a task
 /// started or a future resolved) rather than only answering plain calls.
-pub(crate) fn run_incoming(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyResult<(usize, bool)> {
+pub(crate) fn run_incoming(
+    py: Python<'_>,
+    event_loop: &Bound<'_, PyAny>,
+) -> PyResult<(usize, bool)> {
     let mut count = 0;
     let mut scheduled = false;
     loop {
@@ -94,7 +97,7 @@ pub(crate) fn run_incoming(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyR
             scheduled |= match item {
                 Incoming::Request(call) => serve(py, event_loop, call)?,
                 Incoming::Returned(call) => {
-                    resolve(py, call)?;
+                    resolve(py, *call)?;
                     true
                 }
             };
@@ -110,7 +113,9 @@ pub(crate) fn run_incoming(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyR
 fn serve(py: Python<'_>, event_loop: &Bound<'_, PyAny>, mut call: Box<PyCall>) -> PyResult<bool> {
     match call.request.take() {
         Some(Request::Call { func, args, kwargs }) => {
-            let result = func.bind(py).call(args.bind(py), kwargs.as_ref().map(|k| k.bind(py)));
+            let result = func
+                .bind(py)
+                .call(args.bind(py), kwargs.as_ref().map(|k| k.bind(py)));
             // The callable and its arguments are released here, on the
             // target, where they were used.
             drop((func, args, kwargs));
@@ -118,7 +123,9 @@ fn serve(py: Python<'_>, event_loop: &Bound<'_, PyAny>, mut call: Box<PyCall>) -
                 Ok(value) if is_coroutine(py, &value)? => {
                     let task = event_loop.call_method1(intern!(py, "create_task"), (value,))?;
                     RUNNING.with(|running| {
-                        running.borrow_mut().insert((call.origin, call.id), task.clone().unbind());
+                        running
+                            .borrow_mut()
+                            .insert((call.origin, call.id), task.clone().unbind());
                     });
                     let responder = Bound::new(
                         py,
@@ -136,7 +143,12 @@ fn serve(py: Python<'_>, event_loop: &Bound<'_, PyAny>, mut call: Box<PyCall>) -
             }
         }
         Some(Request::Cancel { id }) => {
-            let task = RUNNING.with(|running| running.borrow().get(&(call.origin, id)).map(|t| t.clone_ref(py)));
+            let task = RUNNING.with(|running| {
+                running
+                    .borrow()
+                    .get(&(call.origin, id))
+                    .map(|t| t.clone_ref(py))
+            });
             if let Some(task) = task {
                 task.bind(py).call_method0(intern!(py, "cancel"))?;
             }
@@ -147,7 +159,7 @@ fn serve(py: Python<'_>, event_loop: &Bound<'_, PyAny>, mut call: Box<PyCall>) -
     Ok(false)
 }
 
-fn resolve(py: Python<'_>, mut call: Box<PyCall>) -> PyResult<()> {
+fn resolve(py: Python<'_>, mut call: PyCall) -> PyResult<()> {
     let (Some(future), Some(outcome)) = (call.future.take(), call.outcome.take()) else {
         return Ok(());
     };
@@ -165,7 +177,10 @@ fn resolve(py: Python<'_>, mut call: Box<PyCall>) -> PyResult<()> {
         }
         Err(err) => {
             add_shard_note(py, &err, call.target)?;
-            future.call_method1(intern!(py, "set_exception"), (exception_with_traceback(py, err),))?;
+            future.call_method1(
+                intern!(py, "set_exception"),
+                (exception_with_traceback(py, err),),
+            )?;
         }
     }
     Ok(())
@@ -173,7 +188,10 @@ fn resolve(py: Python<'_>, mut call: Box<PyCall>) -> PyResult<()> {
 
 /// The exception object of `err`, carrying its traceback (so the frames of
 /// the other shard show where it was raised).
-pub(crate) fn exception_with_traceback(py: Python<'_>, err: PyErr) -> Bound<'_, pyo3::exceptions::PyBaseException> {
+pub(crate) fn exception_with_traceback(
+    py: Python<'_>,
+    err: PyErr,
+) -> Bound<'_, pyo3::exceptions::PyBaseException> {
     let traceback = err.traceback(py);
     let value = err.into_value(py).into_bound(py);
     if let Some(traceback) = traceback {
@@ -231,7 +249,9 @@ impl Responder {
         };
         RUNNING.with(|running| running.borrow_mut().remove(&(call.origin, call.id)));
         let outcome = if task.call_method0(intern!(py, "cancelled"))?.is_truthy()? {
-            Err(CancelledError::new_err("the call was cancelled on its shard"))
+            Err(CancelledError::new_err(
+                "the call was cancelled on its shard",
+            ))
         } else {
             match task.call_method0(intern!(py, "exception"))? {
                 exc if exc.is_none() => Ok(task.call_method0(intern!(py, "result"))?.unbind()),

@@ -135,7 +135,12 @@ impl Driver {
     /// are run and answered here, without a turn of the event loop. Returns
     /// whether the watched descriptors signalled new readiness.
     #[pyo3(signature = (event_loop, timeout=None))]
-    fn wait(&self, py: Python<'_>, event_loop: &Bound<'_, PyAny>, timeout: Option<f64>) -> PyResult<bool> {
+    fn wait(
+        &self,
+        py: Python<'_>,
+        event_loop: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<bool> {
         let until = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
         let shard = self.shard_id;
         let timers = loop_queue_len(py, event_loop, intern!(py, "_scheduled"));
@@ -170,7 +175,8 @@ impl Driver {
 
     /// Makes `wait` return when `fd` becomes readable.
     fn watch_fd(&self, fd: i32) -> PyResult<()> {
-        self.with(|state| state.driver.watch_fd(fd))?.map_err(PyErr::from)
+        self.with(|state| state.driver.watch_fd(fd))?
+            .map_err(PyErr::from)
     }
 
     /// Whether shutdown has begun.
@@ -215,7 +221,11 @@ fn submit_local<'py>(
     let result = func.call(args, kwargs);
     if let Ok(value) = &result {
         static ISCOROUTINE: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
-        if ISCOROUTINE.import(py, "asyncio", "iscoroutine")?.call1((value,))?.is_truthy()? {
+        if ISCOROUTINE
+            .import(py, "asyncio", "iscoroutine")?
+            .call1((value,))?
+            .is_truthy()?
+        {
             return event_loop.call_method1(intern!(py, "create_task"), (value,));
         }
     }
@@ -224,7 +234,10 @@ fn submit_local<'py>(
         Ok(value) => future.call_method1(intern!(py, "set_result"), (value,))?,
         Err(err) => {
             call::add_shard_note(py, &err, me)?;
-            future.call_method1(intern!(py, "set_exception"), (call::exception_with_traceback(py, err),))?
+            future.call_method1(
+                intern!(py, "set_exception"),
+                (call::exception_with_traceback(py, err),),
+            )?
         }
     };
     Ok(future)
@@ -232,7 +245,11 @@ fn submit_local<'py>(
 
 /// The length of one of the asyncio loop's own queues (`_ready`, the
 /// callbacks due now, or `_scheduled`, the timers); None if it has none.
-fn loop_queue_len(py: Python<'_>, event_loop: &Bound<'_, PyAny>, name: &Bound<'_, pyo3::types::PyString>) -> Option<usize> {
+fn loop_queue_len(
+    py: Python<'_>,
+    event_loop: &Bound<'_, PyAny>,
+    name: &Bound<'_, pyo3::types::PyString>,
+) -> Option<usize> {
     let _ = py;
     event_loop.getattr(name).ok()?.len().ok()
 }
@@ -240,7 +257,9 @@ fn loop_queue_len(py: Python<'_>, event_loop: &Bound<'_, PyAny>, name: &Bound<'_
 /// The running event loop of this thread, if it is a shard's.
 fn running_shard_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
     static GET_RUNNING_LOOP: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
-    let event_loop = GET_RUNNING_LOOP.import(py, "asyncio.events", "_get_running_loop")?.call0()?;
+    let event_loop = GET_RUNNING_LOOP
+        .import(py, "asyncio.events", "_get_running_loop")?
+        .call0()?;
     let on_shard = CURRENT.with(|current| current.borrow().is_some());
     if event_loop.is_none() || !on_shard {
         return Err(crate::errors::not_on_shard());
@@ -312,7 +331,14 @@ fn submit_to<'py>(
     };
     shardloop_core::send(target, Box::new(message)).map_err(to_py)?;
     if cancellable {
-        let hook = Bound::new(py, CancelOnDone { origin: me, target, id })?;
+        let hook = Bound::new(
+            py,
+            CancelOnDone {
+                origin: me,
+                target,
+                id,
+            },
+        )?;
         future.call_method1(intern!(py, "add_done_callback"), (hook,))?;
     }
     Ok(future)

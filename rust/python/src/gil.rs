@@ -41,7 +41,9 @@ fn claim(me: usize) {
     let mut spins = 0u32;
     loop {
         if HOLDER.load(Ordering::Relaxed) == 0
-            && HOLDER.compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed).is_ok()
+            && HOLDER
+                .compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
         {
             return;
         }

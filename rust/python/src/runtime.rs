@@ -79,14 +79,18 @@ impl Runtime {
         let runtime = builder
             .build_driven(move |driver| worker_main(&worker, driver))
             .map_err(|e| match e {
-                shardloop_core::Error::Build(_) => pyo3::exceptions::PyValueError::new_err(e.to_string()),
+                shardloop_core::Error::Build(_) => {
+                    pyo3::exceptions::PyValueError::new_err(e.to_string())
+                }
                 other => to_py(other),
             })?;
         let token = TOKENS.fetch_add(1, Ordering::Relaxed);
         OWNED.with(|owned| {
             let mut owned = owned.borrow_mut();
             if owned.is_some() {
-                return Err(PyRuntimeError::new_err("this thread already runs a shardloop runtime"));
+                return Err(PyRuntimeError::new_err(
+                    "this thread already runs a shardloop runtime",
+                ));
             }
             *owned = Some((token, runtime));
             Ok(())

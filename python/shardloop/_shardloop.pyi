@@ -1,0 +1,80 @@
+"""The native half of shardloop (a PyO3 module). Use the ``shardloop``
+package; these are its building blocks."""
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, final
+
+__all__ = ["Driver", "Runtime", "ShutdownError", "submit_to"]
+
+class ShutdownError(RuntimeError):
+    """The runtime is shutting down: the call was not sent."""
+
+@final
+class Driver:
+    """The shard this thread runs, as seen by its event loop. Only usable on
+    the shard's own thread."""
+
+    @property
+    def shard_id(self) -> int:
+        """This shard's index."""
+    @property
+    def shard_count(self) -> int:
+        """The number of shards."""
+    def poll(self) -> bool:
+        """One turn of the shard's loop without waiting, with the GIL
+        released. Returns whether the watched descriptors signalled new
+        readiness."""
+    def wait(self, event_loop: asyncio.AbstractEventLoop, timeout: float | None = None) -> bool:
+        """Turns the shard's loop with the GIL released until there is work
+        for ``event_loop`` or ``timeout`` seconds pass (None: no limit).
+        Plain calls that arrive meanwhile are run here. Returns whether the
+        watched descriptors signalled new readiness."""
+    def watch_fd(self, fd: int) -> None:
+        """Makes ``wait`` return when ``fd`` becomes readable."""
+    def is_closing(self) -> bool:
+        """Whether shutdown has begun."""
+    def may_stop(self) -> bool:
+        """Whether shutdown has begun and every shard has finished its calls."""
+    def run_incoming(self, event_loop: asyncio.AbstractEventLoop) -> int:
+        """Runs the calls that arrived and resolves the futures of calls that
+        came back. Returns how many there were."""
+    def stats(self) -> dict[str, Any]:
+        """The runtime's counters as plain dicts."""
+    def close(self) -> None:
+        """Releases the shard from this thread."""
+
+@final
+class Runtime:
+    """A running set of shards; the thread that builds it is shard 0."""
+
+    def __new__(
+        cls,
+        worker: Callable[[Driver], object],
+        shards: int | None = None,
+        pin: bool = True,
+        idle_poll: float = 0.0002,
+        batch: int = 16,
+        ring_capacity: int = 1024,
+    ) -> Runtime:
+        """Starts the shards; shards 1..N run ``worker(driver)`` on their own
+        threads."""
+    def enter(self) -> Driver:
+        """The driver of shard 0, for the calling thread's event loop."""
+    @property
+    def shard_count(self) -> int:
+        """The number of shards."""
+    @property
+    def pinned(self) -> bool:
+        """Whether the shards are pinned to cores."""
+    def begin_shutdown(self) -> None:
+        """Refuses new calls and tells every shard to finish and stop."""
+    def shutdown(self) -> None:
+        """Finishes submitted work and joins the shard threads."""
+    def stats(self) -> dict[str, Any]:
+        """The runtime's counters as plain dicts."""
+
+def submit_to(
+    shard_id: int, func: Callable[..., Any], /, *args: Any, **kwargs: Any
+) -> asyncio.Future[Any]:
+    """Runs ``func(*args, **kwargs)`` on shard ``shard_id``; await the result."""
