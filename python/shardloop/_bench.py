@@ -1,7 +1,8 @@
 """``python -m shardloop bench``: cross-shard calls against today's ways.
 
 On 2 shards: ``submit_to`` of a plain function and of a coroutine function,
-one call at a time (round trip) and 1,000 in flight, measured in the same run
+one call at a time (round trip) and 1,000 in flight (collected with
+``asyncio.gather``, or awaited one by one in order), measured in the same run
 as the same calls between two asyncio loops (and two uvloop loops, when
 uvloop is installed) on two threads, with ``run_coroutine_threadsafe`` and
 ``call_soon_threadsafe``. Each figure is the median of several rounds.
@@ -46,10 +47,20 @@ async def _rate_sequential(call: Caller) -> float:
     return SEQUENTIAL_CALLS / (time.perf_counter() - start)
 
 
-async def _rate_in_flight(call: Caller) -> float:
+async def _rate_in_flight_gather(call: Caller) -> float:
+    """IN_FLIGHT calls sent at once, collected with asyncio.gather."""
     start = time.perf_counter()
     for _ in range(IN_FLIGHT_BATCHES):
         await asyncio.gather(*[call(i) for i in range(IN_FLIGHT)])
+    return IN_FLIGHT * IN_FLIGHT_BATCHES / (time.perf_counter() - start)
+
+
+async def _rate_in_flight_ordered(call: Caller) -> float:
+    """IN_FLIGHT calls sent at once, then awaited one by one in order."""
+    start = time.perf_counter()
+    for _ in range(IN_FLIGHT_BATCHES):
+        for pending in [call(i) for i in range(IN_FLIGHT)]:
+            await pending
     return IN_FLIGHT * IN_FLIGHT_BATCHES / (time.perf_counter() - start)
 
 
@@ -60,7 +71,12 @@ async def _measure(callers: dict[str, Caller]) -> dict[str, float]:
         for name, call in callers.items():
             await call(0)  # warm up
             samples.setdefault(f"{name}/sequential", []).append(await _rate_sequential(call))
-            samples.setdefault(f"{name}/in_flight", []).append(await _rate_in_flight(call))
+            samples.setdefault(f"{name}/in_flight_gather", []).append(
+                await _rate_in_flight_gather(call)
+            )
+            samples.setdefault(f"{name}/in_flight_ordered", []).append(
+                await _rate_in_flight_ordered(call)
+            )
     return {key: statistics.median(values) for key, values in samples.items()}
 
 
@@ -147,8 +163,14 @@ def run_benchmarks() -> dict[str, Any]:
         / base,
         "plain sequential vs asyncio call_soon_threadsafe": rates["shardloop/plain/sequential"]
         / rates["asyncio/call_soon_threadsafe/sequential"],
-        "plain in flight vs asyncio call_soon_threadsafe": rates["shardloop/plain/in_flight"]
-        / rates["asyncio/call_soon_threadsafe/in_flight"],
+        "plain in flight (gather) vs asyncio call_soon_threadsafe": rates[
+            "shardloop/plain/in_flight_gather"
+        ]
+        / rates["asyncio/call_soon_threadsafe/in_flight_gather"],
+        "plain in flight (ordered) vs asyncio call_soon_threadsafe": rates[
+            "shardloop/plain/in_flight_ordered"
+        ]
+        / rates["asyncio/call_soon_threadsafe/in_flight_ordered"],
     }
     return results
 

@@ -43,7 +43,7 @@ class _ShardSelector(selectors.EpollSelector):
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         ready = super().select(0) if self._look else []
         if ready or (timeout is not None and timeout <= 0):
-            signalled = self._driver.poll()
+            signalled = self._driver.poll(self._loop)
         else:
             signalled = self._driver.wait(self._loop, timeout)
             if signalled:
@@ -100,10 +100,10 @@ class ShardLoop(asyncio.SelectorEventLoop):
         # (_process_events is the selector loop's hook for the events of one
         # select(); typeshed does not list it.)
         super()._process_events(event_list)  # type: ignore[misc]
-        driver = self._driver
-        driver.run_incoming(self)
+        # Cross-shard calls were run, and returned calls resolved, by the
+        # driver inside select(); what is left is to notice the end.
         stopped = self._stopped
-        if stopped is not None and not stopped.done() and driver.may_stop():
+        if stopped is not None and not stopped.done() and self._driver.may_stop():
             stopped.set_result(None)
 
     def _until_stopped(self) -> asyncio.Future[None]:

@@ -21,10 +21,11 @@ class Driver:
     @property
     def shard_count(self) -> int:
         """The number of shards."""
-    def poll(self) -> bool:
+    def poll(self, event_loop: asyncio.AbstractEventLoop) -> bool:
         """One turn of the shard's loop without waiting, with the GIL
-        released. Returns whether the watched descriptors signalled new
-        readiness."""
+        released; then runs the calls that arrived and resolves the futures
+        of calls that came back. Returns whether the watched descriptors
+        signalled new readiness."""
     def wait(self, event_loop: asyncio.AbstractEventLoop, timeout: float | None = None) -> bool:
         """Turns the shard's loop with the GIL released until there is work
         for ``event_loop`` or ``timeout`` seconds pass (None: no limit).
@@ -36,9 +37,6 @@ class Driver:
         """Whether shutdown has begun."""
     def may_stop(self) -> bool:
         """Whether shutdown has begun and every shard has finished its calls."""
-    def run_incoming(self, event_loop: asyncio.AbstractEventLoop) -> int:
-        """Runs the calls that arrived and resolves the futures of calls that
-        came back. Returns how many there were."""
     def stats(self) -> dict[str, Any]:
         """The runtime's counters as plain dicts."""
     def close(self) -> None:

@@ -114,18 +114,22 @@ impl Driver {
         self.shard_count
     }
 
-    /// One turn of the shard's loop without waiting, with the GIL released.
-    /// Returns whether the watched descriptors signalled new readiness.
-    fn poll(&self, py: Python<'_>) -> PyResult<bool> {
+    /// One turn of the shard's loop without waiting, with the GIL released;
+    /// then runs the calls that arrived for `event_loop` and resolves the
+    /// futures of calls that came back. Returns whether the watched
+    /// descriptors signalled new readiness.
+    fn poll(&self, py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyResult<bool> {
         let shard = self.shard_id;
-        self.with(|state| {
+        let fd_ready = self.with(|state| {
             let driver = OnThisThread(&state.driver);
             gil::detached(py, shard, move || {
                 let driver = driver.into_inner();
                 driver.poll();
                 driver.take_fd_ready()
             })
-        })
+        })?;
+        call::run_incoming(py, event_loop)?;
+        Ok(fd_ready)
     }
 
     /// Turns the shard's loop with the GIL released until there is work for
@@ -187,13 +191,6 @@ impl Driver {
     /// Whether shutdown has begun and every shard has finished its calls.
     fn may_stop(&self) -> PyResult<bool> {
         self.with(|state| state.driver.may_stop())
-    }
-
-    /// Runs the calls that arrived for this shard and resolves the futures of
-    /// calls that came back. Returns how many there were.
-    fn run_incoming(&self, py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyResult<usize> {
-        self.with(|_| ())?;
-        Ok(call::run_incoming(py, event_loop)?.0)
     }
 
     /// The runtime's counters.
