@@ -44,11 +44,13 @@ pub(crate) struct Value;
 /// Marker: the closure returns a future, which runs as a task on the target.
 pub(crate) struct Deferred;
 
+/// One cross-shard call. Kept small (the error is boxed): its cache lines
+/// cross between the two cores twice per call.
 pub(crate) struct Call<F, R, M> {
     origin: usize,
     slot: usize,
     func: Option<F>,
-    result: Option<Result<R>>,
+    result: Option<Result<R, Box<Error>>>,
     mode: PhantomData<fn() -> M>,
 }
 
@@ -72,7 +74,7 @@ impl<F, R, M> Call<F, R, M> {
         let call = any
             .downcast::<Self>()
             .expect("a completed call is read back as the type it was sent as");
-        call.result.expect("a returned call carries its result")
+        call.result.expect("a returned call carries its result").map_err(|e| *e)
     }
 }
 
@@ -85,7 +87,8 @@ where
         let func = self.func.take().expect("a call runs once");
         with_shard(|shard| {
             self.result = Some(
-                catch_unwind(AssertUnwindSafe(func)).map_err(|p| Error::from_panic(shard.id, p)),
+                catch_unwind(AssertUnwindSafe(func))
+                    .map_err(|p| Box::new(Error::from_panic(shard.id, p))),
             );
             let origin = self.origin;
             shard.respond(origin, self);
@@ -110,12 +113,12 @@ where
             let id = shard.id;
             match catch_unwind(AssertUnwindSafe(func)) {
                 Err(payload) => {
-                    self.result = Some(Err(Error::from_panic(id, payload)));
+                    self.result = Some(Err(Box::new(Error::from_panic(id, payload))));
                     let origin = self.origin;
                     shard.respond(origin, self);
                 }
                 Ok(future) => shard.spawn(Box::pin(async move {
-                    self.result = Some(CatchUnwind::new(future, id).await);
+                    self.result = Some(CatchUnwind::new(future, id).await.map_err(Box::new));
                     let origin = self.origin;
                     with_shard(|shard| shard.respond(origin, self))
                         .expect("a task runs on its shard");
