@@ -74,7 +74,9 @@ impl<F, R, M> Call<F, R, M> {
         let call = any
             .downcast::<Self>()
             .expect("a completed call is read back as the type it was sent as");
-        call.result.expect("a returned call carries its result").map_err(|e| *e)
+        call.result
+            .expect("a returned call carries its result")
+            .map_err(|e| *e)
     }
 }
 

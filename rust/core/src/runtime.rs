@@ -220,26 +220,31 @@ pub(crate) fn with_shard<R>(f: impl FnOnce(&Rc<Shard>) -> R) -> Result<R> {
     CURRENT.with(|current| current.borrow().as_ref().map(f).ok_or(Error::NotOnShard))
 }
 
-/// Makes `shard` the current thread's shard until dropped.
-struct Enter;
+/// Makes `shard` the current thread's shard until dropped, then restores
+/// the one that was current before (a thread may own several runtimes, one
+/// running at a time).
+struct Enter {
+    previous: Option<Rc<Shard>>,
+}
 
 impl Enter {
     fn new(shard: Rc<Shard>) -> Self {
-        CURRENT.with(|current| {
+        let previous = CURRENT.with(|current| {
             let mut current = current.borrow_mut();
             assert!(
-                current.is_none(),
-                "this thread is already running a shard; block_on cannot be nested"
+                !current.as_ref().is_some_and(|c| Rc::ptr_eq(c, &shard)),
+                "this thread is already running this shard; block_on cannot be nested"
             );
-            *current = Some(shard);
+            current.replace(shard)
         });
-        Enter
+        Enter { previous }
     }
 }
 
 impl Drop for Enter {
     fn drop(&mut self) {
-        let shard = CURRENT.with(|current| current.borrow_mut().take());
+        let shard = CURRENT
+            .with(|current| std::mem::replace(&mut *current.borrow_mut(), self.previous.take()));
         drop(shard);
     }
 }

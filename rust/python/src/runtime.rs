@@ -68,6 +68,12 @@ impl Runtime {
         batch: usize,
         ring_capacity: usize,
     ) -> PyResult<Self> {
+        if OWNED.with(|owned| owned.borrow().is_some()) {
+            return Err(PyRuntimeError::new_err(
+                "this thread is already shard 0 of a shardloop runtime; close that loop \
+                 before starting another here",
+            ));
+        }
         let mut builder = shardloop_core::Runtime::builder()
             .pin(pin)
             .idle_poll(Duration::from_secs_f64(idle_poll.max(0.0)))

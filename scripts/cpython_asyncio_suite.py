@@ -1,0 +1,64 @@
+"""Runs CPython's own asyncio test suite (Lib/test/test_asyncio) with every
+new event loop a shardloop runtime, and prints what passed and failed.
+
+    python scripts/cpython_asyncio_suite.py [module ...]
+
+Tests that build their own loop class (the suite's TestLoop, the proactor
+and the Windows tests) do not exercise shardloop and are left to the suite's
+own skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import unittest
+
+import shardloop
+
+DEFAULT_MODULES = [
+    "test_futures",
+    "test_futures2",
+    "test_locks",
+    "test_queues",
+    "test_taskgroups",
+    "test_timeouts",
+    "test_waitfor",
+    "test_tasks",
+    "test_streams",
+    "test_server",
+    "test_sock_lowlevel",
+    "test_context",
+    "test_pep492",
+    "test_runners",
+    "test_events",
+    "test_subprocess",
+    "test_threads",
+]
+
+
+class Policy(shardloop.EventLoopPolicy):
+    """Two unpinned shards per loop, so that many loops can be made quickly."""
+
+    def new_event_loop(self) -> shardloop.ShardLoop:
+        return shardloop.new_event_loop(2, pin=False)
+
+
+def main() -> int:
+    modules = sys.argv[1:] or DEFAULT_MODULES
+    original = asyncio.DefaultEventLoopPolicy
+    # The suite resets the policy between tests; make its default ours.
+    asyncio.DefaultEventLoopPolicy = Policy  # type: ignore[misc]
+    asyncio.set_event_loop_policy(Policy())
+    suite = unittest.defaultTestLoader.loadTestsFromNames(f"test.test_asyncio.{m}" for m in modules)
+    result = unittest.TextTestRunner(verbosity=1, stream=sys.stdout).run(suite)
+    asyncio.DefaultEventLoopPolicy = original  # type: ignore[misc]
+    print(
+        f"\nran {result.testsRun}, failures {len(result.failures)}, errors {len(result.errors)}, "
+        f"skipped {len(result.skipped)}"
+    )
+    return 0 if result.wasSuccessful() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
