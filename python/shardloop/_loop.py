@@ -13,10 +13,12 @@ came back, on this thread, before running its ready callbacks.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import selectors
 import signal
 import threading
+import weakref
 from typing import Any
 
 from . import _shardloop
@@ -85,6 +87,8 @@ class ShardLoop(asyncio.SelectorEventLoop):
             # (_csock is the write end of the self-pipe of every selector loop.)
             self_pipe = self._csock  # type: ignore[attr-defined]
             self._old_wakeup_fd = signal.set_wakeup_fd(self_pipe.fileno())
+        if runtime is not None:
+            _open_runtimes.add(self)
 
     @property
     def shard_id(self) -> int:
@@ -105,6 +109,14 @@ class ShardLoop(asyncio.SelectorEventLoop):
         stopped = self._stopped
         if stopped is not None and not stopped.done() and self._driver.may_stop():
             stopped.set_result(None)
+
+    def run_forever(self) -> None:
+        # While this loop runs, its shard is the thread's current one.
+        self._driver.activate()
+        try:
+            super().run_forever()
+        finally:
+            self._driver.deactivate()
 
     def _until_stopped(self) -> asyncio.Future[None]:
         """A future that completes once shutdown lets this shard stop."""
@@ -135,6 +147,18 @@ class ShardLoop(asyncio.SelectorEventLoop):
             runtime.shutdown()
         else:
             super().close()
+
+
+_open_runtimes: weakref.WeakSet[ShardLoop] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_runtimes() -> None:
+    """Shuts down runtimes whose loops were never closed, before the
+    interpreter goes away under their shards."""
+    for loop in list(_open_runtimes):
+        if not loop.is_closed() and not loop.is_running():
+            loop.close()
 
 
 def _serve_shard(driver: _shardloop.Driver) -> None:

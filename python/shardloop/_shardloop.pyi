@@ -39,6 +39,10 @@ class Driver:
         """Whether shutdown has begun and every shard has finished its calls."""
     def stats(self) -> dict[str, Any]:
         """The runtime's counters as plain dicts."""
+    def activate(self) -> None:
+        """Makes this shard the thread's current one while its loop runs."""
+    def deactivate(self) -> None:
+        """Undoes ``activate`` when the loop stops."""
     def close(self) -> None:
         """Releases the shard from this thread."""
 

@@ -33,7 +33,7 @@ pub use executor::JoinHandle;
 pub use io::Async;
 pub use runtime::{
     check_target, count_tasks, invoke_on_all, respond, send, shard_count, shard_id, spawn_local,
-    stats, submit_to, submit_to_async, wake_driver, Builder, Driver, Runtime,
+    stats, submit_to, submit_to_async, wake_driver, Activation, Builder, Driver, Runtime,
 };
 pub use stats::{QueueStats, ShardStats, Stats};
 pub use timer::{sleep, Sleep};

@@ -696,7 +696,9 @@ impl Runtime {
                     let shard = Rc::new(Shard::new(parts, shared));
                     match &main {
                         Some(main) => {
-                            main(Driver::enter(shard.clone()));
+                            main(Driver {
+                                shard: shard.clone(),
+                            });
                             // Whatever the driving loop left: finish it here.
                             let _enter = Enter::new(shard.clone());
                             shard.run_until(None, |_| shard.may_stop());
@@ -749,13 +751,12 @@ impl Runtime {
         self.shared.stats()
     }
 
-    /// Makes the calling thread shard 0 until the returned driver is
-    /// dropped, for a runtime whose shard 0 is driven by another loop.
-    ///
-    /// # Panics
-    /// If the calling thread is already running a shard.
-    pub fn enter(&self) -> Driver {
-        Driver::enter(self.shard0.clone())
+    /// The driver of shard 0, for a runtime whose shard 0 (the calling
+    /// thread) is driven by another loop. Activate it while that loop runs.
+    pub fn driver(&self) -> Driver {
+        Driver {
+            shard: self.shard0.clone(),
+        }
     }
 
     /// Stops accepting calls (they fail with [`Error::Closed`]) and tells
@@ -773,18 +774,33 @@ impl Runtime {
     /// joins the shard threads. Local tasks still running are dropped, each
     /// on its own shard.
     pub fn shutdown(mut self) {
-        self.stop();
+        self.stop(None);
     }
 
-    fn stop(&mut self) {
+    /// Shuts down; with a `limit`, gives up waiting for the shards after it,
+    /// says so on stderr and leaves their threads running.
+    fn stop(&mut self, limit: Option<Duration>) {
         if self.threads.is_empty() && self.shared.closing.load(Ordering::Acquire) {
             return;
         }
         self.begin_shutdown();
         if !self.shard0.is_closing() || !self.shard0.may_stop() {
             let _enter = Enter::new(self.shard0.clone());
-            self.shard0.run_until(None, |_| self.shard0.may_stop());
+            let until = limit.map(|limit| Instant::now() + limit);
+            let drained = self.shard0.run_until(until, |_| self.shard0.may_stop());
             self.shard0.exec.clear();
+            if !drained {
+                let waiting: Vec<usize> = (0..self.shared.count)
+                    .filter(|&i| !self.shared.drained[i].load(Ordering::SeqCst))
+                    .collect();
+                eprintln!(
+                    "shardloop: the runtime was dropped without a shutdown and shards {waiting:?} \
+                     still had calls in flight after {:?}; their threads are left running",
+                    limit.unwrap_or_default()
+                );
+                self.threads.clear();
+                return;
+            }
         }
         let mut panicked = None;
         for thread in self.threads.drain(..) {
@@ -800,9 +816,14 @@ impl Runtime {
     }
 }
 
+/// How long dropping a runtime (rather than shutting it down) waits for the
+/// shards: a driven runtime whose driving loops are gone may never drain.
+const DROP_LIMIT: Duration = Duration::from_secs(10);
+
 impl Drop for Runtime {
+    /// Shuts down like [`Runtime::shutdown`], but waits at most ten seconds.
     fn drop(&mut self) {
-        self.stop();
+        self.stop(Some(DROP_LIMIT));
     }
 }
 
@@ -918,21 +939,31 @@ where
     .expect("spawn_local must be called on a shard")
 }
 
-/// Lets another event loop drive a shard: it calls [`poll`](Self::poll) or
-/// [`wait`](Self::wait) where it would otherwise wait for I/O, and handles
-/// its own work when they return. The driver keeps the thread's shard
-/// current until it is dropped, so it never leaves the shard's thread.
+/// Lets another event loop drive a shard: while that loop runs it keeps the
+/// driver [activated](Self::activate), and calls [`poll`](Self::poll) or
+/// [`wait`](Self::wait) where it would otherwise wait for I/O, handling its
+/// own work when they return. `!Send`: it never leaves the shard's thread.
 pub struct Driver {
     shard: Rc<Shard>,
+}
+
+/// While alive, the driver's shard is the thread's current shard (see
+/// [`Driver::activate`]); dropping it restores the previous one.
+pub struct Activation {
     _current: Enter,
 }
 
 impl Driver {
-    fn enter(shard: Rc<Shard>) -> Self {
-        let current = Enter::new(shard.clone());
-        Self {
-            shard,
-            _current: current,
+    /// Makes this driver's shard the thread's current shard (what
+    /// [`submit_to`], [`send`] and the other free functions act on) until the
+    /// returned guard is dropped. A thread may own drivers of several
+    /// runtimes; one of them is active at a time.
+    ///
+    /// # Panics
+    /// If this shard is already active on this thread.
+    pub fn activate(&self) -> Activation {
+        Activation {
+            _current: Enter::new(self.shard.clone()),
         }
     }
 

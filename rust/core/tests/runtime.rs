@@ -368,6 +368,7 @@ fn driven_shards_carry_custom_messages_and_stop_together() {
         .shards(3)
         .pin(false)
         .build_driven(move |driver| {
+            let _active = driver.activate();
             while !driver.may_stop() {
                 driver.wait(Some(Duration::from_millis(50)));
             }
@@ -376,7 +377,8 @@ fn driven_shards_carry_custom_messages_and_stop_together() {
         .unwrap();
     let done = Arc::new(std::sync::Mutex::new(Vec::new()));
     {
-        let driver = rt.enter();
+        let driver = rt.driver();
+        let _active = driver.activate();
         assert_eq!((driver.shard_id(), driver.shard_count()), (0, 3));
         for target in [1, 2, 0] {
             let probe = Probe {

@@ -31,20 +31,36 @@ impl<T> OnThisThread<T> {
     }
 }
 
-/// What a thread keeps of the shard it runs. The Python `Driver` object is
+/// What a thread keeps of a shard it runs. The Python `Driver` object is
 /// only a token for it: the shard handle itself (`!Send`) never leaves the
 /// thread, and the Python object may be dropped anywhere.
 struct Current {
     token: u64,
     driver: shardloop_core::Driver,
     next_id: Cell<u64>,
+    /// Set while this shard's loop runs.
+    activation: Option<(shardloop_core::Activation, u64)>,
 }
 
 thread_local! {
-    static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
+    /// The shards whose loops live on this thread (usually one; a thread may
+    /// keep loops of several runtimes, running one at a time).
+    static DRIVERS: RefCell<Vec<Current>> = const { RefCell::new(Vec::new()) };
+    /// The token of the driver whose loop runs now, or 0.
+    static ACTIVE: Cell<u64> = const { Cell::new(0) };
 }
 
 static TOKENS: AtomicU64 = AtomicU64::new(1);
+
+fn with_token<R>(token: u64, f: impl FnOnce(&mut Current) -> R) -> Option<R> {
+    DRIVERS.with(|drivers| {
+        drivers
+            .borrow_mut()
+            .iter_mut()
+            .find(|c| c.token == token)
+            .map(f)
+    })
+}
 
 /// The shard this thread runs, as seen by its event loop.
 #[pyclass(frozen, module = "shardloop._shardloop")]
@@ -55,48 +71,44 @@ pub(crate) struct Driver {
 }
 
 impl Driver {
-    /// Installs `driver` as this thread's shard. Fails if it already has one.
-    pub(crate) fn install(driver: shardloop_core::Driver) -> PyResult<Self> {
+    /// Keeps `driver` on this thread and returns its token object.
+    pub(crate) fn install(driver: shardloop_core::Driver) -> Self {
         let token = TOKENS.fetch_add(1, Ordering::Relaxed);
         let (shard_id, shard_count) = (driver.shard_id(), driver.shard_count());
-        CURRENT.with(|current| {
-            let mut current = current.borrow_mut();
-            if current.is_some() {
-                return Err(PyRuntimeError::new_err("this thread already runs a shard"));
-            }
-            *current = Some(Current {
+        DRIVERS.with(|drivers| {
+            drivers.borrow_mut().push(Current {
                 token,
                 driver,
                 next_id: Cell::new(0),
-            });
-            Ok(())
-        })?;
-        Ok(Self {
+                activation: None,
+            })
+        });
+        Self {
             token,
             shard_id,
             shard_count,
-        })
+        }
     }
 
-    fn with<R>(&self, f: impl FnOnce(&Current) -> R) -> PyResult<R> {
-        CURRENT.with(|current| match &*current.borrow() {
-            Some(state) if state.token == self.token => Ok(f(state)),
-            _ => Err(PyRuntimeError::new_err(
-                "this shard driver is closed, or used off its shard's thread",
-            )),
+    fn with<R>(&self, f: impl FnOnce(&mut Current) -> R) -> PyResult<R> {
+        with_token(self.token, f).ok_or_else(|| {
+            PyRuntimeError::new_err("this shard driver is closed, or used off its shard's thread")
         })
     }
 
     /// Releases the shard from this thread; the driver is unusable after.
     pub(crate) fn close(&self) {
-        let released = CURRENT.with(|current| {
-            let mut current = current.borrow_mut();
-            match &*current {
-                Some(state) if state.token == self.token => current.take(),
-                _ => None,
-            }
+        let released = DRIVERS.with(|drivers| {
+            let mut drivers = drivers.borrow_mut();
+            let index = drivers.iter().position(|c| c.token == self.token)?;
+            Some(drivers.remove(index))
         });
-        drop(released);
+        if let Some(mut current) = released {
+            if let Some((activation, previous)) = current.activation.take() {
+                drop(activation);
+                ACTIVE.with(|active| active.set(previous));
+            }
+        }
     }
 }
 
@@ -199,6 +211,27 @@ impl Driver {
         stats::to_dict(py, &snapshot)
     }
 
+    /// Makes this shard the thread's current one while its loop runs.
+    fn activate(&self) -> PyResult<()> {
+        let token = self.token;
+        self.with(|current| {
+            if current.activation.is_none() {
+                let previous = ACTIVE.with(|active| active.replace(token));
+                current.activation = Some((current.driver.activate(), previous));
+            }
+        })
+    }
+
+    /// Undoes `activate` when the loop stops.
+    fn deactivate(&self) -> PyResult<()> {
+        self.with(|current| {
+            if let Some((activation, previous)) = current.activation.take() {
+                drop(activation);
+                ACTIVE.with(|active| active.set(previous));
+            }
+        })
+    }
+
     /// Releases the shard from this thread; the driver is unusable after.
     #[pyo3(name = "close")]
     fn py_close(&self) {
@@ -257,8 +290,7 @@ fn running_shard_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
     let event_loop = GET_RUNNING_LOOP
         .import(py, "asyncio.events", "_get_running_loop")?
         .call0()?;
-    let on_shard = CURRENT.with(|current| current.borrow().is_some());
-    if event_loop.is_none() || !on_shard {
+    if event_loop.is_none() || ACTIVE.with(Cell::get) == 0 {
         return Err(crate::errors::not_on_shard());
     }
     Ok(event_loop)
@@ -288,13 +320,12 @@ fn submit_to<'py>(
     kwargs: Option<Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let event_loop = running_shard_loop(py)?;
-    let (me, count, id) = CURRENT.with(|current| {
-        let current = current.borrow();
-        let state = current.as_ref().expect("checked by running_shard_loop");
+    let (me, count, id) = with_token(ACTIVE.with(Cell::get), |state| {
         let id = state.next_id.get();
         state.next_id.set(id + 1);
         (state.driver.shard_id(), state.driver.shard_count(), id)
-    });
+    })
+    .ok_or_else(crate::errors::not_on_shard)?;
     let target = usize::try_from(shard_id).unwrap_or(usize::MAX);
     shardloop_core::check_target(target).map_err(|e| match e {
         shardloop_core::Error::NoSuchShard { .. } => to_py(shardloop_core::Error::NoSuchShard {

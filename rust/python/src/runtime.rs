@@ -17,7 +17,7 @@ thread_local! {
     /// The runtime whose shard 0 is this thread. The Python `Runtime` object
     /// is only a token for it, so the `!Send` runtime never leaves the
     /// thread while the Python object may be dropped anywhere.
-    static OWNED: RefCell<Option<(u64, shardloop_core::Runtime)>> = const { RefCell::new(None) };
+    static OWNED: RefCell<Vec<(u64, shardloop_core::Runtime)>> = const { RefCell::new(Vec::new()) };
 }
 
 static TOKENS: AtomicU64 = AtomicU64::new(1);
@@ -30,11 +30,17 @@ pub(crate) struct Runtime {
 
 impl Runtime {
     fn with<R>(&self, f: impl FnOnce(&shardloop_core::Runtime) -> R) -> PyResult<R> {
-        OWNED.with(|owned| match &*owned.borrow() {
-            Some((token, runtime)) if *token == self.token => Ok(f(runtime)),
-            _ => Err(PyRuntimeError::new_err(
-                "the runtime has been shut down, or is used off the thread that started it",
-            )),
+        OWNED.with(|owned| {
+            match owned
+                .borrow()
+                .iter()
+                .find(|(token, _)| *token == self.token)
+            {
+                Some((_, runtime)) => Ok(f(runtime)),
+                None => Err(PyRuntimeError::new_err(
+                    "the runtime has been shut down, or is used off the thread that started it",
+                )),
+            }
         })
     }
 }
@@ -43,7 +49,7 @@ impl Runtime {
 /// closed on this thread whatever `worker` did.
 fn worker_main(worker: &Py<PyAny>, driver: shardloop_core::Driver) {
     Python::attach(|py| {
-        let driver = match Driver::install(driver).and_then(|d| Bound::new(py, d)) {
+        let driver = match Bound::new(py, Driver::install(driver)) {
             Ok(driver) => driver,
             Err(err) => return err.print(py),
         };
@@ -68,12 +74,6 @@ impl Runtime {
         batch: usize,
         ring_capacity: usize,
     ) -> PyResult<Self> {
-        if OWNED.with(|owned| owned.borrow().is_some()) {
-            return Err(PyRuntimeError::new_err(
-                "this thread is already shard 0 of a shardloop runtime; close that loop \
-                 before starting another here",
-            ));
-        }
         let mut builder = shardloop_core::Runtime::builder()
             .pin(pin)
             .idle_poll(Duration::from_secs_f64(idle_poll.max(0.0)))
@@ -91,23 +91,14 @@ impl Runtime {
                 other => to_py(other),
             })?;
         let token = TOKENS.fetch_add(1, Ordering::Relaxed);
-        OWNED.with(|owned| {
-            let mut owned = owned.borrow_mut();
-            if owned.is_some() {
-                return Err(PyRuntimeError::new_err(
-                    "this thread already runs a shardloop runtime",
-                ));
-            }
-            *owned = Some((token, runtime));
-            Ok(())
-        })?;
+        OWNED.with(|owned| owned.borrow_mut().push((token, runtime)));
         Ok(Self { token })
     }
 
     /// The driver of shard 0, for the calling thread's event loop.
     fn enter(&self, py: Python<'_>) -> PyResult<Py<Driver>> {
-        let driver = self.with(|rt| rt.enter())?;
-        Py::new(py, Driver::install(driver)?)
+        let driver = self.with(|rt| rt.driver())?;
+        Py::new(py, Driver::install(driver))
     }
 
     /// The number of shards.
@@ -133,10 +124,8 @@ impl Runtime {
     fn shutdown(&self, py: Python<'_>) {
         let runtime = OWNED.with(|owned| {
             let mut owned = owned.borrow_mut();
-            match &*owned {
-                Some((token, _)) if *token == self.token => owned.take().map(|(_, rt)| rt),
-                _ => None,
-            }
+            let index = owned.iter().position(|(token, _)| *token == self.token)?;
+            Some(owned.remove(index).1)
         });
         if let Some(runtime) = runtime {
             let runtime = OnThisThread(runtime);
