@@ -131,7 +131,10 @@ class ShardLoop(asyncio.SelectorEventLoop):
             return
         runtime = self._runtime
         if self._old_wakeup_fd is not None:
-            signal.set_wakeup_fd(self._old_wakeup_fd)
+            try:
+                signal.set_wakeup_fd(self._old_wakeup_fd)
+            except (OSError, ValueError):  # that descriptor was closed since
+                signal.set_wakeup_fd(-1)
             self._old_wakeup_fd = None
         if runtime is not None:
             if self._cancel_on_close:

@@ -229,7 +229,13 @@ struct Enter {
 
 impl Enter {
     fn new(shard: Rc<Shard>) -> Self {
-        let previous = CURRENT.with(|current| {
+        Self::try_new(shard).expect("the thread's shard slot is gone: the thread is exiting")
+    }
+
+    /// Like [`new`](Self::new), or `None` while the thread's locals are
+    /// being destroyed (a runtime dropped as its owning thread exits).
+    fn try_new(shard: Rc<Shard>) -> Option<Self> {
+        let previous = CURRENT.try_with(|current| {
             let mut current = current.borrow_mut();
             assert!(
                 !current.as_ref().is_some_and(|c| Rc::ptr_eq(c, &shard)),
@@ -237,14 +243,15 @@ impl Enter {
             );
             current.replace(shard)
         });
-        Enter { previous }
+        previous.ok().map(|previous| Enter { previous })
     }
 }
 
 impl Drop for Enter {
     fn drop(&mut self) {
-        let shard = CURRENT
-            .with(|current| std::mem::replace(&mut *current.borrow_mut(), self.previous.take()));
+        let previous = self.previous.take();
+        let shard =
+            CURRENT.try_with(|current| std::mem::replace(&mut *current.borrow_mut(), previous));
         drop(shard);
     }
 }
@@ -785,10 +792,13 @@ impl Runtime {
         }
         self.begin_shutdown();
         if !self.shard0.is_closing() || !self.shard0.may_stop() {
-            let _enter = Enter::new(self.shard0.clone());
-            let until = limit.map(|limit| Instant::now() + limit);
-            let drained = self.shard0.run_until(until, |_| self.shard0.may_stop());
-            self.shard0.exec.clear();
+            // While the owning thread exits, shard 0 can no longer run.
+            let drained = Enter::try_new(self.shard0.clone()).is_some_and(|_enter| {
+                let until = limit.map(|limit| Instant::now() + limit);
+                let drained = self.shard0.run_until(until, |_| self.shard0.may_stop());
+                self.shard0.exec.clear();
+                drained
+            });
             if !drained {
                 let waiting: Vec<usize> = (0..self.shared.count)
                     .filter(|&i| !self.shared.drained[i].load(Ordering::SeqCst))
