@@ -7,12 +7,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LOOM_ENV := RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR=target/loom
 
-.PHONY: run test develop lint lint-rust lint-python test-rust loom test-python miri bench bench-rust bench-python clean
+.PHONY: run test develop lint lint-rust lint-python test-rust loom test-python test-asyncio-suite miri bench bench-rust bench-python clean
 
 run: develop
 	$(PY) -m shardloop demo
 
-test: lint-rust test-rust loom develop lint-python test-python
+test: lint-rust test-rust loom develop lint-python test-python test-asyncio-suite
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,8 @@ lint-rust:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 lint-python: develop
-	$(VENV)/bin/ruff check python tests
-	$(VENV)/bin/ruff format --check python tests
+	$(VENV)/bin/ruff check python tests scripts
+	$(VENV)/bin/ruff format --check python tests scripts
 	$(VENV)/bin/mypy python/shardloop
 	$(PY) -m mypy.stubtest shardloop._shardloop
 
@@ -45,6 +45,11 @@ loom:
 
 test-python: develop
 	$(PY) -m pytest -q tests
+
+# CPython's own asyncio test suite (Lib/test/test_asyncio), every loop a
+# shardloop runtime.
+test-asyncio-suite: develop
+	$(PY) scripts/cpython_asyncio_suite.py
 
 # The ring's unit tests under miri (scaled down there); needs the nightly
 # toolchain's miri component.
