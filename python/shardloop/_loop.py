@@ -112,7 +112,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
 
     def run_forever(self) -> None:
         # While this loop runs, its shard is the thread's current one.
-        self._driver.activate()
+        self._driver.activate(self)
         try:
             super().run_forever()
         finally:

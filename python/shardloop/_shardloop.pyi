@@ -5,7 +5,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, final
 
-__all__ = ["Driver", "Runtime", "ShutdownError", "submit_to"]
+__all__ = ["Driver", "Runtime", "ShutdownError", "relay", "sleep", "submit_to"]
 
 class ShutdownError(RuntimeError):
     """The runtime is shutting down: the call was not sent."""
@@ -39,8 +39,9 @@ class Driver:
         """Whether shutdown has begun and every shard has finished its calls."""
     def stats(self) -> dict[str, Any]:
         """The runtime's counters as plain dicts."""
-    def activate(self) -> None:
-        """Makes this shard the thread's current one while its loop runs."""
+    def activate(self, event_loop: asyncio.AbstractEventLoop) -> None:
+        """Makes this shard the thread's current one while ``event_loop``
+        (its loop) runs."""
     def deactivate(self) -> None:
         """Undoes ``activate`` when the loop stops."""
     def close(self) -> None:
@@ -75,6 +76,14 @@ class Runtime:
         """Finishes submitted work and joins the shard threads."""
     def stats(self) -> dict[str, Any]:
         """The runtime's counters as plain dicts."""
+
+def sleep(delay: float, /) -> asyncio.Future[None]:
+    """Waits ``delay`` seconds on the shard's Rust timers: a Rust future
+    awaited from Python."""
+
+def relay(awaitable: Any, /) -> asyncio.Future[Any]:
+    """Awaits ``awaitable`` from a Rust task of this shard and resolves the
+    returned future with its outcome."""
 
 def submit_to(
     shard_id: int, func: Callable[..., Any], /, *args: Any, **kwargs: Any

@@ -41,9 +41,17 @@ pub(crate) struct PyCall {
     pub(crate) outcome: Option<PyResult<Py<PyAny>>>,
 }
 
+/// Makes a Python value (or error) from the output of a Rust task.
+pub(crate) type Produce = Box<dyn FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send>;
+
 enum Incoming {
     Request(Box<PyCall>),
     Returned(Box<PyCall>),
+    /// A Rust task finished: resolve `future` with what `produce` makes.
+    Resolve {
+        future: Py<PyAny>,
+        produce: Produce,
+    },
 }
 
 thread_local! {
@@ -64,6 +72,17 @@ impl shardloop_core::Message for PyCall {
         INBOX.with(|inbox| inbox.borrow_mut().push(Incoming::Returned(self)));
         shardloop_core::wake_driver();
     }
+}
+
+/// Resolves `future` (an asyncio future of this shard) from the shard's
+/// loop, with the GIL, at its next look at the inbox.
+pub(crate) fn resolve_later(future: Py<PyAny>, produce: Produce) {
+    INBOX.with(|inbox| {
+        inbox
+            .borrow_mut()
+            .push(Incoming::Resolve { future, produce })
+    });
+    shardloop_core::wake_driver();
 }
 
 /// Sends the call back to its origin.
@@ -98,6 +117,10 @@ pub(crate) fn run_incoming(
                 Incoming::Request(call) => serve(py, event_loop, call)?,
                 Incoming::Returned(call) => {
                     resolve(py, *call)?;
+                    true
+                }
+                Incoming::Resolve { future, produce } => {
+                    settle(py, future.bind(py), produce(py), None)?;
                     true
                 }
             };
@@ -163,9 +186,19 @@ fn resolve(py: Python<'_>, mut call: PyCall) -> PyResult<()> {
     let (Some(future), Some(outcome)) = (call.future.take(), call.outcome.take()) else {
         return Ok(());
     };
-    let future = future.bind(py);
+    settle(py, future.bind(py), outcome, Some(call.target))
+}
+
+/// Completes an asyncio future with `outcome`, unless it is done already (a
+/// caller that gave up: the outcome is dropped here). An error raised on
+/// another shard gets a note naming it.
+fn settle(
+    py: Python<'_>,
+    future: &Bound<'_, PyAny>,
+    outcome: PyResult<Py<PyAny>>,
+    shard: Option<usize>,
+) -> PyResult<()> {
     if future.call_method0(intern!(py, "done"))?.is_truthy()? {
-        // The caller gave up (cancelled); the result is dropped here.
         return Ok(());
     }
     match outcome {
@@ -176,7 +209,9 @@ fn resolve(py: Python<'_>, mut call: PyCall) -> PyResult<()> {
             future.call_method0(intern!(py, "cancel"))?;
         }
         Err(err) => {
-            add_shard_note(py, &err, call.target)?;
+            if let Some(shard) = shard {
+                add_shard_note(py, &err, shard)?;
+            }
             future.call_method1(
                 intern!(py, "set_exception"),
                 (exception_with_traceback(py, err),),

@@ -38,8 +38,9 @@ struct Current {
     token: u64,
     driver: shardloop_core::Driver,
     next_id: Cell<u64>,
-    /// Set while this shard's loop runs.
-    activation: Option<(shardloop_core::Activation, u64)>,
+    /// Set while this shard's loop runs: the activation, the token that was
+    /// active before, and the running loop.
+    activation: Option<(shardloop_core::Activation, u64, Py<PyAny>)>,
 }
 
 thread_local! {
@@ -104,7 +105,7 @@ impl Driver {
             Some(drivers.remove(index))
         });
         if let Some(mut current) = released {
-            if let Some((activation, previous)) = current.activation.take() {
+            if let Some((activation, previous, _)) = current.activation.take() {
                 drop(activation);
                 ACTIVE.with(|active| active.set(previous));
             }
@@ -211,13 +212,14 @@ impl Driver {
         stats::to_dict(py, &snapshot)
     }
 
-    /// Makes this shard the thread's current one while its loop runs.
-    fn activate(&self) -> PyResult<()> {
+    /// Makes this shard the thread's current one while `event_loop` (its
+    /// loop) runs.
+    fn activate(&self, event_loop: Py<PyAny>) -> PyResult<()> {
         let token = self.token;
         self.with(|current| {
             if current.activation.is_none() {
                 let previous = ACTIVE.with(|active| active.replace(token));
-                current.activation = Some((current.driver.activate(), previous));
+                current.activation = Some((current.driver.activate(), previous, event_loop));
             }
         })
     }
@@ -225,7 +227,7 @@ impl Driver {
     /// Undoes `activate` when the loop stops.
     fn deactivate(&self) -> PyResult<()> {
         self.with(|current| {
-            if let Some((activation, previous)) = current.activation.take() {
+            if let Some((activation, previous, _)) = current.activation.take() {
                 drop(activation);
                 ACTIVE.with(|active| active.set(previous));
             }
@@ -284,16 +286,30 @@ fn loop_queue_len(
     event_loop.getattr(name).ok()?.len().ok()
 }
 
-/// The running event loop of this thread, if it is a shard's.
-fn running_shard_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
-    static GET_RUNNING_LOOP: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
-    let event_loop = GET_RUNNING_LOOP
-        .import(py, "asyncio.events", "_get_running_loop")?
-        .call0()?;
-    if event_loop.is_none() || ACTIVE.with(Cell::get) == 0 {
-        return Err(crate::errors::not_on_shard());
-    }
-    Ok(event_loop)
+/// What `submit_to` needs of the shard whose loop runs on this thread: its
+/// index, the shard count, a fresh call id and the loop.
+fn active_shard(py: Python<'_>) -> PyResult<(usize, usize, u64, Bound<'_, PyAny>)> {
+    with_token(ACTIVE.with(Cell::get), |state| {
+        let (_, _, event_loop) = state.activation.as_ref()?;
+        let id = state.next_id.get();
+        state.next_id.set(id + 1);
+        let (me, count) = (state.driver.shard_id(), state.driver.shard_count());
+        Some((me, count, id, event_loop.clone_ref(py).into_bound(py)))
+    })
+    .flatten()
+    .ok_or_else(crate::errors::not_on_shard)
+}
+
+/// The running loop of this thread, if it is a shard's.
+pub(crate) fn running_shard_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    with_token(ACTIVE.with(Cell::get), |state| {
+        state
+            .activation
+            .as_ref()
+            .map(|(_, _, event_loop)| event_loop.clone_ref(py).into_bound(py))
+    })
+    .flatten()
+    .ok_or_else(crate::errors::not_on_shard)
 }
 
 /// submit_to(shard_id, fn, /, *args, **kwargs)
@@ -319,13 +335,7 @@ fn submit_to<'py>(
     args: Bound<'py, PyTuple>,
     kwargs: Option<Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let event_loop = running_shard_loop(py)?;
-    let (me, count, id) = with_token(ACTIVE.with(Cell::get), |state| {
-        let id = state.next_id.get();
-        state.next_id.set(id + 1);
-        (state.driver.shard_id(), state.driver.shard_count(), id)
-    })
-    .ok_or_else(crate::errors::not_on_shard)?;
+    let (me, count, id, event_loop) = active_shard(py)?;
     let target = usize::try_from(shard_id).unwrap_or(usize::MAX);
     shardloop_core::check_target(target).map_err(|e| match e {
         shardloop_core::Error::NoSuchShard { .. } => to_py(shardloop_core::Error::NoSuchShard {

@@ -3,6 +3,7 @@
 
 use pyo3::prelude::*;
 
+mod bridge;
 mod call;
 mod driver;
 mod errors;
@@ -15,6 +16,7 @@ mod stats;
 #[pymodule(gil_used = true)]
 fn _shardloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
+    bridge::register(m)?;
     driver::register(m)?;
     runtime::register(m)?;
     Ok(())
