@@ -8,7 +8,6 @@ import time
 
 import pytest
 from conftest import run2
-
 from shardloop import _shardloop, shard
 
 

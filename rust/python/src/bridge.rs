@@ -120,6 +120,7 @@ impl OnDone {
 /// Waits `delay` seconds on the shard's Rust timers: a Rust future awaited
 /// from Python.
 #[pyfunction]
+#[pyo3(signature = (delay, /))]
 fn sleep(py: Python<'_>, delay: f64) -> PyResult<Bound<'_, PyAny>> {
     let event_loop = running_shard_loop(py)?;
     let delay = Duration::from_secs_f64(delay.max(0.0));
@@ -136,6 +137,7 @@ fn sleep(py: Python<'_>, delay: f64) -> PyResult<Bound<'_, PyAny>> {
 /// returned future with its outcome: a Python awaitable driven from Rust,
 /// and the Rust task's output handed back to Python.
 #[pyfunction]
+#[pyo3(signature = (awaitable, /))]
 fn relay<'py>(py: Python<'py>, awaitable: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     let event_loop = running_shard_loop(py)?;
     static ENSURE_FUTURE: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
