@@ -102,8 +102,9 @@ class ShardLoop(asyncio.SelectorEventLoop):
 
     def _process_events(self, event_list: list[Any]) -> None:
         # (_process_events is the selector loop's hook for the events of one
-        # select(); typeshed does not list it.)
-        super()._process_events(event_list)  # type: ignore[misc]
+        # select(); typeshed does not list it.) Most turns have no I/O event.
+        if event_list:
+            super()._process_events(event_list)  # type: ignore[misc]
         # Cross-shard calls were run, and returned calls resolved, by the
         # driver inside select(); what is left is to notice the end.
         stopped = self._stopped
