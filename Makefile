@@ -9,8 +9,11 @@ LOOM_ENV := RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR=targe
 
 .PHONY: run test develop lint lint-rust lint-python test-rust loom test-python test-asyncio-suite miri bench bench-rust bench-python clean
 
+# The main job: the lookup server on one shard per core, driven for a few
+# seconds by the load generator, with throughput, latency and per-shard
+# counters.
 run: develop
-	$(PY) -m shardloop demo
+	$(PY) examples/lookup_server.py --demo --seconds 5
 
 test: lint-rust test-rust loom develop lint-python test-python test-asyncio-suite
 
@@ -31,8 +34,8 @@ lint-rust:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 lint-python: develop
-	$(VENV)/bin/ruff check python tests scripts
-	$(VENV)/bin/ruff format --check python tests scripts
+	$(VENV)/bin/ruff check python tests scripts examples
+	$(VENV)/bin/ruff format --check python tests scripts examples
 	$(VENV)/bin/mypy python/shardloop
 	$(PY) -m mypy.stubtest shardloop._shardloop
 

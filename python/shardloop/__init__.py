@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from . import shard
 from ._loop import EventLoopPolicy, ShardLoop, current_loop, new_event_loop
 from ._shardloop import ShutdownError
+from .server import ShardedServer, serve
 from .sharded import ForeignRef, Sharded
 
 T = TypeVar("T")
@@ -32,9 +33,11 @@ __all__ = [
     "ForeignRef",
     "ShardLoop",
     "Sharded",
+    "ShardedServer",
     "ShutdownError",
     "new_event_loop",
     "run",
+    "serve",
     "shard",
     "stats",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def main() -> None:
@@ -12,10 +13,20 @@ def main() -> None:
         "bench", help="cross-shard calls against asyncio and uvloop threads"
     )
     bench.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    commands.add_parser(
+        "load",
+        help="drive an echo or lookup server and report requests/s and latency",
+        add_help=False,
+    )
     demo = commands.add_parser("demo", help="start one shard per core and show submit_to at work")
     demo.add_argument(
         "--shards", type=int, default=None, help="number of shards (default: one per core)"
     )
+    if sys.argv[1:2] == ["load"]:
+        from ._load import main as load_main
+
+        load_main(sys.argv[2:])
+        return
     args = parser.parse_args()
     if args.command == "bench":
         from ._bench import main as bench_main

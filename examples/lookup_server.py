@@ -1,0 +1,141 @@
+"""The lookup server: a client sends a 4-byte id (big-endian); the shard that
+accepted the connection asks the shard that owns the id (``id % shards``)
+for its value with ``submit_to`` and writes it back as a 4-byte length and
+the bytes. Each shard owns its slice of the data; nothing is shared.
+
+    python examples/lookup_server.py --port 7000            # serve until Ctrl-C
+    python examples/lookup_server.py --demo --seconds 5     # serve, load, report
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import struct
+import sys
+from collections.abc import Awaitable, Callable
+
+import shardloop
+from shardloop import shard
+
+KEYS = 100_000
+
+# This shard's slice of the data and its counters: every shard fills its own
+# copy of these module globals (a shard's thread only touches its own).
+_tables: dict[int, dict[int, bytes]] = {}
+_counters: dict[int, dict[str, int]] = {}
+
+
+def load_slice(keys: int) -> int:
+    """Builds this shard's slice: the ids it owns."""
+    me, count = shard.id(), shard.count()
+    _tables[me] = {key: f"value-{key:08d}".encode() for key in range(me, keys, count)}
+    _counters[me] = {"requests": 0, "local": 0, "cross_shard": 0}
+    return len(_tables[me])
+
+
+def lookup(key: int) -> bytes:
+    return _tables[shard.id()].get(key, b"")
+
+
+def counters() -> dict[str, int]:
+    return {"shard": shard.id(), **_counters[shard.id()]}
+
+
+async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    me, count = shard.id(), shard.count()
+    mine = _counters[me]
+    table = _tables[me]
+    pack = struct.Struct("!I").pack
+    while True:
+        try:
+            request = await reader.readexactly(4)
+        except asyncio.IncompleteReadError:
+            return  # the client closed (maybe mid-request)
+        (key,) = struct.unpack("!I", request)
+        owner = key % count
+        mine["requests"] += 1
+        if owner == me:
+            mine["local"] += 1
+            value = table.get(key, b"")
+        else:
+            mine["cross_shard"] += 1
+            value = await shard.submit_to(owner, lookup, key)
+        writer.write(pack(len(value)) + value)
+        await writer.drain()
+
+
+async def start(host: str, port: int, keys: int, balance: str) -> shardloop.ShardedServer:
+    await shard.invoke_on_all(load_slice, keys)
+    return await shardloop.serve(handle, host, port, balance=balance)  # type: ignore[arg-type]
+
+
+async def serve_until_interrupted(args: argparse.Namespace) -> None:
+    server = await start(args.host, args.port, args.keys, args.balance)
+    print(f"lookup server on {args.host}:{server.port}, {shard.count()} shards", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+async def demo(args: argparse.Namespace) -> None:
+    """Serves, drives the server with the load generator, and reports."""
+    server = await start(args.host, 0, args.keys, args.balance)
+    print(
+        f"lookup server on {args.host}:{server.port}, {shard.count()} shards; load for "
+        f"{args.seconds:g}s with {args.connections} connections",
+        flush=True,
+    )
+    load = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shardloop",
+        "load",
+        "--protocol",
+        "lookup",
+        "--port",
+        str(server.port),
+        "--connections",
+        str(args.connections),
+        "--seconds",
+        str(args.seconds),
+        "--keys",
+        str(args.keys),
+    )
+    await load.wait()
+    per_shard = await shard.invoke_on_all(counters)
+    connections = {s["shard"]: s["connections"] for s in await server.stats()}
+    print("per shard:")
+    for c in per_shard:
+        print(
+            f"  shard {c['shard']}: {connections[c['shard']]} connections, "
+            f"{c['requests']:,} requests, {c['cross_shard']:,} cross-shard calls"
+        )
+    await server.close()
+    if load.returncode:
+        raise SystemExit(f"the load generator failed ({load.returncode})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7000)
+    parser.add_argument("--shards", type=int, default=None, help="default: one per core")
+    parser.add_argument("--keys", type=int, default=KEYS)
+    parser.add_argument("--balance", choices=("reuseport", "round_robin"), default="reuseport")
+    parser.add_argument("--demo", action="store_true", help="serve, run the load generator, report")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=64)
+    args = parser.parse_args()
+    job: Callable[[argparse.Namespace], Awaitable[None]] = (
+        demo if args.demo else serve_until_interrupted
+    )
+    try:
+        shardloop.run(job(args), shards=args.shards)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
