@@ -34,8 +34,14 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=7007)
     parser.add_argument("--shards", type=int, default=None, help="default: one per core")
     parser.add_argument("--balance", choices=("reuseport", "round_robin"), default="reuseport")
+    parser.add_argument(
+        "--idle-poll",
+        type=float,
+        default=200e-6,
+        help="seconds an idle shard polls before it sleeps (0: sleep at once)",
+    )
     arguments = parser.parse_args()
     try:
-        shardloop.run(main(arguments), shards=arguments.shards)
+        shardloop.run(main(arguments), shards=arguments.shards, idle_poll=arguments.idle_poll)
     except KeyboardInterrupt:
         pass

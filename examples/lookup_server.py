@@ -127,12 +127,18 @@ def main() -> None:
     parser.add_argument("--demo", action="store_true", help="serve, run the load generator, report")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--idle-poll",
+        type=float,
+        default=200e-6,
+        help="seconds an idle shard polls before it sleeps (0: sleep at once)",
+    )
     args = parser.parse_args()
     job: Callable[[argparse.Namespace], Awaitable[None]] = (
         demo if args.demo else serve_until_interrupted
     )
     try:
-        shardloop.run(job(args), shards=args.shards)
+        shardloop.run(job(args), shards=args.shards, idle_poll=args.idle_poll)
     except KeyboardInterrupt:
         pass
 

@@ -1,0 +1,68 @@
+"""The echo and lookup servers written for one event loop, for comparison
+with the shardloop versions: stock asyncio or uvloop, one process (or several
+sharing the port with SO_REUSEPORT, each with the whole table).
+
+    python benches/net/baseline_server.py --loop uvloop --protocol lookup --port 7100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import struct
+
+KEYS = 100_000
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+TABLE = {key: f"value-{key:08d}".encode() for key in range(KEYS)}
+
+
+async def lookup(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    pack = struct.Struct("!I").pack
+    try:
+        while True:
+            try:
+                (key,) = struct.unpack("!I", await reader.readexactly(4))
+            except asyncio.IncompleteReadError:
+                return
+            value = TABLE.get(key, b"")
+            writer.write(pack(len(value)) + value)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+async def main(args: argparse.Namespace) -> None:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", args.port))
+    handler = echo if args.protocol == "echo" else lookup
+    server = await asyncio.start_server(handler, sock=sock, backlog=1024)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--protocol", choices=("echo", "lookup"), default="lookup")
+    parser.add_argument("--port", type=int, required=True)
+    arguments = parser.parse_args()
+    if arguments.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main(arguments))
+    else:
+        asyncio.run(main(arguments))

@@ -1,0 +1,131 @@
+"""Echo and lookup servers under the same load, in one run, on loopback:
+shardloop on 1 and 2 shards, the same server on stock asyncio and on uvloop
+(one process), and uvloop in 2 processes sharing the port (SO_REUSEPORT).
+
+    python benches/net/run.py [--seconds 5] [--connections 64] [--json]
+
+Every server is started, given the same load by ``python -m shardloop load``
+(in its own process) for a fixed time, and stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def servers(protocol: str, port: int) -> dict[str, list[list[str]]]:
+    py = sys.executable
+    example = str(ROOT / "examples" / f"{protocol}_server.py")
+    baseline = str(HERE / "baseline_server.py")
+    common = ["--protocol", protocol, "--port", str(port)]
+    return {
+        "shardloop, 1 shard": [[py, example, "--port", str(port), "--shards", "1"]],
+        "shardloop, 2 shards": [[py, example, "--port", str(port), "--shards", "2"]],
+        "shardloop, 2 shards, idle_poll 0": [
+            [py, example, "--port", str(port), "--shards", "2", "--idle-poll", "0"]
+        ],
+        "asyncio, 1 process": [[py, baseline, "--loop", "asyncio", *common]],
+        "uvloop, 1 process": [[py, baseline, "--loop", "uvloop", *common]],
+        "uvloop, 2 processes (SO_REUSEPORT)": [[py, baseline, "--loop", "uvloop", *common]] * 2,
+    }
+
+
+def measure(commands: list[list[str]], protocol: str, port: int, args: argparse.Namespace) -> dict:
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+        for cmd in commands
+    ]
+    try:
+        wait_for_port(port)
+        time.sleep(0.3)
+        load = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "shardloop",
+                "load",
+                "--protocol",
+                protocol,
+                "--port",
+                str(port),
+                "--connections",
+                str(args.connections),
+                "--seconds",
+                str(args.seconds),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=args.seconds + 60,
+            check=True,
+            cwd=ROOT,
+        )
+        result: dict = json.loads(load.stdout.strip().splitlines()[-1])
+        return result
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--protocols", nargs="*", default=["echo", "lookup"])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    results: dict[str, dict[str, dict]] = {}
+    for protocol in args.protocols:
+        results[protocol] = {}
+        for name, commands in servers(protocol, port := free_port()).items():
+            results[protocol][name] = measure(commands, protocol, port, args)
+            r = results[protocol][name]
+            print(
+                f"{protocol:7} {name:36} {r['requests_per_second']:>9,} req/s  p50 {r['p50_us']:>8} us"
+                f"  p99 {r['p99_us']:>8} us  p999 {r['p999_us']:>8} us  errors {r['errors']}",
+                flush=True,
+            )
+    for protocol, rows in results.items():
+        base = rows["uvloop, 1 process"]["requests_per_second"]
+        two = rows["shardloop, 2 shards"]["requests_per_second"]
+        print(f"{protocol}: shardloop 2 shards / uvloop 1 process = {two / base:.2f}x")
+    if args.json:
+        print(json.dumps({"cpus": os.cpu_count(), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
