@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LOOM_ENV := RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR=target/loom
 
-.PHONY: run test develop lint lint-rust lint-python test-rust loom test-python test-asyncio-suite miri bench bench-rust bench-python clean
+.PHONY: run test develop lint lint-rust lint-python test-rust loom test-python test-asyncio-suite miri bench bench-rust bench-python bench-net clean
 
 # The main job: the lookup server on one shard per core, driven for a few
 # seconds by the load generator, with throughput, latency and per-shard
@@ -34,8 +34,8 @@ lint-rust:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 lint-python: develop
-	$(VENV)/bin/ruff check python tests scripts examples
-	$(VENV)/bin/ruff format --check python tests scripts examples
+	$(VENV)/bin/ruff check python tests scripts examples benches
+	$(VENV)/bin/ruff format --check python tests scripts examples benches
 	$(VENV)/bin/mypy python/shardloop
 	$(PY) -m mypy.stubtest shardloop._shardloop
 
@@ -60,13 +60,16 @@ miri:
 	rustup component add --toolchain nightly miri rust-src
 	$(CARGO) +nightly miri test -p shardloop-core --lib ring::
 
-bench: bench-rust bench-python
+bench: bench-rust bench-python bench-net
 
 bench-rust:
 	$(CARGO) bench -p shardloop-core --bench ring --bench submit_to
 
 bench-python: develop
 	$(PY) -m shardloop bench
+
+bench-net: develop
+	$(PY) benches/net/run.py
 
 clean:
 	rm -rf target $(VENV)

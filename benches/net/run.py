@@ -114,8 +114,9 @@ def main() -> None:
         for name, commands in servers(protocol, port := free_port()).items():
             results[protocol][name] = measure(commands, protocol, port, args)
             r = results[protocol][name]
+            rate = r["requests_per_second"]
             print(
-                f"{protocol:7} {name:36} {r['requests_per_second']:>9,} req/s  p50 {r['p50_us']:>8} us"
+                f"{protocol:7} {name:36} {rate:>9,} req/s  p50 {r['p50_us']:>8} us"
                 f"  p99 {r['p99_us']:>8} us  p999 {r['p999_us']:>8} us  errors {r['errors']}",
                 flush=True,
             )
