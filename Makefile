@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LOOM_ENV := RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR=target/loom
 
-.PHONY: run test develop lint lint-rust lint-python test-rust loom test-python test-asyncio-suite miri bench bench-rust bench-python bench-net clean
+.PHONY: run test tools develop lint lint-rust lint-python test-rust loom test-python test-asyncio-suite miri bench bench-rust bench-python bench-net clean
 
 # The main job: the lookup server on one shard per core, driven for a few
 # seconds by the load generator, with throughput, latency and per-shard
@@ -15,12 +15,21 @@ LOOM_ENV := RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR=targe
 run: develop
 	$(PY) examples/lookup_server.py --demo --seconds 5
 
-test: lint-rust test-rust loom develop lint-python test-python test-asyncio-suite
+test: tools lint-rust test-rust loom develop lint-python test-python test-asyncio-suite
+
+# Debian tools the tests use: memccapable (the memcached protocol's
+# conformance test) and, for the benchmarks, memcached and memcaslap.
+tools:
+	@if ! command -v memccapable >/dev/null || ! command -v memcached >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -qq memcached libmemcached-tools >/dev/null; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.5,<2" "pytest>=8" "ruff>=0.6" "mypy>=1.10" "uvloop>=0.19"
+	$(PY) -m pip install -q "maturin>=1.5,<2" "pytest>=8" "ruff>=0.6" "mypy>=1.10" "uvloop>=0.19" \
+		"pymemcache>=4"
 	touch $@
 
 # Builds the extension (release) into the virtual environment.
