@@ -22,7 +22,9 @@ test: tools lint-rust test-rust loom develop lint-python test-python test-asynci
 tools:
 	@if ! command -v memccapable >/dev/null || ! command -v memcached >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get install -y -qq memcached libmemcached-tools >/dev/null; \
+		$$SUDO apt-get install -y -qq memcached libmemcached-tools >/dev/null \
+			|| { $$SUDO apt-get update -qq && \
+			     $$SUDO apt-get install -y -qq memcached libmemcached-tools >/dev/null; }; \
 	fi
 
 $(VENV)/.installed: pyproject.toml

@@ -1,0 +1,119 @@
+"""shardloop's memcached-protocol example against the real memcached, both
+driven by memcaslap with the same settings, in one run, on loopback.
+
+    python benches/net/memcached.py [--seconds 5] [--concurrency 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def memcaslap(port: int, args: argparse.Namespace) -> dict[str, float]:
+    tool = shutil.which("memcaslap")
+    if tool is None:
+        raise SystemExit("memcaslap is missing: make tools (libmemcached-tools)")
+    out = subprocess.run(
+        [
+            tool,
+            "-s",
+            f"127.0.0.1:{port}",
+            "-t",
+            f"{args.seconds}s",
+            "-c",
+            str(args.concurrency),
+            "-T",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=args.seconds + 60,
+        check=True,
+    ).stdout
+    tps = re.findall(r"TPS: (\d+)", out)
+    return {"ops_per_second": float(tps[-1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+    servers = {
+        "memcached -t 2": lambda port: [
+            shutil.which("memcached") or "memcached",
+            "-t",
+            "2",
+            "-p",
+            str(port),
+            "-l",
+            "127.0.0.1",
+            "-U",
+            "0",
+            "-u",
+            "nobody",
+        ],
+        "shardloop example, 1 shard": lambda port: [
+            sys.executable,
+            str(ROOT / "examples" / "memcached_server.py"),
+            "--port",
+            str(port),
+            "--shards",
+            "1",
+        ],
+        "shardloop example, 2 shards": lambda port: [
+            sys.executable,
+            str(ROOT / "examples" / "memcached_server.py"),
+            "--port",
+            str(port),
+            "--shards",
+            "2",
+        ],
+    }
+    results = {}
+    for name, command in servers.items():
+        port = free_port()
+        proc = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for_port(port)
+            results[name] = memcaslap(port, args)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        print(f"{name:32} {results[name]['ops_per_second']:>12,.0f} ops/s", flush=True)
+    ratio = (
+        results["shardloop example, 2 shards"]["ops_per_second"]
+        / results["memcached -t 2"]["ops_per_second"]
+    )
+    print(f"shardloop / memcached = {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
