@@ -18,7 +18,7 @@ use std::task::{Context, Poll, Waker};
 
 use crate::error::{Error, Result};
 use crate::executor::CatchUnwind;
-use crate::runtime::{with_shard, Shard};
+use crate::shard::{with_shard, Shard};
 
 /// A unit of work one shard hands another. The runtime moves the box
 /// through the rings; its two methods say what happens at each end. Calls made

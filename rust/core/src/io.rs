@@ -12,7 +12,7 @@ use std::time::Duration;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 
-use crate::runtime::{with_shard, Shard};
+use crate::shard::{with_shard, Shard};
 
 /// The token of the shard's own eventfd waker.
 pub(crate) const WAKE_TOKEN: Token = Token(usize::MAX);

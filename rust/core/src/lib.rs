@@ -15,25 +15,30 @@
 //! ```
 #![warn(missing_docs)]
 
+mod api;
 mod call;
+mod driver;
 mod error;
 mod executor;
 mod io;
 pub mod matrix;
 pub mod ring;
 mod runtime;
+mod shard;
 mod stats;
 mod sync;
 mod timer;
 pub mod wake;
 
+pub use api::{
+    check_target, count_tasks, invoke_on_all, respond, send, shard_count, shard_id, spawn_local,
+    stats, submit_to, submit_to_async, wake_driver,
+};
 pub use call::{Message, Submit};
+pub use driver::{Activation, Driver};
 pub use error::{Error, Result};
 pub use executor::JoinHandle;
 pub use io::Async;
-pub use runtime::{
-    check_target, count_tasks, invoke_on_all, respond, send, shard_count, shard_id, spawn_local,
-    stats, submit_to, submit_to_async, wake_driver, Activation, Builder, Driver, Runtime,
-};
+pub use runtime::{Builder, Runtime};
 pub use stats::{QueueStats, ShardStats, Stats};
 pub use timer::{sleep, Sleep};

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use crate::runtime::with_shard;
+use crate::shard::with_shard;
 
 /// The timers of one shard.
 #[derive(Default)]
