@@ -47,7 +47,20 @@ def servers(protocol: str, port: int) -> dict[str, list[list[str]]]:
     example = str(ROOT / "examples" / f"{protocol}_server.py")
     baseline = str(HERE / "baseline_server.py")
     common = ["--protocol", protocol, "--port", str(port)]
+    rust_echo = str(ROOT / "target" / "release" / "examples" / "echo")
+    rust = (
+        {
+            "rust core echo, 1 shard": [[rust_echo, "--port", str(port), "--shards", "1"]],
+            "rust core echo, 2 shards": [[rust_echo, "--port", str(port), "--shards", "2"]],
+            "rust core echo, 2 shards, idle_poll 0": [
+                [rust_echo, "--port", str(port), "--shards", "2", "--idle-poll-us", "0"]
+            ],
+        }
+        if protocol == "echo"
+        else {}
+    )
     return {
+        **rust,
         "shardloop, 1 shard": [[py, example, "--port", str(port), "--shards", "1"]],
         "shardloop, 2 shards": [[py, example, "--port", str(port), "--shards", "2"]],
         "shardloop, 2 shards, idle_poll 0": [
@@ -108,6 +121,11 @@ def main() -> None:
     parser.add_argument("--protocols", nargs="*", default=["echo", "lookup"])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    subprocess.run(
+        ["cargo", "build", "--release", "-q", "-p", "shardloop-core", "--example", "echo"],
+        cwd=ROOT,
+        check=True,
+    )
     results: dict[str, dict[str, dict]] = {}
     for protocol in args.protocols:
         results[protocol] = {}
