@@ -66,6 +66,9 @@ def servers(protocol: str, port: int) -> dict[str, list[list[str]]]:
         "shardloop, 2 shards, idle_poll 0": [
             [py, example, "--port", str(port), "--shards", "2", "--idle-poll", "0"]
         ],
+        "shardloop, 2 shards, round_robin": [
+            [py, example, "--port", str(port), "--shards", "2", "--balance", "round_robin"]
+        ],
         "asyncio, 1 process": [[py, baseline, "--loop", "asyncio", *common]],
         "uvloop, 1 process": [[py, baseline, "--loop", "uvloop", *common]],
         "uvloop, 2 processes (SO_REUSEPORT)": [[py, baseline, "--loop", "uvloop", *common]] * 2,
@@ -119,6 +122,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--protocols", nargs="*", default=["echo", "lookup"])
+    parser.add_argument("--only", default="", help="run only servers whose name contains this")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     subprocess.run(
@@ -130,6 +134,8 @@ def main() -> None:
     for protocol in args.protocols:
         results[protocol] = {}
         for name, commands in servers(protocol, port := free_port()).items():
+            if args.only not in name:
+                continue
             results[protocol][name] = measure(commands, protocol, port, args)
             r = results[protocol][name]
             rate = r["requests_per_second"]
@@ -139,6 +145,8 @@ def main() -> None:
                 flush=True,
             )
     for protocol, rows in results.items():
+        if "uvloop, 1 process" not in rows or "shardloop, 2 shards" not in rows:
+            continue
         base = rows["uvloop, 1 process"]["requests_per_second"]
         two = rows["shardloop, 2 shards"]["requests_per_second"]
         print(f"{protocol}: shardloop 2 shards / uvloop 1 process = {two / base:.2f}x")
