@@ -8,7 +8,6 @@ that owns it, and releases the object there.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 from collections.abc import Callable
@@ -159,7 +158,3 @@ class ForeignRef(Generic[T]):
 
     def __repr__(self) -> str:
         return f"<ForeignRef owned by shard {self._owner}>"
-
-
-# Keep asyncio imported for type checkers of the public signatures above.
-_ = asyncio
