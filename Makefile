@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LOOM_ENV := RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR=target/loom
 
-.PHONY: run test tools develop lint lint-rust lint-python test-rust loom test-python test-asyncio-suite miri bench bench-rust bench-python bench-net clean
+.PHONY: run test test-ft develop-ft tools develop lint lint-rust lint-python test-rust loom test-python test-asyncio-suite miri bench bench-rust bench-python bench-net clean
 
 # The main job: the lookup server on one shard per core, driven for a few
 # seconds by the load generator, with throughput, latency and per-shard
@@ -64,6 +64,23 @@ test-python: develop
 # shardloop runtime.
 test-asyncio-suite: develop
 	$(PY) scripts/cpython_asyncio_suite.py
+
+# The whole pytest suite on a free-threaded CPython 3.13 (built once from
+# Debian's source package by scripts/free-threaded-python.sh, then cached).
+FT_VENV := .venv-ft
+FT_ENV := VIRTUAL_ENV=$(abspath $(FT_VENV)) CARGO_TARGET_DIR=target/ft
+
+$(FT_VENV)/.installed: pyproject.toml scripts/free-threaded-python.sh
+	FT_PYTHON=$$(scripts/free-threaded-python.sh) && $$FT_PYTHON -m venv $(FT_VENV)
+	$(FT_VENV)/bin/python -m pip install -q "maturin>=1.5,<2" "pytest>=8" "pymemcache>=4"
+	touch $@
+
+develop-ft: $(FT_VENV)/.installed
+	$(FT_ENV) $(FT_VENV)/bin/maturin develop --release -q
+
+test-ft: tools develop-ft
+	$(FT_VENV)/bin/python -c 'import sys, shardloop; assert not sys._is_gil_enabled()'
+	$(FT_VENV)/bin/python -m pytest -q tests
 
 # The ring's unit tests under miri (scaled down there); needs the nightly
 # toolchain's miri component.

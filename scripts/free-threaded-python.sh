@@ -40,17 +40,27 @@ APT_OPTS=(-o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$work/pa
           -o "Dir::State::Lists=$work/lists" -o "Debug::NoLocking=1")
 
 log "fetching the python3.13 source package from trixie"
-apt-get "${APT_OPTS[@]}" update -qq >/dev/null
-(cd "$work/src" && apt-get "${APT_OPTS[@]}" source -qq python3.13 >/dev/null 2>&1)
-srcdir=$(find "$work/src" -maxdepth 1 -mindepth 1 -type d -name 'python3.13*' | head -n 1)
-[ -n "$srcdir" ] || { log "no python3.13 source came down"; exit 1; }
+apt-get "${APT_OPTS[@]}" update -qq >/dev/null 2>&1
+(cd "$work/src" && apt-get "${APT_OPTS[@]}" source --download-only -qq python3.13 >/dev/null 2>&1)
+# The upstream tarball, without Debian's patches (which, among others,
+# disable ensurepip and change the install layout).
+orig=$(find "$work/src" -maxdepth 1 -name 'python3.13_*.orig.tar.*' ! -name '*.asc' | head -n 1)
+[ -n "$orig" ] || { log "no python3.13 source came down"; exit 1; }
+tar -xf "$orig" -C "$work/src"
+srcdir=$(find "$work/src" -maxdepth 1 -mindepth 1 -type d -name 'Python-3.13*' | head -n 1)
+[ -n "$srcdir" ] || { log "the source tarball has no Python-3.13 folder"; exit 1; }
 
 log "building $(basename "$srcdir") with --disable-gil into $PREFIX (a few minutes)"
 build=$work/build
 mkdir -p "$build"
-(cd "$build" && "$srcdir/configure" --prefix="$PREFIX" --disable-gil --with-ensurepip=install \
-    --enable-shared LDFLAGS="-Wl,-rpath,$PREFIX/lib" >/dev/null)
-make -C "$build" -j"$(nproc)" >/dev/null 2>&1
-make -C "$build" install >/dev/null 2>&1
+mkdir -p "$CACHE"
+buildlog=$CACHE/python3.13t-build.log
+if ! { (cd "$build" && "$srcdir/configure" --prefix="$PREFIX" --disable-gil \
+            --with-ensurepip=install --enable-shared LDFLAGS="-Wl,-rpath,$PREFIX/lib") \
+        && make -C "$build" -j"$(nproc)" && make -C "$build" install; } >"$buildlog" 2>&1; then
+    tail -n 30 "$buildlog" >&2
+    log "the build failed; the whole log is $buildlog"
+    exit 1
+fi
 "$PYTHON" -c 'import sys; assert not sys._is_gil_enabled(), "the GIL is on"'
 echo "$PYTHON"

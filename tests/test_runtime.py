@@ -161,22 +161,18 @@ def test_stats_are_plain_dicts_that_count() -> None:
 
 def test_idle_runtime_sleeps_and_uses_no_cpu() -> None:
     async def main() -> tuple[float, int, int]:
-        before = shardloop.stats()["shards"]
         await asyncio.sleep(0.1)  # longer than idle_poll: everyone sleeps
+        before = shardloop.stats()["shards"]
         cpu = time.process_time()
         await asyncio.sleep(1.0)
         used = time.process_time() - cpu
         after = shardloop.stats()["shards"]
-        return (
-            used,
-            after[1]["sleeps"] - before[1]["sleeps"],
-            after[1]["polls"] - before[1]["polls"],
-        )
+        return used, after[1]["sleeps"], after[1]["polls"] - before[1]["polls"]
 
     used, sleeps, polls = run2(main(), idle_poll=0.0002)
-    assert sleeps >= 1
+    assert sleeps >= 1, "shard 1 never slept"
     assert used < 0.1, f"an idle runtime used {used:.3f}s of CPU in 1s"
-    assert polls < 10_000
+    assert polls < 1_000, f"shard 1 turned its loop {polls} times while idle"
 
 
 def test_keyboard_interrupt_stops_all_shards_cleanly() -> None:

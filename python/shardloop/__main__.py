@@ -13,6 +13,9 @@ def main() -> None:
         "bench", help="cross-shard calls against asyncio and uvloop threads"
     )
     bench.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    bench.add_argument(
+        "--scaling", action="store_true", help="CPU-bound Python work on 1 and 2 shards instead"
+    )
     commands.add_parser(
         "load",
         help="drive an echo or lookup server and report requests/s and latency",
@@ -28,7 +31,11 @@ def main() -> None:
         load_main(sys.argv[2:])
         return
     args = parser.parse_args()
-    if args.command == "bench":
+    if args.command == "bench" and args.scaling:
+        from ._scaling import main as scaling_main
+
+        scaling_main(args.json)
+    elif args.command == "bench":
         from ._bench import main as bench_main
 
         bench_main(args.json)

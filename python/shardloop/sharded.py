@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -103,23 +104,48 @@ class Sharded(Generic[T]):
         self._started = False
 
 
-def _release(obj: Any) -> None:
-    """Runs on the owner shard; the object's last reference goes with the call."""
+class _Table:
+    """The objects that ForeignRefs of one owner shard point at. Only the
+    owner holds them, so the last reference always goes on the owner; only
+    the owner touches its table."""
+
+    def __init__(self) -> None:
+        self.objects: dict[int, Any] = {}
+        self.keys = itertools.count(1)
+
+
+_tables: dict[int, _Table] = {}
+
+
+def _table() -> _Table:
+    return _tables.setdefault(shard.id(), _Table())
+
+
+def _owned_here() -> dict[int, Any]:
+    return _table().objects
+
+
+def _release(key: int) -> None:
+    """Runs on the owner shard: drops its reference to the object."""
+    _owned_here().pop(key, None)
 
 
 class ForeignRef(Generic[T]):
-    """A handle to an object owned by the shard that made the handle.
+    """A handle to an object owned by the shard that made the handle
+    (Seastar's ``foreign_ptr``).
 
     Use from any shard with :meth:`invoke`; :meth:`get` only on the owner.
-    When the last handle dies on another shard, the object is released on its
-    owner.
+    The owner keeps the object; the handle carries a key. When the handle
+    dies, on any shard, the owner drops the object, so it is released there.
     """
 
-    __slots__ = ("__weakref__", "_obj", "_owner")
+    __slots__ = ("__weakref__", "_key", "_owner")
 
     def __init__(self, obj: T) -> None:
         self._owner = shard.id()
-        self._obj: T | None = obj
+        table = _table()
+        self._key = next(table.keys)
+        table.objects[self._key] = obj
 
     @property
     def owner(self) -> int:
@@ -132,8 +158,8 @@ class ForeignRef(Generic[T]):
             raise RuntimeError(
                 f"this object is owned by shard {self._owner}; use invoke() from other shards"
             )
-        assert self._obj is not None
-        return self._obj
+        obj: T = _owned_here()[self._key]
+        return obj
 
     async def invoke(self, fn: str | Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Calls a method (by name) or ``fn(obj, ...)`` on the owner shard."""
@@ -146,15 +172,17 @@ class ForeignRef(Generic[T]):
         return await _resolve(fn(obj, *args, **kwargs))
 
     def __del__(self) -> None:
-        obj, self._obj = self._obj, None
         loop = _running_loop()
-        if obj is None or loop is None or getattr(loop, "shard_id", self._owner) == self._owner:
+        here = getattr(loop, "shard_id", None)
+        if here == self._owner:
+            _release(self._key)
             return
+        if here is None:
+            return  # no runtime here any more: the owner's table goes with it
         try:
-            shard.submit_to(self._owner, _release, obj)
+            shard.submit_to(self._owner, _release, self._key)
         except Exception:
-            # The runtime is shutting down: the object is released here.
-            pass
+            pass  # shutting down: the owner's table goes with its shard
 
     def __repr__(self) -> str:
         return f"<ForeignRef owned by shard {self._owner}>"

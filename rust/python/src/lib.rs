@@ -11,9 +11,12 @@ mod gil;
 mod runtime;
 mod stats;
 
-/// The native module. Not yet audited for free-threaded CPython, so it keeps
-/// the GIL on there.
-#[pymodule(gil_used = true)]
+/// The native module. It is safe without the GIL (free-threaded CPython):
+/// `Driver` and `Runtime` are frozen tokens whose state stays in the owning
+/// thread's locals; the done-callback classes are `unsendable` and run on
+/// their own shard; shared Rust state is atomic or behind a lock; Python
+/// objects cross shards only as owned references inside messages.
+#[pymodule(gil_used = false)]
 fn _shardloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     bridge::register(m)?;
