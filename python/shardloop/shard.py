@@ -34,9 +34,16 @@ else:
 
 
 async def invoke_on_all(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> list[Any]:
-    """Runs ``fn`` on every shard; returns the results in shard order."""
-    calls = [submit_to(i, fn, *args, **kwargs) for i in range(current_loop().shard_count)]
-    return list(await asyncio.gather(*calls))
+    """Runs ``fn`` on every shard; returns the results in shard order.
+
+    The other shards get their calls first: this shard's own call runs inline
+    (as in ``submit_to``), and would otherwise hold the others back.
+    """
+    loop = current_loop()
+    me = loop.shard_id
+    calls = {i: submit_to(i, fn, *args, **kwargs) for i in range(loop.shard_count) if i != me}
+    calls[me] = submit_to(me, fn, *args, **kwargs)
+    return list(await asyncio.gather(*(calls[i] for i in range(loop.shard_count))))
 
 
 async def invoke_on_others(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> list[Any]:
