@@ -190,3 +190,18 @@ def test_submit_after_shutdown_began_raises_shutdown_error() -> None:
 
     run2(main())
     assert len(outcome) == 1 and isinstance(outcome[0], shardloop.ShutdownError)
+
+
+def test_invoke_on_all_sends_to_the_others_before_running_its_own_part() -> None:
+    started = threading.Event()
+
+    def part() -> bool:
+        if shard.id() == 0:
+            return started.wait(5)  # only true if shard 1 ran meanwhile
+        started.set()
+        return True
+
+    async def main() -> list[bool]:
+        return await shard.invoke_on_all(part)
+
+    assert run2(main()) == [True, True]

@@ -28,6 +28,9 @@ where
     let submitted = with_shard(|current| {
         current.check_target(shard)?;
         if shard == current.id {
+            // What this turn already sent goes out before the call runs: it
+            // may run long, and the other shards should not wait for it.
+            current.flush_all();
             let result =
                 catch_unwind(AssertUnwindSafe(func)).map_err(|p| Error::from_panic(shard, p));
             return Ok(Submit::ready(result));
@@ -167,4 +170,11 @@ pub fn check_target(target: usize) -> Result<()> {
 /// `tasks_run` counter. Does nothing off a shard.
 pub fn count_tasks(n: u64) {
     let _ = with_shard(|shard| shard.counters().tasks_run.add(n));
+}
+
+/// Pushes the current shard's queued messages onto their rings now, instead
+/// of at the end of this turn of its loop (for a caller about to run long).
+/// Does nothing off a shard.
+pub fn flush() {
+    let _ = with_shard(|shard| shard.flush_all());
 }

@@ -8,10 +8,7 @@
 //!
 //! Batching follows Seastar's `smp_message_queue`: items first go into the
 //! outbox's FIFO; the FIFO is pushed onto the ring when it reaches the batch
-//! size, and whatever remains is pushed when the sender's poll ends. (The
-//! shard also pushes the first item of a burst at once, see
-//! `Shard::queue`, so that a lone call does not wait for the rest of the
-//! turn.) If the
+//! size, and whatever remains is pushed when the sender's poll ends. If the
 //! ring is full the items simply stay in the FIFO for a later poll: nothing is
 //! dropped and the sender never waits.
 
@@ -56,9 +53,6 @@ pub(crate) struct Outbox<T> {
     batch: usize,
     counters: Arc<QueueCounters>,
     count_requests: bool,
-    /// The sender's turn in which the FIFO last went out early (see
-    /// [`Outbox::send_in_turn`]).
-    early_turn: u64,
 }
 
 impl<T: Send> Outbox<T> {
@@ -77,21 +71,7 @@ impl<T: Send> Outbox<T> {
             batch: batch.max(1),
             counters,
             count_requests,
-            early_turn: u64::MAX,
         }
-    }
-
-    /// Like [`send`](Self::send), and also returns `true` for the first item
-    /// queued in the sender's turn `turn` when nothing else waits: a lone
-    /// call then goes out at once instead of waiting for the end of a turn
-    /// that may be long, while a burst is still batched.
-    #[inline]
-    pub(crate) fn send_in_turn(&mut self, item: T, turn: u64) -> bool {
-        let early = self.pending.is_empty() && self.early_turn != turn;
-        if early {
-            self.early_turn = turn;
-        }
-        self.send(item) || early
     }
 
     /// Queues `item`; returns `true` when the FIFO reached the batch size and
@@ -206,21 +186,6 @@ mod tests {
                 assert_eq!(got, Some((from, to)));
             }
         }
-    }
-
-    #[test]
-    fn only_the_first_item_of_a_turn_goes_out_early() {
-        let (producer, _consumer) = ring::channel(64);
-        let counters = Arc::new(QueueCounters::default());
-        let mut outbox = Outbox::new(producer, 4, counters, true);
-        assert!(outbox.send_in_turn(0, 7), "the first item of turn 7");
-        outbox.flush();
-        assert!(!outbox.send_in_turn(1, 7), "later items of the turn wait");
-        assert!(!outbox.send_in_turn(2, 7));
-        assert!(!outbox.send_in_turn(3, 7));
-        assert!(outbox.send_in_turn(4, 7), "a whole batch goes");
-        outbox.flush();
-        assert!(outbox.send_in_turn(5, 8), "the first item of turn 8");
     }
 
     #[test]

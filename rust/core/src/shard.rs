@@ -257,17 +257,9 @@ impl Shard {
     pub(crate) fn send_request(&self, to: usize, message: Envelope) {
         self.in_flight.set(self.in_flight.get() + 1);
         let outbox = self.requests_out[to].as_ref().expect("no ring to self");
-        if self.queue(outbox, message) {
+        if outbox.borrow_mut().send(message) {
             self.flush_to(to);
         }
-    }
-
-    /// Queues `message` in `outbox`; returns whether to push the FIFO now:
-    /// when it holds a whole batch, or for the first message of this turn
-    /// (the code that sent it may run for long before the turn ends; a lone
-    /// call should not wait for that, while a burst is still batched).
-    fn queue(&self, outbox: &RefCell<Outbox<Envelope>>, message: Envelope) -> bool {
-        outbox.borrow_mut().send_in_turn(message, self.polls.get())
     }
 
     /// Sends a finished call back to its origin.
@@ -279,7 +271,7 @@ impl Shard {
         let outbox = self.responses_out[origin]
             .as_ref()
             .expect("no ring to self");
-        if self.queue(outbox, message) {
+        if outbox.borrow_mut().send(message) {
             self.flush_to(origin);
         }
     }
@@ -307,7 +299,8 @@ impl Shard {
         }
     }
 
-    fn flush_all(&self) {
+    /// Pushes every FIFO that holds items onto its ring now.
+    pub(crate) fn flush_all(&self) {
         for peer in (0..self.shared.count).filter(|&peer| peer != self.id) {
             self.flush_to(peer);
         }

@@ -413,3 +413,23 @@ fn driven_shards_carry_custom_messages_and_stop_together() {
     assert_eq!(done, [(0, Some(0)), (0, Some(1)), (0, Some(2))]);
     assert_eq!(loops.load(Ordering::SeqCst), 2);
 }
+
+#[test]
+fn invoke_on_all_sends_to_the_others_before_running_its_own_part() {
+    static STARTED: AtomicUsize = AtomicUsize::new(0);
+    let rt = runtime(2);
+    let got = rt.block_on(invoke_on_all(|| {
+        if shard_id() == Some(0) {
+            // Only true if shard 1 got its call while this part runs.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while STARTED.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+                std::hint::spin_loop();
+            }
+            STARTED.load(Ordering::SeqCst) == 1
+        } else {
+            STARTED.store(1, Ordering::SeqCst);
+            true
+        }
+    }));
+    assert_eq!(got, Ok(vec![true, true]));
+}

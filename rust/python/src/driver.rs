@@ -250,6 +250,9 @@ fn submit_local<'py>(
     args: &Bound<'py, PyTuple>,
     kwargs: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    // The calls already sent this turn go out before this one runs here: it
+    // may run long (invoke_on_all's own part, say).
+    shardloop_core::flush();
     let result = func.call(args, kwargs);
     if let Ok(value) = &result {
         static ISCOROUTINE: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
