@@ -65,8 +65,9 @@ test-python: develop
 test-asyncio-suite: develop
 	$(PY) scripts/cpython_asyncio_suite.py
 
-# The whole pytest suite on a free-threaded CPython 3.13 (built once from
-# Debian's source package by scripts/free-threaded-python.sh, then cached).
+# The whole pytest suite and CPython's asyncio suite on a free-threaded
+# CPython 3.13 (built once from Debian's source package by
+# scripts/free-threaded-python.sh, then cached).
 FT_VENV := .venv-ft
 FT_ENV := VIRTUAL_ENV=$(abspath $(FT_VENV)) CARGO_TARGET_DIR=target/ft
 
@@ -81,6 +82,7 @@ develop-ft: $(FT_VENV)/.installed
 test-ft: tools develop-ft
 	$(FT_VENV)/bin/python -c 'import sys, shardloop; assert not sys._is_gil_enabled()'
 	$(FT_VENV)/bin/python -m pytest -q tests
+	$(FT_VENV)/bin/python scripts/cpython_asyncio_suite.py
 
 # The ring's unit tests under miri (scaled down there); needs the nightly
 # toolchain's miri component.

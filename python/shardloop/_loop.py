@@ -138,14 +138,18 @@ class ShardLoop(asyncio.SelectorEventLoop):
                 signal.set_wakeup_fd(-1)
             self._old_wakeup_fd = None
         if runtime is not None:
-            if self._cancel_on_close:
+            # Another loop may be running on this thread (this one was made
+            # and closed inside it): then shard 0 is drained in Rust alone.
+            can_run = asyncio.events._get_running_loop() is None
+            if self._cancel_on_close and can_run:
                 # Interrupted: stop the work running for us elsewhere too.
                 from .shard import invoke_on_others
 
                 self.run_until_complete(invoke_on_others(_cancel_tasks))
             runtime.begin_shutdown()
-            # Keep serving this shard's queues until every shard is done.
-            self.run_until_complete(self._until_stopped())
+            if can_run:
+                # Keep serving this shard's queues until every shard is done.
+                self.run_until_complete(self._until_stopped())
             super().close()
             self._driver.close()
             runtime.shutdown()
