@@ -98,8 +98,9 @@ bench-rust:
 bench-python: develop
 	$(PY) -m shardloop bench
 
-bench-net: develop
+bench-net: tools develop
 	$(PY) benches/net/run.py
+	$(PY) benches/net/memcached.py
 
 clean:
 	rm -rf target $(VENV)
