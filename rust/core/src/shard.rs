@@ -104,7 +104,6 @@ pub(crate) struct Shard {
     /// Set by [`wake_driver`]: the external driver has work to look at.
     pub(crate) attention: Cell<bool>,
     pub(crate) closing_seen: Cell<bool>,
-    pub(crate) polls: Cell<u64>,
 }
 
 /// The ends of the matrices and the epoll instance of one shard, built on the
@@ -223,7 +222,6 @@ impl Shard {
             main_woken: Cell::new(false),
             attention: Cell::new(false),
             closing_seen: Cell::new(false),
-            polls: Cell::new(0),
             shared,
         }
     }
@@ -357,9 +355,9 @@ impl Shard {
 
     /// One turn of the loop. Returns whether it found anything to do.
     pub(crate) fn poll_once(&self) -> bool {
-        let polls = self.polls.get() + 1;
-        self.polls.set(polls);
-        self.counters().polls.add(1);
+        let counters = self.counters();
+        counters.polls.add(1);
+        let polls = counters.polls.get();
 
         let mut work = self.take_messages();
         if !self.handle.remote.is_empty() {
