@@ -160,51 +160,44 @@ fn array_queue(iters: u64, batch: usize) -> Duration {
     )
 }
 
-fn crossbeam_channel(iters: u64, batch: usize) -> Duration {
-    let (tx, rx) = crossbeam_channel::bounded::<usize>(CAPACITY);
-    transfer(
-        iters,
-        move |total| {
-            for value in 0..total {
-                tx.send(value).unwrap();
-            }
-        },
-        move |total| {
-            let mut seen = 0;
-            while seen < total {
-                let got = rx.try_iter().take(batch).map(black_box).count();
-                if got == 0 {
-                    black_box(rx.recv().unwrap());
-                    seen += 1;
-                }
-                seen += got;
-            }
-        },
-    )
+/// A bounded channel (crossbeam's or std's: the same calls): the producer
+/// sends item by item, the consumer drains up to `batch` ready items and
+/// blocks in `recv` when none is.
+macro_rules! channel_bench {
+    ($name:ident, $channel:expr) => {
+        fn $name(iters: u64, batch: usize) -> Duration {
+            let (tx, rx) = $channel;
+            transfer(
+                iters,
+                move |total| {
+                    for value in 0..total {
+                        tx.send(value).unwrap();
+                    }
+                },
+                move |total| {
+                    let mut seen = 0;
+                    while seen < total {
+                        let got = rx.try_iter().take(batch).map(black_box).count();
+                        if got == 0 {
+                            black_box(rx.recv().unwrap());
+                            seen += 1;
+                        }
+                        seen += got;
+                    }
+                },
+            )
+        }
+    };
 }
 
-fn std_sync_channel(iters: u64, batch: usize) -> Duration {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<usize>(CAPACITY);
-    transfer(
-        iters,
-        move |total| {
-            for value in 0..total {
-                tx.send(value).unwrap();
-            }
-        },
-        move |total| {
-            let mut seen = 0;
-            while seen < total {
-                let got = rx.try_iter().take(batch).map(black_box).count();
-                if got == 0 {
-                    black_box(rx.recv().unwrap());
-                    seen += 1;
-                }
-                seen += got;
-            }
-        },
-    )
-}
+channel_bench!(
+    crossbeam_channel,
+    crossbeam_channel::bounded::<usize>(CAPACITY)
+);
+channel_bench!(
+    std_sync_channel,
+    std::sync::mpsc::sync_channel::<usize>(CAPACITY)
+);
 
 fn bench(c: &mut Criterion) {
     pin(0);
