@@ -25,6 +25,9 @@ struct Source {
     generation: u32,
     live: bool,
     readable: bool,
+    /// The peer closed its side: reads find data or the end of the stream
+    /// from now on, so this is not cleared with `readable`.
+    read_closed: bool,
     writable: bool,
     read_waker: Option<Waker>,
     write_waker: Option<Waker>,
@@ -87,6 +90,9 @@ impl Reactor {
                 if !source.live {
                     continue;
                 }
+                if event.is_read_closed() {
+                    source.read_closed = true;
+                }
                 if event.is_readable() || event.is_read_closed() || event.is_error() {
                     source.readable = true;
                     wakers.extend(source.read_waker.take());
@@ -135,6 +141,7 @@ impl Reactor {
         let source = &mut sources[index];
         source.live = true;
         source.readable = false;
+        source.read_closed = false;
         source.writable = false;
         let registered = self.poll.borrow().registry().register(
             &mut SourceFd(&fd),
@@ -168,7 +175,10 @@ impl Reactor {
         let (ready, waker) = if write {
             (source.writable, &mut source.write_waker)
         } else {
-            (source.readable, &mut source.read_waker)
+            (
+                source.readable || source.read_closed,
+                &mut source.read_waker,
+            )
         };
         if ready {
             return Poll::Ready(());
@@ -220,6 +230,24 @@ impl<T: AsRawFd> Async<T> {
     /// Waits until the descriptor may be writable.
     pub async fn writable(&self) {
         std::future::poll_fn(|cx| self.shard.reactor.poll_ready(self.index, true, cx)).await
+    }
+
+    /// Whether the reactor has seen the descriptor readable since the
+    /// readiness was last cleared: a read may find data without waiting.
+    pub fn is_readable(&self) -> bool {
+        let sources = self.shard.reactor.sources.borrow();
+        let source = &sources[self.index];
+        source.readable || source.read_closed
+    }
+
+    /// Forgets the read readiness, so [`readable`](Self::readable) waits for
+    /// the reactor's next event. Call it only right after a read that
+    /// drained the descriptor (it failed with `WouldBlock`, or a stream
+    /// socket returned less than it was offered), with no await in between:
+    /// epoll reports data that arrives later as a new event. A peer's close
+    /// that epoll already reported is kept: the next read finds it.
+    pub fn clear_readable(&self) {
+        self.shard.reactor.clear(self.index, false);
     }
 
     /// Runs the non-blocking operation `op` until it does not fail with
