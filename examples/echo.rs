@@ -3,6 +3,8 @@
 //!
 //!     cargo run --release --example echo -- --port 7008 [--shards N] [--idle-poll-us U]
 //!
+//! `SHARDLOOP_OVERPROVISIONED=1` builds the runtime overprovisioned.
+//!
 //! Every shard has its own listening socket on the port (`SO_REUSEPORT`),
 //! accepts its own connections and serves them as local tasks.
 
@@ -70,7 +72,10 @@ fn main() {
             }
         }
     }
-    let mut builder = Runtime::builder();
+    // As the Python package does: the shards share their cores with other
+    // busy threads (a load generator on this machine).
+    let overprovisioned = std::env::var_os("SHARDLOOP_OVERPROVISIONED").is_some_and(|v| v != "0");
+    let mut builder = Runtime::builder().overprovisioned(overprovisioned);
     if let Some(shards) = shards {
         builder = builder.shards(shards);
     }

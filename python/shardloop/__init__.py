@@ -22,13 +22,14 @@ from typing import Any, TypeVar
 
 from . import shard
 from ._loop import EventLoopPolicy, ShardLoop, current_loop, new_event_loop
-from ._shardloop import ShutdownError
-from .server import ShardedServer, serve
+from ._shardloop import Connection, ShutdownError
+from .server import ShardedServer, serve, serve_connections
 from .sharded import ForeignRef, Sharded
 
 T = TypeVar("T")
 
 __all__ = [
+    "Connection",
     "EventLoopPolicy",
     "ForeignRef",
     "ShardLoop",
@@ -38,6 +39,7 @@ __all__ = [
     "new_event_loop",
     "run",
     "serve",
+    "serve_connections",
     "shard",
     "stats",
 ]
@@ -49,6 +51,7 @@ def run(
     shards: int | None = None,
     pin: bool = True,
     idle_poll: float = 200e-6,
+    overprovisioned: bool | None = None,
 ) -> T:
     """Runs ``main()`` on shard 0 (this thread) of a new runtime and returns
     its result.
@@ -56,11 +59,17 @@ def run(
     The other shards start on their own threads, pinned to cores when
     ``pin``; ``shards=None`` means ``SHARDLOOP_SHARDS`` or one per available
     core. An idle shard polls for ``idle_poll`` seconds before it sleeps.
+    ``overprovisioned=True`` (or ``SHARDLOOP_OVERPROVISIONED=1``) is for
+    shards that share their cores with other busy threads, such as a client
+    on the same machine: shards are not pinned and yield their core while
+    they poll or wait for the GIL, rather than spin.
     When ``main()`` ends every shard finishes the calls already submitted,
     and the runtime stops. Ctrl-C cancels ``main()`` and the tasks of every
     shard, then stops the runtime and raises ``KeyboardInterrupt``.
     """
-    factory = functools.partial(new_event_loop, shards, pin=pin, idle_poll=idle_poll)
+    factory = functools.partial(
+        new_event_loop, shards, pin=pin, idle_poll=idle_poll, overprovisioned=overprovisioned
+    )
     with asyncio.Runner(loop_factory=factory) as runner:
         try:
             return runner.run(main)

@@ -216,20 +216,31 @@ def new_event_loop(
     *,
     pin: bool = True,
     idle_poll: float = 200e-6,
+    overprovisioned: bool | None = None,
 ) -> ShardLoop:
     """Starts a runtime and returns shard 0's loop, for the calling thread.
 
     ``shards`` defaults to ``SHARDLOOP_SHARDS`` or one per available core;
     ``idle_poll`` is how long (seconds) an idle shard keeps polling before it
-    sleeps. Closing the loop shuts the runtime down. Use it with
+    sleeps. ``overprovisioned`` (default: ``SHARDLOOP_OVERPROVISIONED=1``)
+    says the shards share their cores with other busy threads, such as a
+    load generator on the same machine: shards are then not pinned, and
+    they yield their core while they poll or wait for the GIL instead of
+    spinning. Closing the loop shuts the runtime down. Use it with
     ``asyncio.run(main(), loop_factory=shardloop.new_event_loop)``.
     """
+    if overprovisioned is None:
+        overprovisioned = os.environ.get("SHARDLOOP_OVERPROVISIONED", "") not in ("", "0")
     if threading.current_thread() is not threading.main_thread() and pin:
         # Pinning shard 0 pins the calling thread; that is only expected of
         # the main thread.
         pin = False
     runtime = _shardloop.Runtime(
-        _serve_shard, shards=_shard_count(shards), pin=pin, idle_poll=idle_poll
+        _serve_shard,
+        shards=_shard_count(shards),
+        pin=pin,
+        idle_poll=idle_poll,
+        overprovisioned=overprovisioned,
     )
     try:
         driver = runtime.enter()

@@ -46,6 +46,13 @@ impl Driver {
         self.shard.shared.count
     }
 
+    /// Whether the runtime was built
+    /// [`overprovisioned`](crate::Builder::overprovisioned): a driver that
+    /// spins should then yield its core between looks.
+    pub fn is_overprovisioned(&self) -> bool {
+        self.shard.is_overprovisioned()
+    }
+
     /// One turn of the shard's loop, without waiting. Returns whether it found
     /// anything to do.
     pub fn poll(&self) -> bool {

@@ -26,6 +26,7 @@ use crate::shard::{Enter, Parts, Shard, ShardHandle, Shared};
 pub(crate) struct Config {
     pub(crate) shards: Option<usize>,
     pub(crate) pin: bool,
+    pub(crate) overprovisioned: bool,
     pub(crate) idle_poll: Duration,
     pub(crate) batch: usize,
     pub(crate) ring_capacity: usize,
@@ -43,6 +44,7 @@ impl Default for Builder {
             config: Config {
                 shards: None,
                 pin: true,
+                overprovisioned: false,
                 idle_poll: Duration::from_micros(200),
                 batch: 16,
                 ring_capacity: 1024,
@@ -64,6 +66,17 @@ impl Builder {
     /// Shard 0 is the thread that builds the runtime.
     pub fn pin(mut self, pin: bool) -> Self {
         self.config.pin = pin;
+        self
+    }
+
+    /// Whether the shards share their cores with other busy threads (a load
+    /// generator on the same machine, a laptop, a container with a CPU
+    /// quota); default `false`. Then shards are not pinned, and a shard that
+    /// polls while idle yields its core (`sched_yield`) between looks
+    /// instead of spinning, so a thread it shares the core with can run.
+    /// Pinned, spinning shards suit cores of their own.
+    pub fn overprovisioned(mut self, overprovisioned: bool) -> Self {
+        self.config.overprovisioned = overprovisioned;
         self
     }
 
@@ -139,8 +152,8 @@ impl Runtime {
         if count == 0 {
             return Err(Error::Build("a runtime needs at least one shard".into()));
         }
-        let pinned = config.pin && count <= cores.len();
-        if config.pin && !pinned {
+        let pinned = config.pin && !config.overprovisioned && count <= cores.len();
+        if config.pin && !config.overprovisioned && !pinned {
             PIN_NOTICE.call_once(|| {
                 eprintln!(
                     "shardloop: {count} shards on {} available cores: pinning is off",

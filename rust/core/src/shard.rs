@@ -458,8 +458,16 @@ impl Shard {
                     continue;
                 }
             }
-            std::hint::spin_loop();
+            if self.shared.config.overprovisioned {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
+    }
+
+    pub(crate) fn is_overprovisioned(&self) -> bool {
+        self.shared.config.overprovisioned
     }
 
     pub(crate) fn is_closing(&self) -> bool {

@@ -433,3 +433,49 @@ fn invoke_on_all_sends_to_the_others_before_running_its_own_part() {
     }));
     assert_eq!(got, Ok(vec![true, true]));
 }
+
+/// A peer's data and its close can arrive as one epoll event: a short read
+/// that clears the readiness must still find the end of the stream next.
+#[test]
+fn a_close_reported_with_the_data_is_not_lost_by_a_short_read() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut peer = std::net::TcpStream::connect(addr).unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    peer.write_all(b"abc").unwrap();
+    drop(peer);
+    let rt = runtime(1);
+    let outcome = rt.block_on(async move {
+        accepted.set_nonblocking(true).unwrap();
+        let stream = Async::new(accepted).unwrap();
+        let mut buf = [0; 64];
+        stream.readable().await;
+        let first = stream.get_ref().read(&mut buf).unwrap();
+        assert!(first < buf.len(), "a short read");
+        stream.clear_readable();
+        assert!(stream.is_readable(), "the close is still to be read");
+        stream.readable().await;
+        let second = stream.get_ref().read(&mut buf).unwrap();
+        (first, second)
+    });
+    assert_eq!(outcome, (3, 0));
+}
+
+#[test]
+fn an_overprovisioned_runtime_is_not_pinned_and_still_serves() {
+    let rt = Runtime::builder()
+        .shards(2)
+        .overprovisioned(true)
+        .build()
+        .unwrap();
+    assert!(!rt.is_pinned());
+    let sum = rt.block_on(async {
+        let mut sum = 0;
+        for i in 0..1000 {
+            sum += submit_to(1, move || i).await.unwrap();
+        }
+        sum
+    });
+    assert_eq!(sum, 499_500);
+    assert!(rt.driver().is_overprovisioned());
+}

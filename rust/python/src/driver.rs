@@ -76,6 +76,7 @@ impl Driver {
     pub(crate) fn install(driver: shardloop_core::Driver) -> Self {
         let token = TOKENS.fetch_add(1, Ordering::Relaxed);
         let (shard_id, shard_count) = (driver.shard_id(), driver.shard_count());
+        gil::set_overprovisioned(driver.is_overprovisioned());
         DRIVERS.with(|drivers| {
             drivers.borrow_mut().push(Current {
                 token,

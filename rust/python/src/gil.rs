@@ -10,6 +10,7 @@
 //! without going through these points (blocking I/O, `time.sleep`), so after
 //! `SPIN_LIMIT` the shard falls back to CPython's hand-off.
 
+use std::cell::Cell;
 use std::hint::spin_loop;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -21,6 +22,22 @@ static HOLDER: AtomicUsize = AtomicUsize::new(0);
 
 /// How long a shard spins for the GIL before it waits in CPython.
 const SPIN_LIMIT: Duration = Duration::from_micros(100);
+
+/// Spins before an overprovisioned shard starts yielding its core.
+const SPINS_BEFORE_YIELD: u32 = 64;
+
+thread_local! {
+    /// Whether this thread's shard shares its core with other busy threads:
+    /// it then yields the core while it waits for the GIL (the holder may be
+    /// waiting for a core itself).
+    static YIELD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Makes this thread yield its core while it waits for the GIL (see
+/// `Builder::overprovisioned`).
+pub(crate) fn set_overprovisioned(overprovisioned: bool) {
+    YIELD.with(|y| y.set(overprovisioned));
+}
 
 /// Runs `f` with the GIL released, as shard `shard`, and takes the GIL back
 /// when the shards that hold it let go of it.
@@ -37,6 +54,7 @@ pub(crate) fn detached<T: Send>(py: Python<'_>, shard: usize, f: impl FnOnce() -
 }
 
 fn claim(me: usize) {
+    let polite = YIELD.with(Cell::get);
     let mut started: Option<Instant> = None;
     let mut spins = 0u32;
     loop {
@@ -47,7 +65,11 @@ fn claim(me: usize) {
         {
             return;
         }
-        spin_loop();
+        if polite && spins >= SPINS_BEFORE_YIELD {
+            std::thread::yield_now();
+        } else {
+            spin_loop();
+        }
         spins += 1;
         if spins % 256 == 0 && started.get_or_insert_with(Instant::now).elapsed() >= SPIN_LIMIT {
             return;

@@ -65,7 +65,7 @@ impl Runtime {
     /// Starts `shards` shards (None: one per available core). Shards 1..N
     /// run `worker(driver)` on their own threads.
     #[new]
-    #[pyo3(signature = (worker, shards=None, pin=true, idle_poll=0.0002, batch=16, ring_capacity=1024))]
+    #[pyo3(signature = (worker, shards=None, pin=true, idle_poll=0.0002, batch=16, ring_capacity=1024, overprovisioned=false))]
     fn new(
         worker: Py<PyAny>,
         shards: Option<usize>,
@@ -73,9 +73,11 @@ impl Runtime {
         idle_poll: f64,
         batch: usize,
         ring_capacity: usize,
+        overprovisioned: bool,
     ) -> PyResult<Self> {
         let mut builder = shardloop_core::Runtime::builder()
             .pin(pin)
+            .overprovisioned(overprovisioned)
             .idle_poll(Duration::from_secs_f64(idle_poll.max(0.0)))
             .batch(batch)
             .ring_capacity(ring_capacity);
