@@ -5,9 +5,11 @@ use pyo3::prelude::*;
 
 mod bridge;
 mod call;
+mod conn;
 mod driver;
 mod errors;
 mod gil;
+mod load;
 mod runtime;
 mod stats;
 
@@ -20,7 +22,9 @@ mod stats;
 fn _shardloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     bridge::register(m)?;
+    conn::register(m)?;
     driver::register(m)?;
+    load::register(m)?;
     runtime::register(m)?;
     Ok(())
 }

@@ -1,0 +1,368 @@
+//! A closed-loop TCP load generator: many connections on one thread, each
+//! sending a request, waiting for the whole answer, and sending the next.
+//!
+//! It speaks the two protocols of shardloop's example servers:
+//!
+//! * echo: `size` bytes out, the same number back;
+//! * lookup: a 4-byte big-endian id out; a 4-byte big-endian length and that
+//!   many bytes back.
+//!
+//! It runs on one thread with edge-triggered epoll (mio), so that it takes
+//! as little of the machine as possible from the server it measures.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+/// What the connections speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `size` bytes out, the same bytes back.
+    Echo { size: usize },
+    /// A 4-byte id drawn from `0..keys` out; a 4-byte length and a value back.
+    Lookup { keys: u32 },
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub addr: SocketAddr,
+    pub protocol: Protocol,
+    pub connections: usize,
+    pub duration: Duration,
+    /// Print a progress line on stderr every second.
+    pub progress: bool,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Answers received in full.
+    pub requests: u64,
+    /// Connections that failed to connect, were closed by the server, or
+    /// got more than a whole answer.
+    pub errors: u64,
+    pub elapsed: Duration,
+    /// Every request's latency, sorted.
+    latencies: Vec<Duration>,
+}
+
+impl Report {
+    /// Answers per second.
+    pub fn rate(&self) -> f64 {
+        if self.elapsed.is_zero() {
+            return 0.0;
+        }
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// The `p`-th percentile latency (`p` in 0..=100), if any request
+    /// finished.
+    pub fn percentile(&self, p: f64) -> Option<Duration> {
+        let last = self.latencies.len().checked_sub(1)?;
+        let index = ((p / 100.0 * self.latencies.len() as f64) as usize).min(last);
+        Some(self.latencies[index])
+    }
+}
+
+/// One connection's request in flight.
+struct Conn {
+    stream: TcpStream,
+    request: Vec<u8>,
+    written: usize,
+    /// Bytes of the answer received so far, and its first four bytes.
+    received: usize,
+    header: [u8; 4],
+    started: Instant,
+}
+
+impl Conn {
+    /// The whole answer's length, once it is known.
+    fn expected(&self, protocol: Protocol) -> Option<usize> {
+        match protocol {
+            Protocol::Echo { size } => Some(size),
+            Protocol::Lookup { .. } => {
+                (self.received >= 4).then(|| 4 + u32::from_be_bytes(self.header) as usize)
+            }
+        }
+    }
+
+    /// Writes what is left of the request; `Ok(())` also when the socket is
+    /// full (the rest goes at the next writable event).
+    fn flush(&mut self) -> io::Result<()> {
+        while self.written < self.request.len() {
+            match self.stream.write(&self.request[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A small, fast generator of ids (xorshift64*).
+struct Ids(u64);
+
+impl Ids {
+    fn next_below(&mut self, bound: u32) -> u32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        (((x >> 32) * u64::from(bound)) >> 32) as u32
+    }
+}
+
+struct Run {
+    protocol: Protocol,
+    ids: Ids,
+    report: Report,
+    scratch: Vec<u8>,
+}
+
+/// Starts the connection's next request.
+fn next_request(protocol: Protocol, ids: &mut Ids, conn: &mut Conn) -> io::Result<()> {
+    if let Protocol::Lookup { keys } = protocol {
+        let id = ids.next_below(keys.max(1));
+        conn.request.clear();
+        conn.request.extend_from_slice(&id.to_be_bytes());
+    }
+    conn.written = 0;
+    conn.received = 0;
+    conn.started = Instant::now();
+    conn.flush()
+}
+
+impl Run {
+    /// Reads until the socket is empty, finishing (and replacing) the
+    /// request whenever its whole answer is in. `Err` ends the connection.
+    fn read(&mut self, conn: &mut Conn) -> io::Result<()> {
+        loop {
+            let n = match conn.stream.read(&mut self.scratch) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(err),
+            };
+            for (i, &byte) in self.scratch[..n].iter().enumerate() {
+                if conn.received < 4 {
+                    conn.header[conn.received] = byte;
+                }
+                conn.received += 1;
+                if conn.expected(self.protocol) == Some(conn.received) {
+                    if i + 1 != n {
+                        return Err(io::Error::other("the server sent more than one answer"));
+                    }
+                    self.report.latencies.push(conn.started.elapsed());
+                    self.report.requests += 1;
+                    next_request(self.protocol, &mut self.ids, conn)?;
+                }
+            }
+        }
+    }
+}
+
+/// Connects, drives the server for `options.duration`, and reports.
+/// Connections that fail count as errors; the run fails only if none
+/// connects.
+pub fn run(options: &Options) -> io::Result<Report> {
+    let mut poll = Poll::new()?;
+    let mut run = Run {
+        protocol: options.protocol,
+        ids: Ids(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id())),
+        report: Report::default(),
+        scratch: vec![0; 64 * 1024],
+    };
+    let request = match options.protocol {
+        Protocol::Echo { size } => vec![b'x'; size.max(1)],
+        Protocol::Lookup { .. } => Vec::with_capacity(4),
+    };
+    if let Protocol::Echo { size: 0 } = options.protocol {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "echo size must be at least 1",
+        ));
+    }
+    let mut conns: Vec<Option<Conn>> = Vec::with_capacity(options.connections);
+    let mut last_error = None;
+    for index in 0..options.connections {
+        let connected = std::net::TcpStream::connect(options.addr).and_then(|stream| {
+            stream.set_nodelay(true)?;
+            stream.set_nonblocking(true)?;
+            let mut stream = TcpStream::from_std(stream);
+            poll.registry().register(
+                &mut stream,
+                Token(index),
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            Ok(stream)
+        });
+        match connected {
+            Ok(stream) => conns.push(Some(Conn {
+                stream,
+                request: request.clone(),
+                written: 0,
+                received: 0,
+                header: [0; 4],
+                started: Instant::now(),
+            })),
+            Err(err) => {
+                run.report.errors += 1;
+                last_error = Some(err);
+                conns.push(None);
+            }
+        }
+    }
+    if conns.iter().all(Option::is_none) {
+        return Err(last_error.unwrap_or_else(|| io::Error::other("no connections asked for")));
+    }
+
+    let start = Instant::now();
+    let deadline = start + options.duration;
+    for slot in &mut conns {
+        if let Some(conn) = slot {
+            if next_request(run.protocol, &mut run.ids, conn).is_err() {
+                run.report.errors += 1;
+                *slot = None;
+            }
+        }
+    }
+    let mut events = Events::with_capacity(1024);
+    let mut next_tick = start + Duration::from_secs(1);
+    let mut at_last_tick = 0;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        if options.progress && now >= next_tick {
+            let done = run.report.requests;
+            eprint!(
+                "\r  {:4.1}/{:.0}s  {:>9} req/s  {:>11} requests",
+                (now - start).as_secs_f64(),
+                options.duration.as_secs_f64(),
+                done - at_last_tick,
+                done
+            );
+            at_last_tick = done;
+            next_tick += Duration::from_secs(1);
+        }
+        let wait = deadline.min(next_tick).saturating_duration_since(now);
+        match poll.poll(&mut events, Some(wait)) {
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            other => other?,
+        }
+        for event in events.iter() {
+            let slot = &mut conns[event.token().0];
+            let Some(conn) = slot else { continue };
+            let mut outcome = Ok(());
+            if event.is_writable() {
+                outcome = conn.flush();
+            }
+            if outcome.is_ok() && (event.is_readable() || event.is_read_closed()) {
+                outcome = run.read(conn);
+            }
+            if outcome.is_err() || event.is_error() {
+                run.report.errors += 1;
+                let _ = poll.registry().deregister(&mut conn.stream);
+                *slot = None;
+            }
+        }
+        if conns.iter().all(Option::is_none) {
+            break;
+        }
+    }
+    if options.progress {
+        eprintln!();
+    }
+    run.report.elapsed = start.elapsed();
+    run.report.latencies.sort_unstable();
+    Ok(run.report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::thread;
+
+    /// A blocking lookup server for one connection: answers id N with N
+    /// bytes' worth of value, capped.
+    fn lookup_server(listener: TcpListener) {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut id = [0; 4];
+        while stream.read_exact(&mut id).is_ok() {
+            let len = (u32::from_be_bytes(id) % 50) as usize;
+            let mut answer = (len as u32).to_be_bytes().to_vec();
+            answer.extend(std::iter::repeat_n(b'v', len));
+            if stream.write_all(&answer).is_err() {
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn drives_a_lookup_server_and_counts_every_answer() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = thread::spawn(move || lookup_server(listener));
+        let report = run(&Options {
+            addr,
+            protocol: Protocol::Lookup { keys: 1000 },
+            connections: 1,
+            duration: Duration::from_millis(300),
+            progress: false,
+        })
+        .unwrap();
+        assert!(report.requests > 10, "{report:?}");
+        assert_eq!(report.errors, 0);
+        let p50 = report.percentile(50.0).unwrap();
+        assert!(p50 <= report.percentile(99.0).unwrap());
+        drop(server);
+    }
+
+    #[test]
+    fn a_server_that_closes_counts_as_an_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = thread::spawn(move || drop(listener.accept().unwrap()));
+        let report = run(&Options {
+            addr,
+            protocol: Protocol::Echo { size: 8 },
+            connections: 1,
+            duration: Duration::from_secs(5),
+            progress: false,
+        })
+        .unwrap();
+        server.join().unwrap();
+        assert_eq!(report.requests, 0);
+        assert_eq!(report.errors, 1);
+        assert!(
+            report.elapsed < Duration::from_secs(5),
+            "stops once no connection is left"
+        );
+    }
+
+    #[test]
+    fn nothing_listening_is_an_error() {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let result = run(&Options {
+            addr,
+            protocol: Protocol::Echo { size: 8 },
+            connections: 2,
+            duration: Duration::from_millis(100),
+            progress: false,
+        });
+        assert!(result.is_err());
+    }
+}
