@@ -2,6 +2,7 @@
 it sends, served by the shard that accepted it.
 
     python examples/echo_server.py --port 7007 [--shards N] [--balance round_robin]
+                                   [--api streams]
 """
 
 from __future__ import annotations
@@ -19,8 +20,19 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
         await writer.drain()
 
 
+async def echo_connection(conn: shardloop.Connection) -> None:
+    while data := await conn.read():
+        conn.write(data)
+        await conn.drain()
+
+
 async def main(args: argparse.Namespace) -> None:
-    server = await shardloop.serve(echo, args.host, args.port, balance=args.balance)
+    if args.api == "streams":
+        server = await shardloop.serve(echo, args.host, args.port, balance=args.balance)
+    else:
+        server = await shardloop.serve_connections(
+            echo_connection, args.host, args.port, balance=args.balance
+        )
     print(f"echo server on {args.host}:{server.port}, {shard.count()} shards", flush=True)
     async with server:
         await server.serve_forever()
@@ -34,6 +46,12 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=7007)
     parser.add_argument("--shards", type=int, default=None, help="default: one per core")
     parser.add_argument("--balance", choices=("reuseport", "round_robin"), default="reuseport")
+    parser.add_argument(
+        "--api",
+        choices=("connection", "streams"),
+        default="connection",
+        help="shardloop.Connection (buffers in Rust) or asyncio streams",
+    )
     parser.add_argument(
         "--idle-poll",
         type=float,

@@ -65,13 +65,43 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         await writer.drain()
 
 
-async def start(host: str, port: int, keys: int, balance: str) -> shardloop.ShardedServer:
+async def handle_connection(conn: shardloop.Connection) -> None:
+    """The same server on a :class:`shardloop.Connection`: the request is
+    read into Rust's buffer with the GIL released, and the coroutine wakes
+    once all 4 bytes are there."""
+    me, count = shard.id(), shard.count()
+    mine = _counters[me]
+    table = _tables[me]
+    pack = struct.Struct("!I").pack
+    unpack = struct.Struct("!I").unpack
+    while True:
+        try:
+            (key,) = unpack(await conn.read_exactly(4))
+        except asyncio.IncompleteReadError:
+            return  # the client closed (maybe mid-request)
+        owner = key % count
+        mine["requests"] += 1
+        if owner == me:
+            mine["local"] += 1
+            value = table.get(key, b"")
+        else:
+            mine["cross_shard"] += 1
+            value = await shard.submit_to(owner, lookup, key)
+        conn.write(pack(len(value)) + value)
+        await conn.drain()
+
+
+async def start(
+    host: str, port: int, keys: int, balance: str, api: str = "connection"
+) -> shardloop.ShardedServer:
     await shard.invoke_on_all(load_slice, keys)
-    return await shardloop.serve(handle, host, port, balance=balance)  # type: ignore[arg-type]
+    if api == "streams":
+        return await shardloop.serve(handle, host, port, balance=balance)  # type: ignore[arg-type]
+    return await shardloop.serve_connections(handle_connection, host, port, balance=balance)  # type: ignore[arg-type]
 
 
 async def serve_until_interrupted(args: argparse.Namespace) -> None:
-    server = await start(args.host, args.port, args.keys, args.balance)
+    server = await start(args.host, args.port, args.keys, args.balance, args.api)
     print(f"lookup server on {args.host}:{server.port}, {shard.count()} shards", flush=True)
     async with server:
         await server.serve_forever()
@@ -79,7 +109,7 @@ async def serve_until_interrupted(args: argparse.Namespace) -> None:
 
 async def demo(args: argparse.Namespace) -> None:
     """Serves, drives the server with the load generator, and reports."""
-    server = await start(args.host, 0, args.keys, args.balance)
+    server = await start(args.host, 0, args.keys, args.balance, args.api)
     print(
         f"lookup server on {args.host}:{server.port}, {shard.count()} shards; load for "
         f"{args.seconds:g}s with {args.connections} connections",
@@ -124,7 +154,17 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=None, help="default: one per core")
     parser.add_argument("--keys", type=int, default=KEYS)
     parser.add_argument("--balance", choices=("reuseport", "round_robin"), default="reuseport")
-    parser.add_argument("--demo", action="store_true", help="serve, run the load generator, report")
+    parser.add_argument(
+        "--api",
+        choices=("connection", "streams"),
+        default="connection",
+        help="shardloop.Connection (buffers in Rust) or asyncio streams",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="serve, run the load generator, report (overprovisioned: the load shares the cores)",
+    )
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument(
@@ -138,7 +178,11 @@ def main() -> None:
         demo if args.demo else serve_until_interrupted
     )
     try:
-        shardloop.run(job(args), shards=args.shards, idle_poll=args.idle_poll)
+        # The demo's load generator shares the machine's cores with the shards.
+        overprovisioned = True if args.demo else None
+        shardloop.run(
+            job(args), shards=args.shards, idle_poll=args.idle_poll, overprovisioned=overprovisioned
+        )
     except KeyboardInterrupt:
         pass
 

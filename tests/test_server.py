@@ -87,7 +87,8 @@ def test_a_failing_handler_closes_only_its_connection(caplog: pytest.LogCaptureF
     assert record.exc_info is not None and "refusing bad input" in str(record.exc_info[1])
 
 
-def test_lookup_server_answers_across_shards_and_survives_half_requests() -> None:
+@pytest.mark.parametrize("api", ["connection", "streams"])
+def test_lookup_server_answers_across_shards_and_survives_half_requests(api: str) -> None:
     sys.path.insert(0, str(EXAMPLES))
     try:
         import lookup_server
@@ -95,7 +96,7 @@ def test_lookup_server_answers_across_shards_and_survives_half_requests() -> Non
         sys.path.remove(str(EXAMPLES))
 
     async def main() -> tuple[list[bytes], list[dict[str, int]]]:
-        server = await lookup_server.start("127.0.0.1", 0, 1000, "reuseport")
+        server = await lookup_server.start("127.0.0.1", 0, 1000, "reuseport", api)
         async with server:
             # A client that sends half a request and goes away costs nothing
             # but its own connection.
@@ -138,6 +139,7 @@ def test_lookup_demo_runs_end_to_end() -> None:
         check=True,
     ).stdout
     assert "requests/s" in out and "p99" in out and "cross-shard calls" in out
+    assert "errors 0" in out
 
 
 @pytest.mark.parametrize("name", ["echo_server.py", "lookup_server.py"])

@@ -2,10 +2,22 @@
 package; these are its building blocks."""
 
 import asyncio
-from collections.abc import Callable
-from typing import Any, final
+from collections.abc import Callable, Generator
+from typing import Any, Generic, TypeVar, final
 
-__all__ = ["Driver", "Runtime", "ShutdownError", "relay", "sleep", "submit_to"]
+_T = TypeVar("_T")
+
+__all__ = [
+    "Connection",
+    "Driver",
+    "Runtime",
+    "ShutdownError",
+    "Waiting",
+    "load",
+    "relay",
+    "sleep",
+    "submit_to",
+]
 
 class ShutdownError(RuntimeError):
     """The runtime is shutting down: the call was not sent."""
@@ -59,6 +71,7 @@ class Runtime:
         idle_poll: float = 0.0002,
         batch: int = 16,
         ring_capacity: int = 1024,
+        overprovisioned: bool = False,
     ) -> Runtime:
         """Starts the shards; shards 1..N run ``worker(driver)`` on their own
         threads."""
@@ -76,6 +89,44 @@ class Runtime:
         """Finishes submitted work and joins the shard threads."""
     def stats(self) -> dict[str, Any]:
         """The runtime's counters as plain dicts."""
+
+@final
+class Connection:
+    """A TCP connection of this shard whose buffers live in Rust."""
+
+    def __new__(cls, fd: int, /) -> Connection: ...
+    def read_exactly(self, n: int) -> Waiting[bytes]: ...
+    def read_until(self, separator: bytes = b"\n", limit: int = 65536) -> Waiting[bytes]: ...
+    def read(self, max: int = 65536) -> Waiting[bytes]: ...
+    def write(self, data: bytes) -> None: ...
+    def drain(self) -> Waiting[None]: ...
+    @property
+    def pending(self) -> int: ...
+    def at_eof(self) -> bool: ...
+    @property
+    def peername(self) -> tuple[str, int]: ...
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+
+@final
+class Waiting(Generic[_T]):
+    """The awaitable of a read or a drain of a Connection."""
+
+    def __await__(self) -> Generator[Any, None, _T]: ...
+    def __next__(self) -> Any: ...
+
+def load(
+    host: str,
+    port: int,
+    protocol: str = "lookup",
+    connections: int = 64,
+    seconds: float = 5.0,
+    size: int = 64,
+    keys: int = 100000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Drives an echo or lookup server; returns requests/s and latencies."""
 
 def sleep(delay: float, /) -> asyncio.Future[None]:
     """Waits ``delay`` seconds on the shard's Rust timers: a Rust future

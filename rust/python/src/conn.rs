@@ -1,0 +1,702 @@
+//! `Connection`: a TCP connection of one shard whose buffers live in Rust.
+//!
+//! The shard's reactor reads into the connection's buffer from a Rust task,
+//! with the GIL released; a Python coroutine awaiting `read_exactly(n)`,
+//! `read_until(sep)` or `read(max)` only wakes when its whole answer is
+//! there, and then takes it from the buffer in one call. `write` sends at
+//! once (the GIL released for the system call) and leaves what the socket
+//! did not take to a Rust task. The connection's state is touched only on
+//! its shard's thread: its tasks run on the shard's executor, the Python
+//! objects check the thread on every use ([`Home`]), and one dropped
+//! elsewhere (a traceback kept by a log handler, say) is sent home to be
+//! dropped there.
+//!
+//! The awaitables follow asyncio's waiter pattern: while the answer is not
+//! buffered they yield an asyncio future of the shard's loop that the Rust
+//! side resolves as a wake-up only. The data stays in the buffer until the
+//! awaiting coroutine takes it, so a cancelled read loses nothing.
+
+use std::cell::{Cell, RefCell};
+use std::io::{self, Read, Write};
+use std::mem::ManuallyDrop;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{FromRawFd, RawFd};
+use std::rc::Rc;
+
+use pyo3::exceptions::{PyConnectionAbortedError, PyRuntimeError, PyStopIteration, PyValueError};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyTuple};
+use shardloop_core::Async;
+
+use crate::call::{self, Produce};
+use crate::driver::{running_shard_loop, OnThisThread};
+use crate::gil;
+
+/// How much a read asks the socket for at least.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// `drain()` waits while more than this is buffered for sending.
+const HIGH_WATER: usize = 64 * 1024;
+
+/// What a waiting read needs before it can finish.
+#[derive(Clone)]
+enum Want {
+    Exactly(usize),
+    Until {
+        separator: Vec<u8>,
+        limit: usize,
+    },
+    Some(usize),
+    /// Not a read: the send buffer at or below `HIGH_WATER`.
+    Drained,
+}
+
+/// Received bytes not yet taken: `data[start..end]`, with `data` kept
+/// initialised so that reads need no zeroing.
+struct ReadBuffer {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl ReadBuffer {
+    fn buffered(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Free space after `end` of at least `at_least` bytes.
+    fn spare(&mut self, at_least: usize) -> &mut [u8] {
+        if self.data.len() - self.end < at_least && self.start > 0 {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.data.len() - self.end < at_least {
+            let size = (self.end + at_least).next_power_of_two();
+            self.data.resize(size, 0);
+        }
+        &mut self.data[self.end..]
+    }
+}
+
+/// Bytes accepted by `write` that the socket has not taken yet.
+#[derive(Default)]
+struct WriteBuffer {
+    data: Vec<u8>,
+    sent: usize,
+}
+
+impl WriteBuffer {
+    fn pending(&self) -> usize {
+        self.data.len() - self.sent
+    }
+}
+
+struct Inner {
+    io: Async<TcpStream>,
+    shard: usize,
+    input: RefCell<ReadBuffer>,
+    output: RefCell<WriteBuffer>,
+    eof: Cell<bool>,
+    read_error: RefCell<Option<io::Error>>,
+    write_error: RefCell<Option<io::Error>>,
+    closed: Cell<bool>,
+    reading: Cell<bool>,
+    writing: Cell<bool>,
+    /// The asyncio future a waiting read or drain sleeps on, and what it needs.
+    waiter: RefCell<Option<(Py<PyAny>, Want)>>,
+}
+
+impl Inner {
+    /// Whether a waiter needing `want` can finish (with data or an error).
+    fn satisfied(&self, want: &Want) -> bool {
+        if self.closed.get() {
+            return true;
+        }
+        if let Want::Drained = want {
+            return self.output.borrow().pending() <= HIGH_WATER
+                || self.write_error.borrow().is_some();
+        }
+        if self.eof.get() || self.read_error.borrow().is_some() {
+            return true;
+        }
+        let input = self.input.borrow();
+        let buffered = input.buffered();
+        match want {
+            Want::Exactly(n) => buffered.len() >= *n,
+            Want::Until { separator, limit } => {
+                find(buffered, separator).is_some() || buffered.len() > *limit
+            }
+            Want::Some(_) => !buffered.is_empty(),
+            Want::Drained => unreachable!("handled above"),
+        }
+    }
+
+    /// One non-blocking read into the buffer. Returns whether it made
+    /// progress (data, end of stream or an error).
+    fn fill(&self) -> bool {
+        let mut input = self.input.borrow_mut();
+        let spare = input.spare(READ_CHUNK);
+        let offered = spare.len();
+        match self.io.get_ref().read(spare) {
+            Ok(0) => {
+                self.eof.set(true);
+                true
+            }
+            Ok(n) => {
+                input.end += n;
+                if n < offered {
+                    // A short read from a stream socket drained it.
+                    self.io.clear_readable();
+                }
+                true
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                self.io.clear_readable();
+                false
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => false,
+            Err(err) => {
+                *self.read_error.borrow_mut() = Some(err);
+                true
+            }
+        }
+    }
+
+    /// Sends from the write buffer until it is empty or the socket is full.
+    fn flush(&self) -> io::Result<()> {
+        let mut output = self.output.borrow_mut();
+        while output.pending() > 0 {
+            let sent = output.sent;
+            match self.io.get_ref().write(&output.data[sent..]) {
+                Ok(n) => output.sent += n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+        output.data.clear();
+        output.sent = 0;
+        Ok(())
+    }
+
+    /// Resolves the waiter's future if what it waits for is there.
+    fn wake_waiter(&self) {
+        let ready = match &*self.waiter.borrow() {
+            Some((_, want)) => self.satisfied(want),
+            None => false,
+        };
+        if ready {
+            if let Some((future, _)) = self.waiter.borrow_mut().take() {
+                call::resolve_later(future, Box::new(|py: Python<'_>| Ok(py.None())) as Produce);
+            }
+        }
+    }
+
+    /// Starts the task that reads until the waiter can finish.
+    fn start_reader(self: &Rc<Self>) {
+        if self.reading.replace(true) {
+            return;
+        }
+        let inner = self.clone();
+        drop(shardloop_core::spawn_local(async move {
+            loop {
+                let done = match &*inner.waiter.borrow() {
+                    Some((_, want)) => inner.satisfied(want),
+                    None => true,
+                };
+                if done {
+                    break;
+                }
+                inner.io.readable().await;
+                inner.fill();
+            }
+            inner.reading.set(false);
+            inner.wake_waiter();
+        }));
+    }
+
+    /// Starts the task that sends what the socket did not take at once.
+    fn start_writer(self: &Rc<Self>) {
+        if self.writing.replace(true) {
+            return;
+        }
+        let inner = self.clone();
+        drop(shardloop_core::spawn_local(async move {
+            let result = inner.io.write_with(|_| inner.flush()).await;
+            if let Err(err) = result {
+                *inner.write_error.borrow_mut() = Some(err);
+            }
+            inner.writing.set(false);
+            if inner.closed.get() {
+                let _ = inner.io.get_ref().shutdown(Shutdown::Both);
+            }
+            inner.wake_waiter();
+        }));
+    }
+
+    /// Closes the connection: what `write` buffered is still sent (the
+    /// writer task shuts the socket down after it), and a waiting read
+    /// wakes to find it closed.
+    fn close(&self) {
+        if self.closed.replace(true) {
+            return;
+        }
+        if !self.writing.get() {
+            let _ = self.io.get_ref().shutdown(Shutdown::Both);
+        }
+        self.wake_waiter();
+    }
+
+    /// Takes what `want` asks for from the buffer: `Ok(None)` if it is not
+    /// there yet.
+    fn take<'py>(&self, py: Python<'py>, want: &Want) -> PyResult<Option<Bound<'py, PyAny>>> {
+        if self.closed.get() {
+            return Err(closed_here());
+        }
+        if let Want::Drained = want {
+            if let Some(err) = self.write_error.borrow_mut().take() {
+                return Err(err.into());
+            }
+            return Ok(
+                (self.output.borrow().pending() <= HIGH_WATER).then(|| py.None().into_bound(py))
+            );
+        }
+        let mut input = self.input.borrow_mut();
+        let buffered = input.buffered();
+        let taken = match want {
+            Want::Exactly(n) => (buffered.len() >= *n).then_some(*n),
+            Want::Until { separator, limit } => match find(buffered, separator) {
+                Some(at) if at <= *limit => Some(at + separator.len()),
+                Some(_) => return Err(limit_overrun(py, *limit)),
+                None if buffered.len() > *limit => return Err(limit_overrun(py, *limit)),
+                None => None,
+            },
+            Want::Some(max) => (!buffered.is_empty()).then(|| buffered.len().min(*max)),
+            Want::Drained => unreachable!("handled above"),
+        };
+        if let Some(n) = taken {
+            let bytes = PyBytes::new(py, &buffered[..n]).into_any();
+            input.consume(n);
+            return Ok(Some(bytes));
+        }
+        if let Some(err) = self.read_error.borrow_mut().take() {
+            return Err(err.into());
+        }
+        if self.eof.get() {
+            if let Want::Some(_) = want {
+                return Ok(Some(PyBytes::new(py, b"").into_any()));
+            }
+            let partial = PyBytes::new(py, buffered);
+            let len = buffered.len();
+            input.consume(len);
+            let expected = match want {
+                Want::Exactly(n) => Some(*n),
+                _ => None,
+            };
+            return Err(incomplete_read(py, partial, expected));
+        }
+        Ok(None)
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    match needle {
+        [byte] => haystack.iter().position(|b| b == byte),
+        _ => haystack.windows(needle.len()).position(|w| w == needle),
+    }
+}
+
+fn asyncio_error(py: Python<'_>, name: &'static str, args: Bound<'_, PyTuple>) -> PyErr {
+    static ASYNCIO: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+    let made = ASYNCIO
+        .get_or_try_init(py, || py.import("asyncio").map(Bound::unbind))
+        .and_then(|asyncio| asyncio.bind(py).getattr(name))
+        .and_then(|class| class.call1(args));
+    match made {
+        Ok(err) => PyErr::from_value(err),
+        Err(err) => err,
+    }
+}
+
+fn incomplete_read(py: Python<'_>, partial: Bound<'_, PyBytes>, expected: Option<usize>) -> PyErr {
+    match (partial, expected).into_pyobject(py) {
+        Ok(args) => asyncio_error(py, "IncompleteReadError", args),
+        Err(err) => err,
+    }
+}
+
+fn limit_overrun(py: Python<'_>, limit: usize) -> PyErr {
+    let message = format!("the separator was not found within {limit} bytes");
+    match (message, limit).into_pyobject(py) {
+        Ok(args) => asyncio_error(py, "LimitOverrunError", args),
+        Err(err) => err,
+    }
+}
+
+thread_local! {
+    /// A marker whose address tells the threads apart.
+    static THREAD_MARK: u8 = const { 0 };
+}
+
+fn this_thread() -> usize {
+    THREAD_MARK.with(|mark| std::ptr::from_ref(mark) as usize)
+}
+
+/// The `Rc<Inner>` of a Python object: usable only on the thread of the
+/// shard that made it, and dropped there whichever thread lets it go.
+struct Home {
+    inner: ManuallyDrop<Rc<Inner>>,
+    thread: usize,
+    shard: usize,
+    /// Whether dropping it closes the connection (the `Connection` object
+    /// does; an awaitable of it does not).
+    closes: bool,
+}
+
+// SAFETY: the `Rc` (and the `!Send` state behind it) is only reached through
+// `Home::get`, which checks that the caller is the owning thread, and
+// through `Drop`, which on another thread moves the `Rc` untouched to the
+// owning shard to be dropped there. Its count and contents are therefore
+// only used by that one thread, as `Rc` requires.
+unsafe impl Send for Home {}
+// SAFETY: as for `Send`: shared access goes through the same thread check.
+unsafe impl Sync for Home {}
+
+impl Home {
+    fn new(inner: Rc<Inner>, closes: bool) -> Self {
+        Self {
+            shard: inner.shard,
+            inner: ManuallyDrop::new(inner),
+            thread: this_thread(),
+            closes,
+        }
+    }
+
+    fn get(&self) -> PyResult<&Rc<Inner>> {
+        if this_thread() == self.thread {
+            Ok(&self.inner)
+        } else {
+            Err(PyRuntimeError::new_err(format!(
+                "a Connection is used only on the shard that accepted it (shard {})",
+                self.shard
+            )))
+        }
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        // SAFETY: `inner` is taken once, here, and not used again.
+        let inner = unsafe { ManuallyDrop::take(&mut self.inner) };
+        let mut release = Release {
+            inner: Some(inner),
+            closes: self.closes,
+            thread: self.thread,
+            origin: shardloop_core::shard_id().unwrap_or(usize::MAX),
+        };
+        if this_thread() == self.thread {
+            release.release();
+        } else {
+            // Off every shard, or once the runtime is closing, this fails and
+            // the state is left behind (see `Release`'s `Drop`).
+            let _ = shardloop_core::send(self.shard, Box::new(release));
+        }
+    }
+}
+
+/// Carries an `Rc<Inner>` let go on another thread back to its shard.
+struct Release {
+    inner: Option<Rc<Inner>>,
+    closes: bool,
+    thread: usize,
+    origin: usize,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            if this_thread() == self.thread {
+                drop(inner);
+            } else {
+                // It could not be sent home: leaving it is the one sound
+                // choice (its count belongs to the owning thread).
+                std::mem::forget(inner);
+            }
+        }
+    }
+}
+
+// SAFETY: `Release` moves the `Rc` from the thread that dropped its `Home` to
+// the owning shard without touching it (see `Home`); only `run`, on the
+// owning shard, uses it, and `complete`, back on the other, finds `None`.
+unsafe impl Send for Release {}
+
+impl Release {
+    fn release(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            if self.closes {
+                inner.close();
+            }
+        }
+    }
+}
+
+impl shardloop_core::Message for Release {
+    fn run(mut self: Box<Self>) {
+        self.release();
+        let origin = self.origin;
+        shardloop_core::respond(origin, self);
+    }
+
+    fn complete(self: Box<Self>) {}
+}
+
+/// Connection(fd, /)
+/// --
+///
+/// A TCP connection of this shard, made from a connected socket's
+/// descriptor (it takes ownership, as ``socket.detach()`` hands it over).
+/// Reads are awaited; ``write`` sends at once and buffers the rest. It is
+/// used on its own shard only.
+#[pyclass(module = "shardloop._shardloop")]
+pub(crate) struct Connection {
+    home: Home,
+}
+
+#[pymethods]
+impl Connection {
+    #[new]
+    #[pyo3(signature = (fd, /))]
+    fn new(py: Python<'_>, fd: RawFd) -> PyResult<Self> {
+        running_shard_loop(py)?;
+        if fd < 0 {
+            return Err(PyValueError::new_err(format!("not a descriptor: {fd}")));
+        }
+        // SAFETY: the caller hands the descriptor over (documented above);
+        // from here this stream alone closes it.
+        let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        stream.set_nonblocking(true)?;
+        let _ = stream.set_nodelay(true);
+        let shard = shardloop_core::shard_id().ok_or_else(crate::errors::not_on_shard)?;
+        let inner = Rc::new(Inner {
+            io: Async::new(stream)?,
+            shard,
+            input: RefCell::new(ReadBuffer {
+                data: vec![0; READ_CHUNK],
+                start: 0,
+                end: 0,
+            }),
+            output: RefCell::default(),
+            eof: Cell::new(false),
+            read_error: RefCell::new(None),
+            write_error: RefCell::new(None),
+            closed: Cell::new(false),
+            reading: Cell::new(false),
+            writing: Cell::new(false),
+            waiter: RefCell::new(None),
+        });
+        Ok(Self {
+            home: Home::new(inner, true),
+        })
+    }
+
+    /// Reads exactly `n` bytes; raises ``asyncio.IncompleteReadError`` if the
+    /// peer closes first.
+    fn read_exactly(&self, n: usize) -> PyResult<Waiting> {
+        self.waiting(Want::Exactly(n))
+    }
+
+    /// Reads up to and including `separator`; raises
+    /// ``asyncio.LimitOverrunError`` if it is not within `limit` bytes, and
+    /// ``asyncio.IncompleteReadError`` if the peer closes first.
+    #[pyo3(
+        signature = (separator = b"\n".to_vec(), limit = 65536),
+        text_signature = "($self, /, separator=b'\\n', limit=65536)"
+    )]
+    fn read_until(&self, separator: Vec<u8>, limit: usize) -> PyResult<Waiting> {
+        if separator.is_empty() {
+            return Err(PyValueError::new_err("the separator must not be empty"));
+        }
+        self.waiting(Want::Until { separator, limit })
+    }
+
+    /// Reads what arrived, at most `max` bytes and at least one; ``b""`` once
+    /// the peer closed.
+    #[pyo3(signature = (max = 65536))]
+    fn read(&self, max: usize) -> PyResult<Waiting> {
+        if max == 0 {
+            return Err(PyValueError::new_err("max must be at least 1"));
+        }
+        self.waiting(Want::Some(max))
+    }
+
+    /// Sends `data`: at once, with the GIL released, and what the socket
+    /// does not take from a task of the shard. Raises the connection's error
+    /// if an earlier send failed, ``ConnectionAbortedError`` after `close`.
+    fn write(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        let inner = self.home.get()?;
+        if inner.closed.get() {
+            return Err(closed_here());
+        }
+        if let Some(err) = inner.write_error.borrow_mut().take() {
+            return Err(err.into());
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut rest = data;
+        if inner.output.borrow().pending() == 0 {
+            let mut stream = inner.io.get_ref();
+            let sent = gil::detached(py, inner.shard, move || loop {
+                match stream.write(data) {
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
+            });
+            match sent {
+                Ok(n) => rest = &data[n..],
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+        if !rest.is_empty() {
+            inner.output.borrow_mut().data.extend_from_slice(rest);
+            inner.start_writer();
+        }
+        Ok(())
+    }
+
+    /// Waits until the send buffer is at most 64 KiB (at once if it is).
+    fn drain(&self) -> PyResult<Waiting> {
+        self.waiting(Want::Drained)
+    }
+
+    /// Bytes accepted by `write` that the socket has not taken yet.
+    #[getter]
+    fn pending(&self) -> PyResult<usize> {
+        Ok(self.home.get()?.output.borrow().pending())
+    }
+
+    /// Whether the peer closed its side and every byte has been read.
+    fn at_eof(&self) -> PyResult<bool> {
+        let inner = self.home.get()?;
+        Ok(inner.eof.get() && inner.input.borrow().buffered().is_empty())
+    }
+
+    /// The peer's address, as ``socket.getpeername`` gives it.
+    #[getter]
+    fn peername(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let addr = self.home.get()?.io.get_ref().peer_addr()?;
+        Ok((addr.ip().to_string(), addr.port())
+            .into_pyobject(py)?
+            .into_any()
+            .unbind())
+    }
+
+    /// Closes the connection: what `write` buffered is still sent, then the
+    /// socket is shut down. A waiting read raises ``ConnectionAbortedError``.
+    fn close(&self) -> PyResult<()> {
+        self.home.get()?.close();
+        Ok(())
+    }
+
+    #[getter]
+    fn closed(&self) -> PyResult<bool> {
+        Ok(self.home.get()?.closed.get())
+    }
+
+    fn __repr__(&self) -> String {
+        let Ok(inner) = self.home.get() else {
+            return format!("<Connection of shard {}>", self.home.shard);
+        };
+        let peer = inner
+            .io
+            .get_ref()
+            .peer_addr()
+            .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+        let state = if inner.closed.get() { "closed" } else { "open" };
+        format!("<Connection {peer} shard {} {state}>", inner.shard)
+    }
+}
+
+impl Connection {
+    fn waiting(&self, want: Want) -> PyResult<Waiting> {
+        Ok(Waiting {
+            home: Home::new(self.home.get()?.clone(), false),
+            want,
+        })
+    }
+}
+
+fn closed_here() -> PyErr {
+    PyConnectionAbortedError::new_err("the connection was closed on this side")
+}
+
+/// The awaitable of a read or a drain: its iterator returns the answer
+/// once it is buffered, and until then yields an asyncio future that the
+/// shard resolves when it may be.
+#[pyclass(module = "shardloop._shardloop")]
+pub(crate) struct Waiting {
+    home: Home,
+    want: Want,
+}
+
+#[pymethods]
+impl Waiting {
+    fn __await__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let inner = self.home.get()?;
+        let mut answer = inner.take(py, &self.want)?;
+        if answer.is_none() && !matches!(self.want, Want::Drained) && inner.io.is_readable() {
+            let reader = OnThisThread(&**inner);
+            if gil::detached(py, inner.shard, move || reader.into_inner().fill()) {
+                answer = inner.take(py, &self.want)?;
+            }
+        }
+        if let Some(answer) = answer {
+            return Err(PyStopIteration::new_err((answer.unbind(),)));
+        }
+        if let Some((future, _)) = &*inner.waiter.borrow() {
+            if !future
+                .bind(py)
+                .call_method0(intern!(py, "done"))?
+                .is_truthy()?
+            {
+                return Err(PyRuntimeError::new_err(
+                    "another task is already waiting on this connection",
+                ));
+            }
+        }
+        let future = running_shard_loop(py)?.call_method0(intern!(py, "create_future"))?;
+        future.setattr(intern!(py, "_asyncio_future_blocking"), true)?;
+        *inner.waiter.borrow_mut() = Some((future.clone().unbind(), self.want.clone()));
+        if matches!(self.want, Want::Drained) {
+            inner.start_writer();
+        } else {
+            inner.start_reader();
+        }
+        Ok(future.unbind())
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Connection>()?;
+    m.add_class::<Waiting>()
+}

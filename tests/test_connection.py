@@ -1,0 +1,274 @@
+"""shardloop.Connection: reads awaited from Rust's buffer, writes sent at once,
+and what bad peers and bad calls get."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+import shardloop
+from conftest import run2
+from shardloop import shard
+from shardloop._load import drive
+
+Handler = Callable[[shardloop.Connection], Awaitable[None]]
+
+
+async def with_server(
+    handler: Handler, client: Callable[[int], Awaitable[object]], balance: str = "reuseport"
+) -> object:
+    server = await shardloop.serve_connections(handler, balance=balance)  # type: ignore[arg-type]
+    async with server:
+        return await asyncio.wait_for(client(server.port), 30)
+
+
+async def echo(conn: shardloop.Connection) -> None:
+    while data := await conn.read():
+        conn.write(data)
+        await conn.drain()
+
+
+@pytest.mark.parametrize("balance", ["reuseport", "round_robin"])
+def test_echo_on_every_shard(balance: str) -> None:
+    async def talk(port: int, payload: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(payload)
+        reply = await reader.readexactly(len(payload))
+        writer.close()
+        return reply
+
+    async def client(port: int) -> list[bytes]:
+        return list(await asyncio.gather(*(talk(port, b"ping %d" % i) for i in range(30))))
+
+    replies = run2(with_server(echo, client, balance))
+    assert replies == [b"ping %d" % i for i in range(30)]
+
+
+def test_read_exactly_read_until_and_read() -> None:
+    async def handler(conn: shardloop.Connection) -> None:
+        head = await conn.read_exactly(3)
+        line = await conn.read_until(b"\r\n")
+        rest = await conn.read(100)
+        conn.write(b"|".join([head, line, rest]))
+
+    async def client(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for piece in (b"a", b"bcline", b" one\r", b"\ntail"):  # split across reads
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        reply = await reader.read(100)
+        writer.close()
+        return reply
+
+    assert run2(with_server(handler, client)) == b"abc|line one\r\n|tail"
+
+
+def test_large_writes_are_buffered_and_drained() -> None:
+    payload = bytes(range(256)) * 16384  # 4 MiB: more than the socket takes at once
+
+    async def handler(conn: shardloop.Connection) -> None:
+        await conn.read_exactly(1)
+        conn.write(payload)
+        assert conn.pending > 0
+        await conn.drain()
+        assert conn.pending <= 64 * 1024
+
+    async def client(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"!")
+        await asyncio.sleep(0.2)  # let the server's socket fill before reading
+        data = await reader.readexactly(len(payload))
+        writer.close()
+        return data
+
+    assert run2(with_server(handler, client)) == payload
+
+
+def test_eof_mid_read_raises_incomplete_read_with_the_partial_bytes() -> None:
+    seen: list[tuple[bytes, int | None, bytes, bool]] = []
+
+    async def handler(conn: shardloop.Connection) -> None:
+        try:
+            await conn.read_exactly(10)
+        except asyncio.IncompleteReadError as exc:
+            seen.append((exc.partial, exc.expected, await conn.read(), conn.at_eof()))
+
+    async def client(port: int) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"abc")
+        writer.close()
+        for _ in range(200):
+            if seen:
+                return
+            await asyncio.sleep(0.01)
+
+    run2(with_server(handler, client))
+    assert seen == [(b"abc", 10, b"", True)]
+
+
+def test_a_separator_past_the_limit_raises_limit_overrun() -> None:
+    async def handler(conn: shardloop.Connection) -> None:
+        with pytest.raises(asyncio.LimitOverrunError):
+            await conn.read_until(b"\n", limit=8)
+        conn.write(b"refused")
+
+    async def client(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"a line that is much too long\n")
+        reply = await reader.read(100)
+        writer.close()
+        return reply
+
+    assert run2(with_server(handler, client)) == b"refused"
+
+
+def test_bad_calls_get_clear_errors() -> None:
+    async def handler(conn: shardloop.Connection) -> None:
+        with pytest.raises(ValueError, match="separator"):
+            conn.read_until(b"")
+        with pytest.raises(ValueError, match="max"):
+            conn.read(0)
+        first = asyncio.ensure_future(conn.read_exactly(4))
+        await asyncio.sleep(0.01)
+        with pytest.raises(RuntimeError, match="already waiting"):
+            await conn.read_exactly(4)
+        first.cancel()
+        conn.close()
+        assert conn.closed
+        with pytest.raises(ConnectionAbortedError):
+            conn.write(b"late")
+        with pytest.raises(ConnectionAbortedError):
+            await conn.read()
+
+    async def client(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reply = await reader.read(100)  # b"" once the server closes
+        writer.close()
+        return reply
+
+    assert run2(with_server(handler, client)) == b""
+
+
+def test_a_cancelled_read_loses_no_data() -> None:
+    async def handler(conn: shardloop.Connection) -> None:
+        waiting = asyncio.ensure_future(conn.read_exactly(6))
+        await asyncio.sleep(0.05)
+        conn.write(b"go")  # the client sends 3 bytes, then 3 more later
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        conn.write(b"!")
+        data = await conn.read_exactly(6)
+        conn.write(data)
+
+    async def client(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await reader.readexactly(2) == b"go"
+        writer.write(b"abc")
+        assert await reader.readexactly(1) == b"!"
+        writer.write(b"def")
+        reply = await reader.readexactly(6)
+        writer.close()
+        return reply
+
+    assert run2(with_server(handler, client)) == b"abcdef"
+
+
+def test_a_failing_handler_closes_only_its_connection(caplog: pytest.LogCaptureFixture) -> None:
+    async def picky(conn: shardloop.Connection) -> None:
+        data = await conn.read_exactly(4)
+        if data == b"bad!":
+            raise ValueError("refusing bad input")
+        conn.write(data)
+
+    async def client(port: int) -> tuple[bytes, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"bad!")
+        closed = await reader.read(10)
+        reader2, writer2 = await asyncio.open_connection("127.0.0.1", port)
+        writer2.write(b"good")
+        good = await reader2.readexactly(4)
+        writer.close()
+        writer2.close()
+        return closed, good
+
+    with caplog.at_level(logging.ERROR, logger="shardloop.server"):
+        assert run2(with_server(picky, client)) == (b"", b"good")
+    record = next(r for r in caplog.records if "handler failed on shard" in r.getMessage())
+    assert record.exc_info is not None and "refusing bad input" in str(record.exc_info[1])
+
+
+def test_a_connection_is_made_only_on_a_shard() -> None:
+    with socket.socket() as sock, pytest.raises(RuntimeError, match=r"shardloop\.run"):
+        shardloop.Connection(sock.fileno())
+
+
+def test_the_load_generator_drives_a_server_and_counts() -> None:
+    async def lookup(conn: shardloop.Connection) -> None:
+        while True:
+            key = await conn.read_exactly(4)
+            value = b"v" * (key[-1] % 7)
+            conn.write(len(value).to_bytes(4, "big") + value)
+
+    async def client(port: int) -> dict[str, object]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            None, lambda: drive("127.0.0.1", port, "lookup", 4, 0.3, progress=False)
+        )
+
+    report = run2(with_server(lookup, client))
+    assert isinstance(report, dict)
+    assert report["errors"] == 0 and int(report["requests"]) > 100  # type: ignore[call-overload]
+    assert float(report["p50_us"]) <= float(report["p99_us"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="protocol"):
+        drive("127.0.0.1", 1, "gopher", progress=False)
+    with pytest.raises(ConnectionRefusedError):
+        drive("127.0.0.1", free_port(), "echo", 1, 0.1, progress=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_shards_see_their_own_connections() -> None:
+    async def whoami(conn: shardloop.Connection) -> None:
+        await conn.read_exactly(1)
+        conn.write(bytes([shard.id()]))
+
+    async def client(port: int) -> set[int]:
+        async def one() -> int:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"?")
+            (me,) = await reader.readexactly(1)
+            writer.close()
+            return me
+
+        return set(await asyncio.gather(*(one() for _ in range(8))))
+
+    assert run2(with_server(whoami, client, "round_robin")) == {0, 1}
+
+
+def test_a_connection_is_used_on_its_shard_and_released_there() -> None:
+    def adopt(fd: int) -> shardloop.Connection:
+        return shardloop.Connection(fd)
+
+    async def main() -> bytes:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            peer = socket.create_connection(listener.getsockname())
+            accepted, _ = listener.accept()
+        with peer:
+            conn = await shard.submit_to(1, adopt, accepted.detach())
+            with pytest.raises(RuntimeError, match="only on the shard that accepted it"):
+                conn.write(b"from the wrong shard")
+            del conn  # the last reference goes on shard 0: shard 1 closes it
+            peer.settimeout(10)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, peer.recv, 10)
+
+    assert run2(main()) == b""
