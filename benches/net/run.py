@@ -42,32 +42,36 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
     raise TimeoutError(f"nothing listens on port {port}")
 
 
-def servers(protocol: str, port: int) -> dict[str, list[list[str]]]:
+def servers(protocol: str, port: int, shardloop_python: str) -> dict[str, list[list[str]]]:
     py = sys.executable
     example = str(ROOT / "examples" / f"{protocol}_server.py")
     baseline = str(HERE / "baseline_server.py")
     common = ["--protocol", protocol, "--port", str(port)]
     rust_echo = str(ROOT / "target" / "release" / "examples" / "echo")
+    shared = ["env", "SHARDLOOP_OVERPROVISIONED=1"]  # the client shares the cores
     rust = (
         {
             "rust core echo, 1 shard": [[rust_echo, "--port", str(port), "--shards", "1"]],
             "rust core echo, 2 shards": [[rust_echo, "--port", str(port), "--shards", "2"]],
-            "rust core echo, 2 shards, idle_poll 0": [
-                [rust_echo, "--port", str(port), "--shards", "2", "--idle-poll-us", "0"]
+            "rust core echo, 2 shards, overprovisioned": [
+                [*shared, rust_echo, "--port", str(port), "--shards", "2"]
             ],
         }
         if protocol == "echo"
         else {}
     )
+    ours = [shardloop_python, example, "--port", str(port)]
     return {
         **rust,
-        "shardloop, 1 shard": [[py, example, "--port", str(port), "--shards", "1"]],
-        "shardloop, 2 shards": [[py, example, "--port", str(port), "--shards", "2"]],
-        "shardloop, 2 shards, idle_poll 0": [
-            [py, example, "--port", str(port), "--shards", "2", "--idle-poll", "0"]
+        "shardloop, 1 shard": [[*ours, "--shards", "1"]],
+        "shardloop, 2 shards": [[*ours, "--shards", "2"]],
+        "shardloop, 2 shards, overprovisioned": [[*shared, *ours, "--shards", "2"]],
+        "shardloop, 2 shards, overprovisioned, round_robin": [
+            [*shared, *ours, "--shards", "2", "--balance", "round_robin"]
         ],
-        "shardloop, 2 shards, round_robin": [
-            [py, example, "--port", str(port), "--shards", "2", "--balance", "round_robin"]
+        "shardloop streams, 1 shard": [[*ours, "--shards", "1", "--api", "streams"]],
+        "shardloop streams, 2 shards, overprovisioned": [
+            [*shared, *ours, "--shards", "2", "--api", "streams"]
         ],
         "asyncio, 1 process": [[py, baseline, "--loop", "asyncio", *common]],
         "uvloop, 1 process": [[py, baseline, "--loop", "uvloop", *common]],
@@ -124,6 +128,11 @@ def main() -> None:
     parser.add_argument("--protocols", nargs="*", default=["echo", "lookup"])
     parser.add_argument("--only", default="", help="run only servers whose name contains this")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--shardloop-python",
+        default=sys.executable,
+        help="interpreter of the shardloop servers (for example a free-threaded one)",
+    )
     args = parser.parse_args()
     subprocess.run(
         ["cargo", "build", "--release", "-q", "-p", "shardloop-core", "--example", "echo"],
@@ -133,7 +142,7 @@ def main() -> None:
     results: dict[str, dict[str, dict]] = {}
     for protocol in args.protocols:
         results[protocol] = {}
-        for name, commands in servers(protocol, port := free_port()).items():
+        for name, commands in servers(protocol, port := free_port(), args.shardloop_python).items():
             if args.only not in name:
                 continue
             results[protocol][name] = measure(commands, protocol, port, args)
@@ -145,11 +154,13 @@ def main() -> None:
                 flush=True,
             )
     for protocol, rows in results.items():
-        if "uvloop, 1 process" not in rows or "shardloop, 2 shards" not in rows:
+        if "uvloop, 1 process" not in rows:
             continue
         base = rows["uvloop, 1 process"]["requests_per_second"]
-        two = rows["shardloop, 2 shards"]["requests_per_second"]
-        print(f"{protocol}: shardloop 2 shards / uvloop 1 process = {two / base:.2f}x")
+        for name, row in rows.items():
+            if name.startswith("shardloop"):
+                ratio = row["requests_per_second"] / base
+                print(f"{protocol}: {name} / uvloop, 1 process = {ratio:.2f}x")
     if args.json:
         print(json.dumps({"cpus": os.cpu_count(), "results": results}, indent=2))
 
