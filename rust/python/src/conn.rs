@@ -3,9 +3,10 @@
 //! The shard's reactor reads into the connection's buffer from a Rust task,
 //! with the GIL released; a Python coroutine awaiting `read_exactly(n)`,
 //! `read_until(sep)` or `read(max)` only wakes when its whole answer is
-//! there, and then takes it from the buffer in one call. `write` sends at
-//! once (the GIL released for the system call) and leaves what the socket
-//! did not take to a Rust task. The connection's state is touched only on
+//! there, and then takes it from the buffer in one call. `write` queues: at
+//! the end of the loop's turn the driver sends every connection's bytes (one
+//! system call each, the GIL released), and a Rust task sends what the
+//! socket did not take. The connection's state is touched only on
 //! its shard's thread: its tasks run on the shard's executor, the Python
 //! objects check the thread on every use ([`Home`]), and one dropped
 //! elsewhere (a traceback kept by a log handler, say) is sent home to be
@@ -33,6 +34,31 @@ use shardloop_core::Async;
 use crate::call::{self, Produce};
 use crate::driver::{running_shard_loop, OnThisThread};
 use crate::gil;
+
+thread_local! {
+    /// Connections written to during this turn of the shard's loop.
+    static WRITTEN: RefCell<Vec<Rc<Inner>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Sends what the connections of this thread's shard were given during the
+/// turn that ends: the driver calls it, with the GIL released, before it
+/// looks for more work.
+pub(crate) fn send_written() {
+    let mut written = WRITTEN.with(|w| std::mem::take(&mut *w.borrow_mut()));
+    if written.is_empty() {
+        return;
+    }
+    for inner in written.drain(..) {
+        inner.send_queued();
+    }
+    // Keep the list's allocation for the next turn.
+    WRITTEN.with(|w| {
+        let mut w = w.borrow_mut();
+        if w.is_empty() {
+            *w = written;
+        }
+    });
+}
 
 /// How much a read asks the socket for at least.
 const READ_CHUNK: usize = 16 * 1024;
@@ -112,7 +138,10 @@ struct Inner {
     write_error: RefCell<Option<io::Error>>,
     closed: Cell<bool>,
     reading: Cell<bool>,
+    /// The writer task is sending what the socket did not take at once.
     writing: Cell<bool>,
+    /// In this thread's `WRITTEN` list, to be sent when the turn ends.
+    queued: Cell<bool>,
     /// The asyncio future a waiting read or drain sleeps on, and what it needs.
     waiter: RefCell<Option<(Py<PyAny>, Want)>>,
 }
@@ -225,6 +254,32 @@ impl Inner {
         }));
     }
 
+    /// Puts the connection in this thread's list of connections to send
+    /// for at the end of the turn.
+    fn queue(self: &Rc<Self>) {
+        if !self.writing.get() && !self.queued.replace(true) {
+            WRITTEN.with(|written| written.borrow_mut().push(self.clone()));
+        }
+    }
+
+    /// Sends what was queued; leaves the rest to the writer task.
+    fn send_queued(self: &Rc<Self>) {
+        self.queued.set(false);
+        if self.writing.get() {
+            return;
+        }
+        match self.flush() {
+            Ok(()) => {
+                if self.closed.get() {
+                    let _ = self.io.get_ref().shutdown(Shutdown::Both);
+                }
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return self.start_writer(),
+            Err(err) => *self.write_error.borrow_mut() = Some(err),
+        }
+        self.wake_waiter();
+    }
+
     /// Starts the task that sends what the socket did not take at once.
     fn start_writer(self: &Rc<Self>) {
         if self.writing.replace(true) {
@@ -251,7 +306,7 @@ impl Inner {
         if self.closed.replace(true) {
             return;
         }
-        if !self.writing.get() {
+        if !self.writing.get() && !self.queued.get() {
             let _ = self.io.get_ref().shutdown(Shutdown::Both);
         }
         self.wake_waiter();
@@ -503,6 +558,7 @@ impl Connection {
             closed: Cell::new(false),
             reading: Cell::new(false),
             writing: Cell::new(false),
+            queued: Cell::new(false),
             waiter: RefCell::new(None),
         });
         Ok(Self {
@@ -540,10 +596,13 @@ impl Connection {
         self.waiting(Want::Some(max))
     }
 
-    /// Sends `data`: at once, with the GIL released, and what the socket
-    /// does not take from a task of the shard. Raises the connection's error
-    /// if an earlier send failed, ``ConnectionAbortedError`` after `close`.
-    fn write(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+    /// Queues `data` to be sent. Everything written during a turn of the
+    /// shard's loop goes out together when the turn ends, in one system
+    /// call per connection and with the GIL released; what the socket does
+    /// not take then is sent by a task of the shard. Raises the connection's
+    /// error if an earlier send failed, ``ConnectionAbortedError`` after
+    /// `close`.
+    fn write(&self, data: &[u8]) -> PyResult<()> {
         let inner = self.home.get()?;
         if inner.closed.get() {
             return Err(closed_here());
@@ -551,27 +610,9 @@ impl Connection {
         if let Some(err) = inner.write_error.borrow_mut().take() {
             return Err(err.into());
         }
-        if data.is_empty() {
-            return Ok(());
-        }
-        let mut rest = data;
-        if inner.output.borrow().pending() == 0 {
-            let mut stream = inner.io.get_ref();
-            let sent = gil::detached(py, inner.shard, move || loop {
-                match stream.write(data) {
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                    other => break other,
-                }
-            });
-            match sent {
-                Ok(n) => rest = &data[n..],
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => return Err(err.into()),
-            }
-        }
-        if !rest.is_empty() {
-            inner.output.borrow_mut().data.extend_from_slice(rest);
-            inner.start_writer();
+        if !data.is_empty() {
+            inner.output.borrow_mut().data.extend_from_slice(data);
+            inner.queue();
         }
         Ok(())
     }
@@ -661,7 +702,10 @@ impl Waiting {
         slf
     }
 
-    fn __next__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+    /// `Ok(None)` ends the iteration with `None` without raising
+    /// `StopIteration` (a finished drain costs no exception); an answer is
+    /// returned through `StopIteration(answer)`.
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         let inner = self.home.get()?;
         let mut answer = inner.take(py, &self.want)?;
         if answer.is_none() && !matches!(self.want, Want::Drained) && inner.io.is_readable() {
@@ -671,6 +715,9 @@ impl Waiting {
             }
         }
         if let Some(answer) = answer {
+            if answer.is_none() {
+                return Ok(None);
+            }
             return Err(PyStopIteration::new_err((answer.unbind(),)));
         }
         if let Some((future, _)) = &*inner.waiter.borrow() {
@@ -692,7 +739,7 @@ impl Waiting {
         } else {
             inner.start_reader();
         }
-        Ok(future.unbind())
+        Ok(Some(future.unbind()))
     }
 }
 

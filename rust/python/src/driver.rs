@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
 use crate::call::{self, CancelOnDone, PyCall, Request};
+use crate::conn;
 use crate::errors::to_py;
 use crate::gil;
 use crate::stats;
@@ -138,6 +139,7 @@ impl Driver {
             let driver = OnThisThread(&state.driver);
             gil::detached(py, shard, move || {
                 let driver = driver.into_inner();
+                conn::send_written();
                 driver.poll();
                 driver.take_fd_ready()
             })
@@ -172,6 +174,7 @@ impl Driver {
                 let driver = OnThisThread(&state.driver);
                 gil::detached(py, shard, move || {
                     let driver = driver.into_inner();
+                    conn::send_written();
                     driver.wait(left);
                     (driver.take_fd_ready(), driver.is_closing())
                 })
