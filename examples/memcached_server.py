@@ -2,7 +2,8 @@
 
 Each key lives on shard ``crc32(key) % shards``: a command for a key the
 accepting shard owns is served in place, any other goes to the owner with
-``submit_to`` (as in Seastar's apps/memcached). Supported: get, gets, set,
+``submit_to`` (as in Seastar's apps/memcached). Connections are
+``shardloop.Connection``s: commands are read from Rust's buffer. Supported: get, gets, set,
 add, replace, append, prepend, cas, delete, incr, decr, touch, flush_all,
 version, stats, verbosity, quit, with ``noreply`` and expiry times.
 
@@ -70,6 +71,16 @@ class Store:
                 self.counts["get_hits"] += 1
                 found.append((key, item.flags, item.value, item.cas))
         return found
+
+    def get_one(self, key: bytes) -> bytes:
+        """The whole reply to ``get key``."""
+        self.counts["cmd_get"] += 1
+        item = self._live(key)
+        if item is None:
+            self.counts["get_misses"] += 1
+            return b"END\r\n"
+        self.counts["get_hits"] += 1
+        return b"VALUE %s %d %d\r\n%s\r\nEND\r\n" % (key, item.flags, len(item.value), item.value)
 
     def store(
         self, key: bytes, cmd: str, flags: int, expires: float, value: bytes, cas: int
@@ -141,7 +152,8 @@ def make_store() -> None:
 
 
 def owner(key: bytes) -> int:
-    return zlib.crc32(key) % shard.count()
+    count = shard.count()
+    return zlib.crc32(key) % count if count > 1 else 0
 
 
 def expiry(exptime: int) -> float:
@@ -228,39 +240,45 @@ def _shard_stats() -> dict[str, int]:
 STARTED = time.time()
 
 
-async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def handle(conn: shardloop.Connection) -> None:
+    me, store = shard.id(), local()
     while True:
         try:
-            line = await reader.readuntil(b"\n")
+            line = await conn.read_until(b"\n", limit=MAX_LINE)
         except asyncio.IncompleteReadError:
             return
         except asyncio.LimitOverrunError:
-            writer.write(b"CLIENT_ERROR line too long\r\n")
-            await writer.drain()
-            return
-        if len(line) > MAX_LINE:
-            writer.write(b"CLIENT_ERROR line too long\r\n")
-            await writer.drain()
+            conn.write(b"CLIENT_ERROR line too long\r\n")
+            await conn.drain()
             return
         tokens = line.split()
         if not tokens:
-            writer.write(b"ERROR\r\n")
+            conn.write(b"ERROR\r\n")
             continue
-        try:
-            reply = await command(tokens, reader)
-        except ClientError as error:
-            reply = b"CLIENT_ERROR %s\r\n" % str(error).encode()
+        if (
+            len(tokens) == 2
+            and tokens[0] == b"get"
+            and len(tokens[1]) <= MAX_KEY
+            and owner(tokens[1]) == me
+        ):
+            # The most common command, for a key of this shard: served in place.
+            reply: bytes | None = store.get_one(tokens[1])
+        else:
+            try:
+                reply = await command(tokens, conn)
+            except ClientError as error:
+                reply = b"CLIENT_ERROR %s\r\n" % str(error).encode()
         if reply is None:  # quit
             return
         if reply:
-            writer.write(reply)
-            await writer.drain()
+            conn.write(reply)
+            await conn.drain()
 
 
 STORAGE = {b"set", b"add", b"replace", b"append", b"prepend", b"cas"}
 
 
-async def command(tokens: list[bytes], reader: asyncio.StreamReader) -> bytes | None:
+async def command(tokens: list[bytes], conn: shardloop.Connection) -> bytes | None:
     name = tokens[0]
     if name in STORAGE:
         cas_form = name == b"cas"
@@ -279,11 +297,11 @@ async def command(tokens: list[bytes], reader: asyncio.StreamReader) -> bytes | 
         if len(tokens) == wanted + 1 and not noreply:
             return b"ERROR\r\n"
         if size > MAX_VALUE or len(key) > MAX_KEY or flags >= 2**32:
-            await discard(reader, size + 2)
+            await discard(conn, size + 2)
             if size > MAX_VALUE:
                 return b"SERVER_ERROR object too large for cache\r\n"
             return b"CLIENT_ERROR bad command line format\r\n"
-        data = await reader.readexactly(size + 2)
+        data = await conn.read_exactly(size + 2)
         if data[-2:] != b"\r\n":
             return b"CLIENT_ERROR bad data chunk\r\n"
         result = await on_owner(key, "store", name.decode(), flags, expiry(exptime), data[:-2], cas)
@@ -328,10 +346,10 @@ async def command(tokens: list[bytes], reader: asyncio.StreamReader) -> bytes | 
     return b"ERROR\r\n"
 
 
-async def discard(reader: asyncio.StreamReader, size: int) -> None:
+async def discard(conn: shardloop.Connection, size: int) -> None:
     """Reads and drops the data block of a refused command."""
     while size > 0:
-        chunk = await reader.read(min(size, 65536))
+        chunk = await conn.read(min(size, 65536))
         if not chunk:
             return
         size -= len(chunk)
@@ -343,7 +361,7 @@ def _flush(at: float) -> bytes:
 
 async def start(host: str, port: int) -> shardloop.ShardedServer:
     await shard.invoke_on_all(make_store)
-    return await shardloop.serve(handle, host, port, limit=MAX_VALUE + MAX_LINE)
+    return await shardloop.serve_connections(handle, host, port)
 
 
 async def main(args: argparse.Namespace) -> None:
