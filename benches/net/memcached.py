@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from run import free_port, wait_for_port  # this folder's runner: same helpers
+from run import client_prefix, free_port, wait_for_port  # this folder's runner: same helpers
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,6 +24,7 @@ def memcaslap(port: int, args: argparse.Namespace) -> dict[str, float]:
         raise SystemExit("memcaslap is missing: make tools (libmemcached-tools)")
     out = subprocess.run(
         [
+            *client_prefix(args.client_cpu),
             tool,
             "-s",
             f"127.0.0.1:{port}",
@@ -51,6 +52,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--client-cpu",
+        type=int,
+        default=None,
+        help="pin memcaslap to this core (default: the scheduler places it)",
+    )
     args = parser.parse_args()
     servers = {
         "memcached -t 2": lambda port: [

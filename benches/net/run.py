@@ -24,6 +24,12 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
+def client_prefix(cpu: int | None) -> list[str]:
+    """Runs the client pinned to core `cpu` (``taskset``), or where the
+    scheduler puts it (None)."""
+    return [] if cpu is None else ["taskset", "-c", str(cpu)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,6 +95,7 @@ def measure(commands: list[list[str]], protocol: str, port: int, args: argparse.
         time.sleep(0.3)
         load = subprocess.run(
             [
+                *client_prefix(args.client_cpu),
                 sys.executable,
                 "-m",
                 "shardloop",
@@ -128,6 +135,12 @@ def main() -> None:
     parser.add_argument("--protocols", nargs="*", default=["echo", "lookup"])
     parser.add_argument("--only", default="", help="run only servers whose name contains this")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--client-cpu",
+        type=int,
+        default=None,
+        help="pin the load generator to this core (default: the scheduler places it)",
+    )
     parser.add_argument(
         "--shardloop-python",
         default=sys.executable,
