@@ -106,7 +106,7 @@ class ShardedServer:
             pass  # the client went away: only its connection is affected
         except Exception:
             state.failures += 1
-            logger.exception("handler failed on shard %d (client %s)", shard.id(), peer())
+            logger.exception("handler failed on shard %d (client %s)", shard.id(), _peer(peer))
         finally:
             state.active -= 1
             if task is not None:
@@ -230,6 +230,14 @@ class ShardedServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _peer(peer: Callable[[], object]) -> object:
+    """The client's address for a log line, or "?" once it is gone."""
+    try:
+        return peer()
+    except OSError:
+        return "?"
 
 
 def _reserve_port(host: str, port: int) -> int:
