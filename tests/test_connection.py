@@ -282,3 +282,35 @@ def test_a_connection_is_used_on_its_shard_and_released_there() -> None:
             raise AssertionError("the connection was not closed")
 
     assert run2(main()) == b""
+
+
+def test_a_client_leaving_mid_response_costs_only_its_connection() -> None:
+    outcomes: list[str] = []
+
+    async def flood(conn: shardloop.Connection) -> None:
+        await conn.read_exactly(1)
+        try:
+            for _ in range(256):  # 64 MiB: far more than the sockets hold
+                conn.write(bytes(256 * 1024))
+                await conn.drain()
+        except ConnectionError as exc:
+            outcomes.append(type(exc).__name__)
+            raise
+
+    async def client(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"!")
+        await reader.readexactly(1024)
+        writer.transport.abort()  # gone mid-response
+        for _ in range(500):
+            if outcomes:
+                break
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"!")
+        data = await reader.readexactly(1024)  # a new client is still served
+        writer.transport.abort()
+        return data
+
+    assert run2(with_server(flood, client)) == bytes(1024)
+    assert outcomes and outcomes[0] in ("BrokenPipeError", "ConnectionResetError")

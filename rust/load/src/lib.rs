@@ -106,6 +106,19 @@ impl Conn {
     }
 }
 
+/// `n` with thousands separators: 1234567 -> "1,234,567".
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
 /// A small, fast generator of ids (xorshift64*).
 struct Ids(u64);
 
@@ -248,8 +261,8 @@ pub fn run(options: &Options) -> io::Result<Report> {
                 "\r  {:4.1}/{:.0}s  {:>9} req/s  {:>11} requests",
                 (now - start).as_secs_f64(),
                 options.duration.as_secs_f64(),
-                done - at_last_tick,
-                done
+                grouped(done - at_last_tick),
+                grouped(done)
             );
             at_last_tick = done;
             next_tick += Duration::from_secs(1);
@@ -306,6 +319,14 @@ mod tests {
                 break;
             }
         }
+    }
+
+    #[test]
+    fn counts_are_grouped_by_thousands() {
+        assert_eq!(grouped(0), "0");
+        assert_eq!(grouped(999), "999");
+        assert_eq!(grouped(1000), "1,000");
+        assert_eq!(grouped(1_234_567), "1,234,567");
     }
 
     #[test]
