@@ -314,3 +314,27 @@ def test_a_client_leaving_mid_response_costs_only_its_connection() -> None:
 
     assert run2(with_server(flood, client)) == bytes(1024)
     assert outcomes and outcomes[0] in ("BrokenPipeError", "ConnectionResetError")
+
+
+def test_connect_opens_a_connection_of_this_shard() -> None:
+    async def client(port: int) -> tuple[bytes, bytes]:
+        async def from_shard_1() -> bytes:
+            conn = await shardloop.connect("127.0.0.1", port)
+            conn.write(b"hello from shard 1")
+            reply = await conn.read_exactly(18)
+            conn.close()
+            return reply
+
+        here = await shardloop.connect("localhost", port)
+        here.write(b"ping")
+        local = await here.read_exactly(4)
+        here.close()
+        return local, await shard.submit_to(1, from_shard_1)
+
+    assert run2(with_server(echo, client)) == (b"ping", b"hello from shard 1")
+
+    async def refused() -> None:
+        with pytest.raises(ConnectionRefusedError):
+            await shardloop.connect("127.0.0.1", free_port())
+
+    run2(refused())

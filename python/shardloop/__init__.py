@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from . import shard
 from ._loop import EventLoopPolicy, ShardLoop, current_loop, new_event_loop
 from ._shardloop import Connection, ShutdownError
+from .connection import connect
 from .server import ShardedServer, serve, serve_connections
 from .sharded import ForeignRef, Sharded
 
@@ -36,6 +37,7 @@ __all__ = [
     "Sharded",
     "ShardedServer",
     "ShutdownError",
+    "connect",
     "new_event_loop",
     "run",
     "serve",
