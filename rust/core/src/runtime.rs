@@ -126,6 +126,40 @@ pub struct Runtime {
     shard0: Rc<Shard>,
     threads: Vec<thread::JoinHandle<()>>,
     pinned: bool,
+    /// Gives the calling thread (shard 0) its own affinity back once the
+    /// runtime is gone. Declared last: dropped after the shards stopped.
+    _affinity: Option<AffinityGuard>,
+}
+
+/// A thread's CPU affinity, put back when dropped (on the same thread: it
+/// lives in the `!Send` runtime).
+struct AffinityGuard {
+    saved: libc::cpu_set_t,
+}
+
+impl AffinityGuard {
+    /// Saves the calling thread's affinity, or `None` if it cannot be read.
+    fn save() -> Option<Self> {
+        // SAFETY: `cpu_set_t` is a plain bit array, valid when zeroed.
+        let mut saved: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `saved` is a valid, writable `cpu_set_t` of the size
+        // given; pid 0 is the calling thread.
+        let read = unsafe {
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut saved)
+        };
+        (read == 0).then_some(Self { saved })
+    }
+}
+
+impl Drop for AffinityGuard {
+    fn drop(&mut self) {
+        // SAFETY: `saved` is the `cpu_set_t` that `sched_getaffinity` filled
+        // on this thread; pid 0 is the calling thread. A failure leaves the
+        // thread pinned, which is all that is lost.
+        unsafe {
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.saved);
+        }
+    }
 }
 
 /// What a driven runtime runs on shards 1..N.
@@ -240,6 +274,7 @@ impl Runtime {
                 .map_err(|e| Error::Build(format!("spawning a shard thread: {e}")))?;
             threads.push(thread);
         }
+        let affinity = pinned.then(AffinityGuard::save).flatten();
         if pinned {
             core_affinity::set_for_current(cores[0]);
         }
@@ -249,6 +284,7 @@ impl Runtime {
             shard0,
             threads,
             pinned,
+            _affinity: affinity,
         })
     }
 

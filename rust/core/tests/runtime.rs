@@ -479,3 +479,23 @@ fn an_overprovisioned_runtime_is_not_pinned_and_still_serves() {
     assert_eq!(sum, 499_500);
     assert!(rt.driver().is_overprovisioned());
 }
+
+/// Shard 0 is the thread that built the runtime: pinning it must not outlive
+/// the runtime.
+#[test]
+fn the_building_thread_gets_its_affinity_back() {
+    std::thread::spawn(|| {
+        let before = core_affinity::get_core_ids().unwrap_or_default().len();
+        let rt = Runtime::builder().shards(1).pin(true).build().unwrap();
+        if rt.is_pinned() {
+            assert_eq!(core_affinity::get_core_ids().unwrap_or_default().len(), 1);
+        }
+        rt.shutdown();
+        assert_eq!(
+            core_affinity::get_core_ids().unwrap_or_default().len(),
+            before
+        );
+    })
+    .join()
+    .unwrap();
+}
