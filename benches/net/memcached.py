@@ -13,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from run import client_prefix, free_port, wait_for_port  # this folder's runner: same helpers
+from run import client_prefix  # this folder's runner
+from shardloop._load import free_port, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,13 +86,8 @@ def main() -> None:
     results = {}
     for name, command in servers.items():
         port = free_port()
-        proc = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for_port(port)
+        with serving([command(port)], port):
             results[name] = memcaslap(port, args)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
         print(f"{name:32} {results[name]['ops_per_second']:>12,.0f} ops/s", flush=True)
     base = results["memcached -t 2"]["ops_per_second"]
     for name, result in results.items():

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from shardloop._load import free_port, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -28,24 +27,6 @@ def client_prefix(cpu: int | None) -> list[str]:
     """Runs the client pinned to core `cpu` (``taskset``), or where the
     scheduler puts it (None)."""
     return [] if cpu is None else ["taskset", "-c", str(cpu)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_for_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port}")
 
 
 def servers(protocol: str, port: int, shardloop_python: str) -> dict[str, list[list[str]]]:
@@ -86,13 +67,7 @@ def servers(protocol: str, port: int, shardloop_python: str) -> dict[str, list[l
 
 
 def measure(commands: list[list[str]], protocol: str, port: int, args: argparse.Namespace) -> dict:
-    procs = [
-        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-        for cmd in commands
-    ]
-    try:
-        wait_for_port(port)
-        time.sleep(0.3)
+    with serving(commands, port, cwd=ROOT):
         load = subprocess.run(
             [
                 *client_prefix(args.client_cpu),
@@ -116,16 +91,8 @@ def measure(commands: list[list[str]], protocol: str, port: int, args: argparse.
             check=True,
             cwd=ROOT,
         )
-        result: dict = json.loads(load.stdout.strip().splitlines()[-1])
-        return result
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    result: dict = json.loads(load.stdout.strip().splitlines()[-1])
+    return result
 
 
 def main() -> None:

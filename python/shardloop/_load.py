@@ -9,7 +9,14 @@ from the server it measures, and it prints a progress line every second.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ._shardloop import load
@@ -34,6 +41,59 @@ def drive(
     for key in ("seconds", "p50_us", "p99_us", "p999_us"):
         summary[key] = round(summary[key], 3 if key == "seconds" else 1)
     return {"protocol": protocol, "connections": connections, **summary}
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    """Waits until something accepts connections on 127.0.0.1:`port`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+@contextlib.contextmanager
+def serving(
+    commands: Sequence[Sequence[str]],
+    port: int,
+    cwd: str | os.PathLike[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[None]:
+    """Runs the server processes of `commands` (listening on `port`) for the
+    body of the `with`, then stops them: SIGINT, and SIGKILL after 20 s."""
+    procs = [
+        subprocess.Popen(
+            list(cmd),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=cwd,
+            env=None if env is None else {**os.environ, **env},
+        )
+        for cmd in commands
+    ]
+    try:
+        wait_for_port(port)
+        time.sleep(0.3)
+        yield
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def main(argv: list[str]) -> None:

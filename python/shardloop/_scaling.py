@@ -1,5 +1,7 @@
 """``python -m shardloop bench --scaling``: CPU-bound pure-Python work spread
-over 1 and 2 shards with ``invoke_on_all``, on the running interpreter.
+over 1 and 2 shards with ``invoke_on_all``, on the running interpreter; and,
+in a checkout of the repository, the lookup server
+(``examples/lookup_server.py``) on 1 and 2 shards under the load generator.
 
 With the GIL the shards take turns; on a free-threaded CPython (3.13t) they
 run Python in parallel. Run it under both interpreters to compare.
@@ -11,10 +13,15 @@ import asyncio
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from . import shard
+from ._load import drive, free_port, serving
 from ._loop import new_event_loop
+
+LOOKUP_SERVER = Path(__file__).resolve().parents[2] / "examples" / "lookup_server.py"
+LOOKUP_SECONDS = 3.0
 
 UNITS = 16
 ROUNDS = 3
@@ -50,14 +57,31 @@ def measure(shards: int) -> float:
         return runner.run(main())
 
 
+def lookup_rate(shards: int) -> float:
+    """Requests/s of the lookup server on `shards` shards of this
+    interpreter, overprovisioned (the load generator shares the cores)."""
+    port = free_port()
+    command = [sys.executable, str(LOOKUP_SERVER), "--port", str(port), "--shards", str(shards)]
+    with serving([command], port, env={"SHARDLOOP_OVERPROVISIONED": "1"}):
+        report = drive("127.0.0.1", port, "lookup", 64, LOOKUP_SECONDS, progress=False)
+    if report["errors"]:
+        raise RuntimeError(f"the lookup server failed under load: {report}")
+    return float(report["requests_per_second"])
+
+
 def run_scaling() -> dict[str, Any]:
     one, two = measure(1), measure(2)
-    return {
+    result: dict[str, Any] = {
         "python": sys.version.split()[0],
         "gil": getattr(sys, "_is_gil_enabled", lambda: True)(),
         "units_per_second": {"1 shard": one, "2 shards": two},
         "speedup": two / one,
     }
+    if LOOKUP_SERVER.exists():
+        lookups = {"1 shard": lookup_rate(1), "2 shards": lookup_rate(2)}
+        result["lookup_requests_per_second"] = lookups
+        result["lookup_speedup"] = lookups["2 shards"] / lookups["1 shard"]
+    return result
 
 
 def main(as_json: bool) -> None:
@@ -73,3 +97,11 @@ def main(as_json: bool) -> None:
     for name, rate in rates.items():
         print(f"  {name:10} {rate:8.2f} units/s")
     print(f"  2 shards / 1 shard: {result['speedup']:.2f}x")
+    if "lookup_requests_per_second" in result:
+        print(
+            f"The lookup server under load ({LOOKUP_SECONDS:g}s, 64 connections, "
+            "overprovisioned: the load generator shares the cores)"
+        )
+        for name, rate in result["lookup_requests_per_second"].items():
+            print(f"  {name:10} {rate:10,.0f} requests/s")
+        print(f"  2 shards / 1 shard: {result['lookup_speedup']:.2f}x")
