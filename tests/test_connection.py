@@ -338,3 +338,24 @@ def test_connect_opens_a_connection_of_this_shard() -> None:
             await shardloop.connect("127.0.0.1", free_port())
 
     run2(refused())
+
+
+def test_write_takes_any_bytes_like_object() -> None:
+    async def handler(conn: shardloop.Connection) -> None:
+        await conn.read_exactly(1)
+        conn.write(b"a")
+        conn.write(bytearray(b"b"))
+        conn.write(memoryview(b"xcx")[1:2])
+        conn.write(b"")
+        with pytest.raises(TypeError):
+            conn.write("text")  # type: ignore[arg-type]
+        conn.write(b"d")
+
+    async def client(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"!")
+        data = await reader.readexactly(4)
+        writer.close()
+        return data
+
+    assert run2(with_server(handler, client)) == b"abcd"

@@ -24,6 +24,7 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::{FromRawFd, RawFd};
 use std::rc::Rc;
 
+use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyConnectionAbortedError, PyRuntimeError, PyStopIteration, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -596,13 +597,13 @@ impl Connection {
         self.waiting(Want::Some(max))
     }
 
-    /// Queues `data` to be sent. Everything written during a turn of the
+    /// Queues `data` (bytes or any bytes-like object) to be sent. Everything written during a turn of the
     /// shard's loop goes out together when the turn ends, in one system
     /// call per connection and with the GIL released; what the socket does
     /// not take then is sent by a task of the shard. Raises the connection's
     /// error if an earlier send failed, ``ConnectionAbortedError`` after
     /// `close`.
-    fn write(&self, data: &[u8]) -> PyResult<()> {
+    fn write(&self, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let inner = self.home.get()?;
         if inner.closed.get() {
             return Err(closed_here());
@@ -610,8 +611,25 @@ impl Connection {
         if let Some(err) = inner.write_error.borrow_mut().take() {
             return Err(err.into());
         }
-        if !data.is_empty() {
-            inner.output.borrow_mut().data.extend_from_slice(data);
+        let before = inner.output.borrow().data.len();
+        if let Ok(bytes) = data.cast::<PyBytes>() {
+            inner
+                .output
+                .borrow_mut()
+                .data
+                .extend_from_slice(bytes.as_bytes());
+        } else {
+            // Any other bytes-like object (bytearray, memoryview, array).
+            let buffer = PyBuffer::<u8>::get(data)?;
+            let mut output = inner.output.borrow_mut();
+            let start = output.data.len();
+            output.data.resize(start + buffer.len_bytes(), 0);
+            if let Err(err) = buffer.copy_to_slice(data.py(), &mut output.data[start..]) {
+                output.data.truncate(start);
+                return Err(err);
+            }
+        }
+        if inner.output.borrow().data.len() > before {
             inner.queue();
         }
         Ok(())
