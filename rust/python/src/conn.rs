@@ -8,9 +8,9 @@
 //! system call each, the GIL released), and a Rust task sends what the
 //! socket did not take. The connection's state is touched only on
 //! its shard's thread: its tasks run on the shard's executor, the Python
-//! objects check the thread on every use ([`Home`]), and one dropped
-//! elsewhere (a traceback kept by a log handler, say) is sent home to be
-//! dropped there.
+//! objects check the thread on every use, and one dropped elsewhere (a
+//! traceback kept by a log handler, say) is sent home to be released there
+//! (see `home.rs`).
 //!
 //! The awaitables follow asyncio's waiter pattern: while the answer is not
 //! buffered they yield an asyncio future of the shard's loop that the Rust
@@ -19,7 +19,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::io::{self, Read, Write};
-use std::mem::ManuallyDrop;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{FromRawFd, RawFd};
 use std::rc::Rc;
@@ -35,6 +34,7 @@ use shardloop_core::Async;
 use crate::call::{self, Produce};
 use crate::driver::{running_shard_loop, OnThisThread};
 use crate::gil;
+use crate::home::Home;
 
 thread_local! {
     /// Connections written to during this turn of the shard's loop.
@@ -399,123 +399,17 @@ fn limit_overrun(py: Python<'_>, limit: usize) -> PyErr {
     }
 }
 
-thread_local! {
-    /// A marker whose address tells the threads apart.
-    static THREAD_MARK: u8 = const { 0 };
+/// What a `Connection` object does when it goes: closes the connection.
+fn close_on_release(inner: Rc<Inner>) {
+    inner.close();
 }
 
-fn this_thread() -> usize {
-    THREAD_MARK.with(|mark| std::ptr::from_ref(mark) as usize)
+/// What an awaitable of a connection does when it goes: nothing more.
+fn drop_on_release(inner: Rc<Inner>) {
+    drop(inner);
 }
 
-/// The `Rc<Inner>` of a Python object: usable only on the thread of the
-/// shard that made it, and dropped there whichever thread lets it go.
-struct Home {
-    inner: ManuallyDrop<Rc<Inner>>,
-    thread: usize,
-    shard: usize,
-    /// Whether dropping it closes the connection (the `Connection` object
-    /// does; an awaitable of it does not).
-    closes: bool,
-}
-
-// SAFETY: the `Rc` (and the `!Send` state behind it) is only reached through
-// `Home::get`, which checks that the caller is the owning thread, and
-// through `Drop`, which on another thread moves the `Rc` untouched to the
-// owning shard to be dropped there. Its count and contents are therefore
-// only used by that one thread, as `Rc` requires.
-unsafe impl Send for Home {}
-// SAFETY: as for `Send`: shared access goes through the same thread check.
-unsafe impl Sync for Home {}
-
-impl Home {
-    fn new(inner: Rc<Inner>, closes: bool) -> Self {
-        Self {
-            shard: inner.shard,
-            inner: ManuallyDrop::new(inner),
-            thread: this_thread(),
-            closes,
-        }
-    }
-
-    fn get(&self) -> PyResult<&Rc<Inner>> {
-        if this_thread() == self.thread {
-            Ok(&self.inner)
-        } else {
-            Err(PyRuntimeError::new_err(format!(
-                "a Connection is used only on the shard that accepted it (shard {})",
-                self.shard
-            )))
-        }
-    }
-}
-
-impl Drop for Home {
-    fn drop(&mut self) {
-        // SAFETY: `inner` is taken once, here, and not used again.
-        let inner = unsafe { ManuallyDrop::take(&mut self.inner) };
-        let mut release = Release {
-            inner: Some(inner),
-            closes: self.closes,
-            thread: self.thread,
-            origin: shardloop_core::shard_id().unwrap_or(usize::MAX),
-        };
-        if this_thread() == self.thread {
-            release.release();
-        } else {
-            // Off every shard, or once the runtime is closing, this fails and
-            // the state is left behind (see `Release`'s `Drop`).
-            let _ = shardloop_core::send(self.shard, Box::new(release));
-        }
-    }
-}
-
-/// Carries an `Rc<Inner>` let go on another thread back to its shard.
-struct Release {
-    inner: Option<Rc<Inner>>,
-    closes: bool,
-    thread: usize,
-    origin: usize,
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        if let Some(inner) = self.inner.take() {
-            if this_thread() == self.thread {
-                drop(inner);
-            } else {
-                // It could not be sent home: leaving it is the one sound
-                // choice (its count belongs to the owning thread).
-                std::mem::forget(inner);
-            }
-        }
-    }
-}
-
-// SAFETY: `Release` moves the `Rc` from the thread that dropped its `Home` to
-// the owning shard without touching it (see `Home`); only `run`, on the
-// owning shard, uses it, and `complete`, back on the other, finds `None`.
-unsafe impl Send for Release {}
-
-impl Release {
-    fn release(&mut self) {
-        if let Some(inner) = self.inner.take() {
-            if self.closes {
-                inner.close();
-            }
-        }
-    }
-}
-
-impl shardloop_core::Message for Release {
-    fn run(mut self: Box<Self>) {
-        self.release();
-        let origin = self.origin;
-        shardloop_core::respond(origin, self);
-    }
-
-    fn complete(self: Box<Self>) {}
-}
+const A_CONNECTION: &str = "a Connection";
 
 /// Connection(fd, /)
 /// --
@@ -526,7 +420,7 @@ impl shardloop_core::Message for Release {
 /// used on its own shard only.
 #[pyclass(module = "shardloop._shardloop")]
 pub(crate) struct Connection {
-    home: Home,
+    home: Home<Inner>,
 }
 
 #[pymethods]
@@ -563,7 +457,7 @@ impl Connection {
             waiter: RefCell::new(None),
         });
         Ok(Self {
-            home: Home::new(inner, true),
+            home: Home::new(inner, shard, close_on_release, A_CONNECTION),
         })
     }
 
@@ -676,7 +570,7 @@ impl Connection {
 
     fn __repr__(&self) -> String {
         let Ok(inner) = self.home.get() else {
-            return format!("<Connection of shard {}>", self.home.shard);
+            return format!("<Connection of shard {}>", self.home.shard());
         };
         let peer = inner
             .io
@@ -691,7 +585,12 @@ impl Connection {
 impl Connection {
     fn waiting(&self, want: Want) -> PyResult<Waiting> {
         Ok(Waiting {
-            home: Home::new(self.home.get()?.clone(), false),
+            home: Home::new(
+                self.home.get()?.clone(),
+                self.home.shard(),
+                drop_on_release,
+                A_CONNECTION,
+            ),
             want,
         })
     }
@@ -706,7 +605,7 @@ fn closed_here() -> PyErr {
 /// shard resolves when it may be.
 #[pyclass(module = "shardloop._shardloop")]
 pub(crate) struct Waiting {
-    home: Home,
+    home: Home<Inner>,
     want: Want,
 }
 

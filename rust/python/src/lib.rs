@@ -9,6 +9,7 @@ mod conn;
 mod driver;
 mod errors;
 mod gil;
+mod home;
 mod load;
 mod runtime;
 mod stats;

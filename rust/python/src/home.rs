@@ -1,0 +1,131 @@
+//! [`Home`]: an `Rc` held by a Python object that any thread may drop, but
+//! only the thread of the shard that made it may use.
+//!
+//! Python objects end up on other threads: a traceback kept by a log
+//! handler, a value returned through `submit_to`. A `!Send` state behind
+//! such an object must still only be touched on its shard. `Home` checks the
+//! thread on every use, and when it is dropped on another thread it sends the
+//! `Rc`, untouched, back to its shard as a message, where it is released.
+
+use std::mem::ManuallyDrop;
+use std::rc::Rc;
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::PyResult;
+
+thread_local! {
+    /// A marker whose address tells the threads apart.
+    static THREAD_MARK: u8 = const { 0 };
+}
+
+fn this_thread() -> usize {
+    THREAD_MARK.with(|mark| std::ptr::from_ref(mark) as usize)
+}
+
+/// An `Rc<T>` usable only on the thread of the shard that made it; when it
+/// is dropped (on any thread), `release` runs with the `Rc` on that thread.
+pub(crate) struct Home<T: 'static> {
+    value: ManuallyDrop<Rc<T>>,
+    thread: usize,
+    shard: usize,
+    release: fn(Rc<T>),
+    /// Names what it holds in the error of a use on the wrong thread.
+    what: &'static str,
+}
+
+// SAFETY: the `Rc` (and the `!Send` state behind it) is only reached through
+// `Home::get`, which checks that the caller is the owning thread, and
+// through `Drop`, which on another thread moves the `Rc` untouched to the
+// owning shard to be released there. Its count and contents are therefore
+// only used by that one thread, as `Rc` requires.
+unsafe impl<T> Send for Home<T> {}
+// SAFETY: as for `Send`: shared access goes through the same thread check.
+unsafe impl<T> Sync for Home<T> {}
+
+impl<T> Home<T> {
+    /// Holds `value`, which belongs to shard `shard`, the current thread's.
+    pub(crate) fn new(value: Rc<T>, shard: usize, release: fn(Rc<T>), what: &'static str) -> Self {
+        Self {
+            value: ManuallyDrop::new(value),
+            thread: this_thread(),
+            shard,
+            release,
+            what,
+        }
+    }
+
+    /// The value, on its own thread; `RuntimeError` elsewhere.
+    pub(crate) fn get(&self) -> PyResult<&Rc<T>> {
+        if this_thread() == self.thread {
+            Ok(&self.value)
+        } else {
+            Err(PyRuntimeError::new_err(format!(
+                "{} is used only on its own shard (shard {})",
+                self.what, self.shard
+            )))
+        }
+    }
+
+    /// The shard it belongs to.
+    pub(crate) fn shard(&self) -> usize {
+        self.shard
+    }
+}
+
+impl<T> Drop for Home<T> {
+    fn drop(&mut self) {
+        // SAFETY: `value` is taken once, here, and not used again.
+        let value = unsafe { ManuallyDrop::take(&mut self.value) };
+        if this_thread() == self.thread {
+            return (self.release)(value);
+        }
+        let going = Release {
+            value: Some(value),
+            release: self.release,
+            thread: self.thread,
+            origin: shardloop_core::shard_id().unwrap_or(usize::MAX),
+        };
+        // Off every shard, or once the runtime is closing, this fails and the
+        // value is left behind (see `Release`'s `Drop`).
+        let _ = shardloop_core::send(self.shard, Box::new(going));
+    }
+}
+
+/// Carries an `Rc` let go on another thread back to its shard.
+struct Release<T: 'static> {
+    value: Option<Rc<T>>,
+    release: fn(Rc<T>),
+    thread: usize,
+    origin: usize,
+}
+
+// SAFETY: `Release` moves the `Rc` from the thread that dropped its `Home` to
+// the owning shard without touching it (see `Home`); only `run`, on the
+// owning shard, uses it, and `complete`, back on the other, finds `None`.
+unsafe impl<T> Send for Release<T> {}
+
+impl<T> Drop for Release<T> {
+    fn drop(&mut self) {
+        if let Some(value) = self.value.take() {
+            if this_thread() == self.thread {
+                drop(value);
+            } else {
+                // It could not be sent home: leaving it is the one sound
+                // choice (its count belongs to the owning thread).
+                std::mem::forget(value);
+            }
+        }
+    }
+}
+
+impl<T> shardloop_core::Message for Release<T> {
+    fn run(mut self: Box<Self>) {
+        if let Some(value) = self.value.take() {
+            (self.release)(value);
+        }
+        let origin = self.origin;
+        shardloop_core::respond(origin, self);
+    }
+
+    fn complete(self: Box<Self>) {}
+}
