@@ -12,7 +12,7 @@ import pytest
 import shardloop
 from conftest import run2
 from shardloop import shard
-from shardloop._load import drive
+from shardloop._load import drive, free_port
 
 Handler = Callable[[shardloop.Connection], Awaitable[None]]
 
@@ -227,13 +227,6 @@ def test_the_load_generator_drives_a_server_and_counts() -> None:
         drive("127.0.0.1", 1, "gopher", progress=False)
     with pytest.raises(ConnectionRefusedError):
         drive("127.0.0.1", free_port(), "echo", 1, 0.1, progress=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_shards_see_their_own_connections() -> None:

@@ -13,15 +13,9 @@ from pathlib import Path
 
 import pytest
 from pymemcache.client.base import Client
+from shardloop._load import drive, free_port
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "memcached_server.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +118,16 @@ def test_a_client_leaving_mid_request_costs_only_its_connection(server: int) -> 
     with socket.create_connection(("127.0.0.1", server)) as sock:
         sock.sendall(b"set half 0 0 100\r\nonly part of it")
     assert raw(server, b"version\r\n").startswith(b"VERSION ")
+
+
+def test_the_load_generator_speaks_memcached(server: int) -> None:
+    report = drive("127.0.0.1", server, "memcached", 8, 0.5, size=100, keys=50, progress=False)
+    assert report["errors"] == 0
+    assert report["requests"] > 100
+    # Its sets were stored: one of its keys holds its 100-byte value.
+    reply = b""
+    for key in range(50):
+        reply = raw(server, b"get key:%d\r\n" % key)
+        if reply != b"END\r\n":
+            break
+    assert reply == b"VALUE key:%d 0 100\r\n%s\r\nEND\r\n" % (key, b"v" * 100)

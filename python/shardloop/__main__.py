@@ -18,7 +18,7 @@ def main() -> None:
     )
     commands.add_parser(
         "load",
-        help="drive an echo or lookup server and report requests/s and latency",
+        help="drive an echo, lookup or memcached server and report requests/s and latency",
         add_help=False,
     )
     demo = commands.add_parser("demo", help="start one shard per core and show submit_to at work")

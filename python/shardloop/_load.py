@@ -1,5 +1,5 @@
-"""``python -m shardloop load``: drives an echo or lookup server with many
-connections for a fixed time and reports requests/s and latency.
+"""``python -m shardloop load``: drives an echo, lookup or memcached server
+with many connections for a fixed time and reports requests/s and latency.
 
 Each connection sends a request, waits for the whole answer, and sends the
 next (a closed loop). The connections run on one native thread with epoll
@@ -21,7 +21,7 @@ from typing import Any
 
 from ._shardloop import load
 
-PROTOCOLS = ("echo", "lookup")
+PROTOCOLS = ("echo", "lookup", "memcached")
 
 
 def drive(
@@ -105,8 +105,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--size", type=int, default=64, help="echo payload bytes")
-    parser.add_argument("--keys", type=int, default=100_000, help="lookup ids drawn from 0..keys")
+    parser.add_argument(
+        "--size", type=int, default=64, help="echo payload bytes; memcached value bytes"
+    )
+    parser.add_argument(
+        "--keys", type=int, default=100_000, help="lookup ids and memcached keys drawn from 0..keys"
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     summary = drive(

@@ -126,7 +126,8 @@ def load(
     keys: int = 100000,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Drives an echo or lookup server; returns requests/s and latencies."""
+    """Drives an echo, lookup or memcached server; returns requests/s and
+    latencies."""
 
 def sleep(delay: float, /) -> asyncio.Future[None]:
     """Waits ``delay`` seconds on the shard's Rust timers: a Rust future

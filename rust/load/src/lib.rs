@@ -1,11 +1,13 @@
 //! A closed-loop TCP load generator: many connections on one thread, each
 //! sending a request, waiting for the whole answer, and sending the next.
 //!
-//! It speaks the two protocols of shardloop's example servers:
+//! It speaks the protocols of shardloop's example servers:
 //!
 //! * echo: `size` bytes out, the same number back;
 //! * lookup: a 4-byte big-endian id out; a 4-byte big-endian length and that
-//!   many bytes back.
+//!   many bytes back;
+//! * memcached (text protocol): `get` of a random key, or one time in ten a
+//!   `set` of a `size`-byte value, and the whole reply back.
 //!
 //! It runs on one thread with edge-triggered epoll (mio), so that it takes
 //! as little of the machine as possible from the server it measures.
@@ -24,6 +26,9 @@ pub enum Protocol {
     Echo { size: usize },
     /// A 4-byte id drawn from `0..keys` out; a 4-byte length and a value back.
     Lookup { keys: u32 },
+    /// memcached's text protocol: nine `get`s of a key drawn from `0..keys`
+    /// to one `set` of a `size`-byte value.
+    Memcached { keys: u32, size: usize },
 }
 
 /// What to run.
@@ -76,18 +81,34 @@ struct Conn {
     /// Bytes of the answer received so far, and its first four bytes.
     received: usize,
     header: [u8; 4],
+    /// The answer so far, for protocols parsed as a whole (memcached).
+    answer: Vec<u8>,
     started: Instant,
 }
 
 impl Conn {
-    /// The whole answer's length, once it is known.
-    fn expected(&self, protocol: Protocol) -> Option<usize> {
-        match protocol {
-            Protocol::Echo { size } => Some(size),
-            Protocol::Lookup { .. } => {
-                (self.received >= 4).then(|| 4 + u32::from_be_bytes(self.header) as usize)
+    /// Takes `bytes` of the answer; returns how many of them completed it,
+    /// if they did.
+    fn take(&mut self, protocol: Protocol, bytes: &[u8]) -> io::Result<Option<usize>> {
+        if let Protocol::Memcached { .. } = protocol {
+            self.answer.extend_from_slice(bytes);
+            return Ok(memcached_answer_len(&self.answer)?
+                .map(|len| bytes.len() - (self.answer.len() - len)));
+        }
+        for (i, &byte) in bytes.iter().enumerate() {
+            if self.received < 4 {
+                self.header[self.received] = byte;
+            }
+            self.received += 1;
+            let expected = match protocol {
+                Protocol::Echo { size } => Some(size),
+                _ => (self.received >= 4).then(|| 4 + u32::from_be_bytes(self.header) as usize),
+            };
+            if expected == Some(self.received) {
+                return Ok(Some(i + 1));
             }
         }
+        Ok(None)
     }
 
     /// Writes what is left of the request; `Ok(())` also when the socket is
@@ -103,6 +124,43 @@ impl Conn {
             }
         }
         Ok(())
+    }
+}
+
+/// The length of the memcached reply at the start of `buf`, once it is all
+/// there: `VALUE` blocks up to `END`, or one status line (`STORED`, `END`,
+/// `NOT_FOUND`, ...). An error line is an error.
+fn memcached_answer_len(buf: &[u8]) -> io::Result<Option<usize>> {
+    let mut at = 0;
+    loop {
+        let Some(eol) = buf[at..].windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
+        let line = &buf[at..at + eol];
+        let next = at + eol + 2;
+        if let Some(rest) = line.strip_prefix(b"VALUE ") {
+            // VALUE <key> <flags> <bytes> [<cas>]
+            let len = rest
+                .split(|&b| b == b' ')
+                .nth(2)
+                .and_then(|t| std::str::from_utf8(t).ok()?.parse::<usize>().ok())
+                .ok_or_else(|| io::Error::other("a VALUE line without a length"))?;
+            at = next + len + 2;
+            if buf.len() < at {
+                return Ok(None);
+            }
+            continue;
+        }
+        if line == b"ERROR"
+            || line.starts_with(b"CLIENT_ERROR")
+            || line.starts_with(b"SERVER_ERROR")
+        {
+            return Err(io::Error::other(format!(
+                "the server answered {:?}",
+                String::from_utf8_lossy(line)
+            )));
+        }
+        return Ok(Some(next));
     }
 }
 
@@ -141,10 +199,25 @@ struct Run {
 
 /// Starts the connection's next request.
 fn next_request(protocol: Protocol, ids: &mut Ids, conn: &mut Conn) -> io::Result<()> {
-    if let Protocol::Lookup { keys } = protocol {
-        let id = ids.next_below(keys.max(1));
-        conn.request.clear();
-        conn.request.extend_from_slice(&id.to_be_bytes());
+    match protocol {
+        Protocol::Echo { .. } => {}
+        Protocol::Lookup { keys } => {
+            let id = ids.next_below(keys.max(1));
+            conn.request.clear();
+            conn.request.extend_from_slice(&id.to_be_bytes());
+        }
+        Protocol::Memcached { keys, size } => {
+            let id = ids.next_below(keys.max(1));
+            conn.request.clear();
+            if ids.next_below(10) == 0 {
+                let _ = write!(conn.request, "set key:{id} 0 0 {size}\r\n");
+                conn.request.resize(conn.request.len() + size, b'v');
+                conn.request.extend_from_slice(b"\r\n");
+            } else {
+                let _ = write!(conn.request, "get key:{id}\r\n");
+            }
+            conn.answer.clear();
+        }
     }
     conn.written = 0;
     conn.received = 0;
@@ -164,19 +237,13 @@ impl Run {
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) => return Err(err),
             };
-            for (i, &byte) in self.scratch[..n].iter().enumerate() {
-                if conn.received < 4 {
-                    conn.header[conn.received] = byte;
+            if let Some(used) = conn.take(self.protocol, &self.scratch[..n])? {
+                if used != n {
+                    return Err(io::Error::other("the server sent more than one answer"));
                 }
-                conn.received += 1;
-                if conn.expected(self.protocol) == Some(conn.received) {
-                    if i + 1 != n {
-                        return Err(io::Error::other("the server sent more than one answer"));
-                    }
-                    self.report.latencies.push(conn.started.elapsed());
-                    self.report.requests += 1;
-                    next_request(self.protocol, &mut self.ids, conn)?;
-                }
+                self.report.latencies.push(conn.started.elapsed());
+                self.report.requests += 1;
+                next_request(self.protocol, &mut self.ids, conn)?;
             }
         }
     }
@@ -195,7 +262,7 @@ pub fn run(options: &Options) -> io::Result<Report> {
     };
     let request = match options.protocol {
         Protocol::Echo { size } => vec![b'x'; size.max(1)],
-        Protocol::Lookup { .. } => Vec::with_capacity(4),
+        Protocol::Lookup { .. } | Protocol::Memcached { .. } => Vec::new(),
     };
     if let Protocol::Echo { size: 0 } = options.protocol {
         return Err(io::Error::new(
@@ -224,6 +291,7 @@ pub fn run(options: &Options) -> io::Result<Report> {
                 written: 0,
                 received: 0,
                 header: [0; 4],
+                answer: Vec::new(),
                 started: Instant::now(),
             })),
             Err(err) => {
@@ -319,6 +387,20 @@ mod tests {
                 break;
             }
         }
+    }
+
+    #[test]
+    fn memcached_replies_are_found_whole() {
+        let len = |buf: &[u8]| memcached_answer_len(buf).unwrap();
+        assert_eq!(len(b"STORED\r\n"), Some(8));
+        assert_eq!(len(b"STOR"), None);
+        assert_eq!(len(b"END\r\n"), Some(5));
+        let hit = b"VALUE key:1 0 5\r\nEND\r\n\r\nEND\r\n";
+        assert_eq!(len(hit), Some(hit.len()), "a value may hold END");
+        assert_eq!(len(&hit[..hit.len() - 1]), None);
+        assert_eq!(len(b"VALUE key:1 0 5 42\r\nvalue\r\n"), None);
+        assert!(memcached_answer_len(b"SERVER_ERROR out of memory\r\n").is_err());
+        assert!(memcached_answer_len(b"VALUE key:1 0 x\r\n").is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use shardloop_load::{Options, Protocol};
 /// load(host, port, protocol="lookup", connections=64, seconds=5.0, size=64, keys=100000, progress=True)
 /// --
 ///
-/// Drives an echo or lookup server with `connections` closed-loop
+/// Drives an echo, lookup or memcached server with `connections` closed-loop
 /// connections for `seconds`; returns requests, errors, seconds, requests
 /// per second and the p50/p99/p999 latencies in microseconds.
 #[pyfunction]
@@ -32,11 +32,14 @@ fn load<'py>(
     let protocol = match protocol {
         "echo" if size > 0 => Protocol::Echo { size },
         "echo" => return Err(PyValueError::new_err("size must be at least 1")),
-        "lookup" if keys > 0 => Protocol::Lookup { keys },
-        "lookup" => return Err(PyValueError::new_err("keys must be at least 1")),
+        "lookup" | "memcached" if keys == 0 => {
+            return Err(PyValueError::new_err("keys must be at least 1"))
+        }
+        "lookup" => Protocol::Lookup { keys },
+        "memcached" => Protocol::Memcached { keys, size },
         other => {
             return Err(PyValueError::new_err(format!(
-                "protocol must be 'echo' or 'lookup', not {other:?}"
+                "protocol must be 'echo', 'lookup' or 'memcached', not {other:?}"
             )))
         }
     };
