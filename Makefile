@@ -101,6 +101,7 @@ bench-python: develop
 bench-net: tools develop
 	$(PY) benches/net/run.py
 	$(PY) benches/net/memcached.py
+	$(PY) benches/net/memcached.py --client shardloop
 
 clean:
 	rm -rf target $(VENV)

@@ -1,12 +1,16 @@
 """shardloop's memcached-protocol example against the real memcached, both
-driven by memcaslap with the same settings, in one run, on loopback.
+driven by the same client with the same settings, in one run, on loopback:
+memcaslap (libmemcached-tools), or shardloop's own load generator
+(``python -m shardloop load --protocol memcached``: 9 gets to 1 set).
 
     python benches/net/memcached.py [--seconds 5] [--concurrency 64]
+                                    [--client memcaslap|shardloop] [--client-cpu N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -45,6 +49,39 @@ def memcaslap(port: int, args: argparse.Namespace) -> dict[str, float]:
     return {"ops_per_second": float(tps[-1])}
 
 
+def shardloop_load(port: int, args: argparse.Namespace) -> dict[str, float]:
+    """The same load from ``python -m shardloop load`` (1,024-byte values,
+    10,000 keys, as memcaslap's defaults)."""
+    out = subprocess.run(
+        [
+            *client_prefix(args.client_cpu),
+            sys.executable,
+            "-m",
+            "shardloop",
+            "load",
+            "--protocol",
+            "memcached",
+            "--port",
+            str(port),
+            "--connections",
+            str(args.concurrency),
+            "--seconds",
+            str(args.seconds),
+            "--size",
+            "1024",
+            "--keys",
+            "10000",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=args.seconds + 60,
+        check=True,
+    ).stdout
+    summary = json.loads(out.strip().splitlines()[-1])
+    return {"ops_per_second": float(summary["requests_per_second"]), "p99_us": summary["p99_us"]}
+
+
 def example(port: int) -> list[str]:
     return [sys.executable, str(ROOT / "examples" / "memcached_server.py"), "--port", str(port)]
 
@@ -57,8 +94,9 @@ def main() -> None:
         "--client-cpu",
         type=int,
         default=None,
-        help="pin memcaslap to this core (default: the scheduler places it)",
+        help="pin the client to this core (default: the scheduler places it)",
     )
+    parser.add_argument("--client", choices=("memcaslap", "shardloop"), default="memcaslap")
     args = parser.parse_args()
     servers = {
         "memcached -t 2": lambda port: [
@@ -87,7 +125,8 @@ def main() -> None:
     for name, command in servers.items():
         port = free_port()
         with serving([command(port)], port):
-            results[name] = memcaslap(port, args)
+            client = memcaslap if args.client == "memcaslap" else shardloop_load
+            results[name] = client(port, args)
         print(f"{name:32} {results[name]['ops_per_second']:>12,.0f} ops/s", flush=True)
     base = results["memcached -t 2"]["ops_per_second"]
     for name, result in results.items():
