@@ -155,7 +155,7 @@ def test_stats_are_plain_dicts_that_count() -> None:
     queue = next(q for q in stats["queues"] if (q["from"], q["to"]) == (0, 1))
     assert queue["sent"] == queue["received"] == queue["completed"] == 100
     assert queue["batches"] >= 1 and queue["max_depth"] >= 1
-    assert {"polls", "tasks_run", "sleeps", "wakeups"} <= set(stats["shards"][1])
+    assert {"polls", "tasks_run", "sleeps", "wakeups", "preempted"} <= set(stats["shards"][1])
     assert stats["shards"][1]["tasks_run"] >= 100
 
 

@@ -86,5 +86,6 @@ def run(
 def stats() -> dict[str, Any]:
     """The runtime's counters as plain dicts: ``queues`` (per ordered pair of
     shards: sent, received, completed, batches, max_depth, max_pending) and
-    ``shards`` (per shard: polls, tasks_run, sleeps, wakeups)."""
+    ``shards`` (per shard: polls, tasks_run, sleeps, wakeups, and preempted:
+    how often the kernel took the core from the shard while it could run)."""
     return current_loop()._driver.stats()

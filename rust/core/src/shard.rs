@@ -166,6 +166,7 @@ impl Shard {
     pub(crate) fn new(parts: Parts, shared: Arc<Shared>) -> Self {
         let id = parts.id;
         let count = shared.count;
+        shared.counters[id].tid.set(stats::this_tid());
         let outbox =
             |peer: usize, ring: Option<crate::ring::Producer<Envelope>>, requests: bool| {
                 let counters = if requests {

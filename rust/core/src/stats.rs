@@ -31,6 +31,10 @@ impl Counter {
     pub(crate) fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+
+    pub(crate) fn set(&self, n: u64) {
+        self.0.store(n, Ordering::Relaxed);
+    }
 }
 
 /// Counters written by the sending shard of one ordered pair.
@@ -64,6 +68,8 @@ pub(crate) struct ShardCounters {
     pub(crate) tasks_run: Counter,
     pub(crate) sleeps: Counter,
     pub(crate) wakeups: Counter,
+    /// The shard thread's OS thread id (written once, when it starts).
+    pub(crate) tid: Counter,
 }
 
 /// A snapshot of one request queue, from shard `from` to shard `to`.
@@ -101,6 +107,12 @@ pub struct ShardStats {
     pub sleeps: u64,
     /// Eventfd notifications this shard sent to sleeping peers.
     pub wakeups: u64,
+    /// Times the shard's thread lost its core while it could still run
+    /// (Linux's `nonvoluntary_ctxt_switches`): other busy threads share the
+    /// core. Pinned, polling shards want this near zero; an
+    /// [`overprovisioned`](crate::Builder::overprovisioned) shard counts here
+    /// too each time it yields its core to another thread.
+    pub preempted: u64,
 }
 
 /// A snapshot of all counters of a runtime.
@@ -143,7 +155,53 @@ pub(crate) fn snapshot_from(
             tasks_run: c.tasks_run.get(),
             sleeps: c.sleeps.get(),
             wakeups: c.wakeups.get(),
+            preempted: preemptions(c.tid.get()),
         })
         .collect();
     Stats { queues, shards }
+}
+
+/// The OS thread id of the calling thread.
+pub(crate) fn this_tid() -> u64 {
+    // SAFETY: `gettid` has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    u64::try_from(tid).unwrap_or(0)
+}
+
+/// Involuntary context switches of thread `tid` of this process, from
+/// `/proc` (0 if they cannot be read: no such thread, or no procfs).
+fn preemptions(tid: u64) -> u64 {
+    if tid == 0 {
+        return 0;
+    }
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preemptions_are_read_from_proc_for_a_live_thread() {
+        // SAFETY: `usage` is a valid, writable `rusage`; RUSAGE_THREAD is the
+        // calling thread.
+        let before = unsafe {
+            let mut usage: libc::rusage = std::mem::zeroed();
+            assert_eq!(libc::getrusage(libc::RUSAGE_THREAD, &mut usage), 0);
+            usage.ru_nivcsw as u64
+        };
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        assert!(status.contains("nonvoluntary_ctxt_switches:"));
+        assert!(preemptions(this_tid()) >= before);
+        assert_eq!(preemptions(0), 0);
+        assert_eq!(preemptions(u64::from(u32::MAX)), 0, "no such thread");
+    }
 }

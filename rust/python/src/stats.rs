@@ -26,6 +26,7 @@ pub(crate) fn to_dict<'py>(py: Python<'py>, stats: &Stats) -> PyResult<Bound<'py
         d.set_item("tasks_run", s.tasks_run)?;
         d.set_item("sleeps", s.sleeps)?;
         d.set_item("wakeups", s.wakeups)?;
+        d.set_item("preempted", s.preempted)?;
         shards.append(d)?;
     }
     let result = PyDict::new(py);
