@@ -49,6 +49,29 @@ def test_every_shard_serves_connections(balance: str) -> None:
         assert per_shard == [20, 20]
 
 
+@pytest.mark.parametrize("balance", ["reuseport", "round_robin"])
+def test_stream_connections_have_nagle_off(balance: str) -> None:
+    """Replies written one after another must not wait for the peer's
+    delayed ACK (40 ms) before they leave."""
+
+    async def nodelay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(1)
+        sock = writer.get_extra_info("socket")
+        writer.write(b"%d" % sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        await writer.drain()
+
+    async def main() -> bytes:
+        server = await shardloop.serve(nodelay, balance=balance)  # type: ignore[arg-type]
+        async with server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"?")
+            reply = await reader.read(10)
+            writer.close()
+            return reply
+
+    assert run2(main()) == b"1"
+
+
 def test_port_in_use_fails_before_any_shard_serves() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

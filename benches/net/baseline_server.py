@@ -43,7 +43,9 @@ async def lookup(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 
 async def main(args: argparse.Namespace) -> None:
-    sock = socket.socket()
+    # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on
+    # sockets that say they are TCP (uvloop does it for every TCP socket).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("127.0.0.1", args.port))

@@ -127,7 +127,9 @@ class ShardedServer:
 
     def _listening_socket(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on
+        # sockets that say they are TCP, and accepted ones inherit this.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.balance == "reuseport":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
