@@ -83,6 +83,8 @@ def measure(commands: list[list[str]], protocol: str, port: int, args: argparse.
                 str(args.connections),
                 "--seconds",
                 str(args.seconds),
+                "--pipeline",
+                str(args.pipeline),
                 "--json",
             ],
             capture_output=True,
@@ -101,6 +103,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--protocols", nargs="*", default=["echo", "lookup"])
     parser.add_argument("--only", default="", help="run only servers whose name contains this")
+    parser.add_argument(
+        "--pipeline", type=int, default=1, help="requests each client connection sends at once"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--client-cpu",

@@ -1,10 +1,11 @@
 """``python -m shardloop load``: drives an echo, lookup or memcached server
 with many connections for a fixed time and reports requests/s and latency.
 
-Each connection sends a request, waits for the whole answer, and sends the
-next (a closed loop). The connections run on one native thread with epoll
-(the ``shardloop-load`` crate), so the generator takes as little as it can
-from the server it measures, and it prints a progress line every second.
+Each connection sends a request (or ``--pipeline N`` of them), waits for the
+whole answer, and sends the next (a closed loop). The connections run on one
+native thread with epoll (the ``shardloop-load`` crate), so the generator
+takes as little as it can from the server it measures, and it prints a
+progress line every second.
 """
 
 from __future__ import annotations
@@ -33,14 +34,16 @@ def drive(
     size: int = 64,
     keys: int = 100_000,
     progress: bool = True,
+    pipeline: int = 1,
 ) -> dict[str, Any]:
     """Runs the load and returns its summary: requests, errors, seconds,
-    requests_per_second, and p50_us/p99_us/p999_us latencies."""
-    summary = load(host, port, protocol, connections, seconds, size, keys, progress)
+    requests_per_second, and p50_us/p99_us/p999_us latencies. Each
+    connection sends `pipeline` requests at once, then waits for them all."""
+    summary = load(host, port, protocol, connections, seconds, size, keys, progress, pipeline)
     summary["requests_per_second"] = round(summary["requests_per_second"])
     for key in ("seconds", "p50_us", "p99_us", "p999_us"):
         summary[key] = round(summary[key], 3 if key == "seconds" else 1)
-    return {"protocol": protocol, "connections": connections, **summary}
+    return {"protocol": protocol, "connections": connections, "pipeline": pipeline, **summary}
 
 
 def free_port() -> int:
@@ -111,6 +114,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--keys", type=int, default=100_000, help="lookup ids and memcached keys drawn from 0..keys"
     )
+    parser.add_argument(
+        "--pipeline", type=int, default=1, help="requests each connection sends at once"
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     summary = drive(
@@ -122,13 +128,15 @@ def main(argv: list[str]) -> None:
         args.size,
         args.keys,
         progress=not args.json,
+        pipeline=args.pipeline,
     )
     if args.json:
         print(json.dumps(summary))
     else:
         print(
             f"{args.protocol}: {summary['requests_per_second']:,} requests/s over "
-            f"{args.connections} connections, {summary['seconds']}s; latency p50 "
+            f"{args.connections} connections (pipeline {args.pipeline}), "
+            f"{summary['seconds']}s; latency p50 "
             f"{summary['p50_us']} us, p99 {summary['p99_us']} us, p999 "
             f"{summary['p999_us']} us; errors {summary['errors']}"
         )

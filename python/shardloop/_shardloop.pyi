@@ -125,6 +125,7 @@ def load(
     size: int = 64,
     keys: int = 100000,
     progress: bool = True,
+    pipeline: int = 1,
 ) -> dict[str, Any]:
     """Drives an echo, lookup or memcached server; returns requests/s and
     latencies."""

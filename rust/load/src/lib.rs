@@ -1,5 +1,6 @@
 //! A closed-loop TCP load generator: many connections on one thread, each
-//! sending a request, waiting for the whole answer, and sending the next.
+//! sending a request (or a pipeline of them), waiting for the whole answer,
+//! and sending the next.
 //!
 //! It speaks the protocols of shardloop's example servers:
 //!
@@ -38,6 +39,9 @@ pub struct Options {
     pub protocol: Protocol,
     pub connections: usize,
     pub duration: Duration,
+    /// Requests each connection sends at once before it waits for their
+    /// answers (1: one at a time).
+    pub pipeline: usize,
     /// Print a progress line on stderr every second.
     pub progress: bool,
 }
@@ -83,6 +87,8 @@ struct Conn {
     header: [u8; 4],
     /// The answer so far, for protocols parsed as a whole (memcached).
     answer: Vec<u8>,
+    /// Answers still to come for the requests sent.
+    outstanding: usize,
     started: Instant,
 }
 
@@ -192,42 +198,54 @@ impl Ids {
 
 struct Run {
     protocol: Protocol,
+    pipeline: usize,
     ids: Ids,
     report: Report,
     scratch: Vec<u8>,
 }
 
-/// Starts the connection's next request.
-fn next_request(protocol: Protocol, ids: &mut Ids, conn: &mut Conn) -> io::Result<()> {
-    match protocol {
-        Protocol::Echo { .. } => {}
-        Protocol::Lookup { keys } => {
-            let id = ids.next_below(keys.max(1));
-            conn.request.clear();
-            conn.request.extend_from_slice(&id.to_be_bytes());
-        }
-        Protocol::Memcached { keys, size } => {
-            let id = ids.next_below(keys.max(1));
-            conn.request.clear();
-            if ids.next_below(10) == 0 {
-                let _ = write!(conn.request, "set key:{id} 0 0 {size}\r\n");
-                conn.request.resize(conn.request.len() + size, b'v');
-                conn.request.extend_from_slice(b"\r\n");
-            } else {
-                let _ = write!(conn.request, "get key:{id}\r\n");
+/// Sends the connection's next `pipeline` requests (echo requests are all
+/// alike: built once).
+fn next_requests(
+    protocol: Protocol,
+    ids: &mut Ids,
+    pipeline: usize,
+    conn: &mut Conn,
+) -> io::Result<()> {
+    if !matches!(protocol, Protocol::Echo { .. }) {
+        conn.request.clear();
+    }
+    for _ in 0..pipeline {
+        match protocol {
+            Protocol::Echo { .. } => {}
+            Protocol::Lookup { keys } => {
+                let id = ids.next_below(keys.max(1));
+                conn.request.extend_from_slice(&id.to_be_bytes());
             }
-            conn.answer.clear();
+            Protocol::Memcached { keys, size } => {
+                let id = ids.next_below(keys.max(1));
+                if ids.next_below(10) == 0 {
+                    let _ = write!(conn.request, "set key:{id} 0 0 {size}\r\n");
+                    conn.request.resize(conn.request.len() + size, b'v');
+                    conn.request.extend_from_slice(b"\r\n");
+                } else {
+                    let _ = write!(conn.request, "get key:{id}\r\n");
+                }
+            }
         }
     }
+    conn.outstanding = pipeline;
     conn.written = 0;
     conn.received = 0;
+    conn.answer.clear();
     conn.started = Instant::now();
     conn.flush()
 }
 
 impl Run {
-    /// Reads until the socket is empty, finishing (and replacing) the
-    /// request whenever its whole answer is in. `Err` ends the connection.
+    /// Reads until the socket is empty, counting each answer as it is
+    /// whole and sending the next requests once all are in. `Err` ends the
+    /// connection.
     fn read(&mut self, conn: &mut Conn) -> io::Result<()> {
         loop {
             let n = match conn.stream.read(&mut self.scratch) {
@@ -237,13 +255,24 @@ impl Run {
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) => return Err(err),
             };
-            if let Some(used) = conn.take(self.protocol, &self.scratch[..n])? {
-                if used != n {
-                    return Err(io::Error::other("the server sent more than one answer"));
-                }
+            let mut rest = &self.scratch[..n];
+            while let Some(used) = conn.take(self.protocol, rest)? {
+                rest = &rest[used..];
                 self.report.latencies.push(conn.started.elapsed());
                 self.report.requests += 1;
-                next_request(self.protocol, &mut self.ids, conn)?;
+                conn.received = 0;
+                conn.answer.clear();
+                conn.outstanding -= 1;
+                if conn.outstanding == 0 {
+                    if !rest.is_empty() {
+                        return Err(io::Error::other("the server sent more answers than asked"));
+                    }
+                    next_requests(self.protocol, &mut self.ids, self.pipeline, conn)?;
+                    break;
+                }
+                if rest.is_empty() {
+                    break;
+                }
             }
         }
     }
@@ -254,14 +283,21 @@ impl Run {
 /// connects.
 pub fn run(options: &Options) -> io::Result<Report> {
     let mut poll = Poll::new()?;
+    if options.pipeline == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "pipeline must be at least 1",
+        ));
+    }
     let mut run = Run {
         protocol: options.protocol,
+        pipeline: options.pipeline,
         ids: Ids(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id())),
         report: Report::default(),
         scratch: vec![0; 64 * 1024],
     };
     let request = match options.protocol {
-        Protocol::Echo { size } => vec![b'x'; size.max(1)],
+        Protocol::Echo { size } => vec![b'x'; size.max(1) * options.pipeline],
         Protocol::Lookup { .. } | Protocol::Memcached { .. } => Vec::new(),
     };
     if let Protocol::Echo { size: 0 } = options.protocol {
@@ -292,6 +328,7 @@ pub fn run(options: &Options) -> io::Result<Report> {
                 received: 0,
                 header: [0; 4],
                 answer: Vec::new(),
+                outstanding: 0,
                 started: Instant::now(),
             })),
             Err(err) => {
@@ -309,7 +346,7 @@ pub fn run(options: &Options) -> io::Result<Report> {
     let deadline = start + options.duration;
     for slot in &mut conns {
         if let Some(conn) = slot {
-            if next_request(run.protocol, &mut run.ids, conn).is_err() {
+            if next_requests(run.protocol, &mut run.ids, run.pipeline, conn).is_err() {
                 run.report.errors += 1;
                 *slot = None;
             }
@@ -378,6 +415,7 @@ mod tests {
     /// bytes' worth of value, capped.
     fn lookup_server(listener: TcpListener) {
         let (mut stream, _) = listener.accept().unwrap();
+        stream.set_nodelay(true).unwrap();
         let mut id = [0; 4];
         while stream.read_exact(&mut id).is_ok() {
             let len = (u32::from_be_bytes(id) % 50) as usize;
@@ -421,6 +459,7 @@ mod tests {
             protocol: Protocol::Lookup { keys: 1000 },
             connections: 1,
             duration: Duration::from_millis(300),
+            pipeline: 1,
             progress: false,
         })
         .unwrap();
@@ -428,6 +467,25 @@ mod tests {
         assert_eq!(report.errors, 0);
         let p50 = report.percentile(50.0).unwrap();
         assert!(p50 <= report.percentile(99.0).unwrap());
+        drop(server);
+    }
+
+    #[test]
+    fn pipelined_requests_are_each_counted() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = thread::spawn(move || lookup_server(listener));
+        let report = run(&Options {
+            addr,
+            protocol: Protocol::Lookup { keys: 1000 },
+            connections: 1,
+            duration: Duration::from_millis(300),
+            pipeline: 8,
+            progress: false,
+        })
+        .unwrap();
+        assert_eq!(report.errors, 0, "{report:?}");
+        assert!(report.requests > 80, "{report:?}");
         drop(server);
     }
 
@@ -441,6 +499,7 @@ mod tests {
             protocol: Protocol::Echo { size: 8 },
             connections: 1,
             duration: Duration::from_secs(5),
+            pipeline: 1,
             progress: false,
         })
         .unwrap();
@@ -464,6 +523,7 @@ mod tests {
             protocol: Protocol::Echo { size: 8 },
             connections: 2,
             duration: Duration::from_millis(100),
+            pipeline: 1,
             progress: false,
         });
         assert!(result.is_err());

@@ -9,14 +9,15 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use shardloop_load::{Options, Protocol};
 
-/// load(host, port, protocol="lookup", connections=64, seconds=5.0, size=64, keys=100000, progress=True)
+/// load(host, port, protocol="lookup", connections=64, seconds=5.0, size=64, keys=100000, progress=True, pipeline=1)
 /// --
 ///
 /// Drives an echo, lookup or memcached server with `connections` closed-loop
-/// connections for `seconds`; returns requests, errors, seconds, requests
-/// per second and the p50/p99/p999 latencies in microseconds.
+/// connections for `seconds`, each with `pipeline` requests in flight;
+/// returns requests, errors, seconds, requests per second and the
+/// p50/p99/p999 latencies in microseconds.
 #[pyfunction]
-#[pyo3(signature = (host, port, protocol="lookup", connections=64, seconds=5.0, size=64, keys=100_000, progress=true))]
+#[pyo3(signature = (host, port, protocol="lookup", connections=64, seconds=5.0, size=64, keys=100_000, progress=true, pipeline=1))]
 #[allow(clippy::too_many_arguments)]
 fn load<'py>(
     py: Python<'py>,
@@ -28,6 +29,7 @@ fn load<'py>(
     size: usize,
     keys: u32,
     progress: bool,
+    pipeline: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
     let protocol = match protocol {
         "echo" if size > 0 => Protocol::Echo { size },
@@ -43,9 +45,9 @@ fn load<'py>(
             )))
         }
     };
-    if connections == 0 || !(seconds > 0.0 && seconds.is_finite()) {
+    if connections == 0 || pipeline == 0 || !(seconds > 0.0 && seconds.is_finite()) {
         return Err(PyValueError::new_err(
-            "connections and seconds must be positive",
+            "connections, pipeline and seconds must be positive",
         ));
     }
     let addr = (host, port)
@@ -57,6 +59,7 @@ fn load<'py>(
         protocol,
         connections,
         duration: Duration::from_secs_f64(seconds),
+        pipeline,
         progress,
     };
     let report = py.detach(|| shardloop_load::run(&options))?;
