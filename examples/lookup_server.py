@@ -38,6 +38,11 @@ def lookup(key: int) -> bytes:
     return _tables[shard.id()].get(key, b"")
 
 
+def lookup_many(keys: list[int]) -> list[bytes]:
+    table = _tables[shard.id()]
+    return [table.get(key, b"") for key in keys]
+
+
 def counters() -> dict[str, int]:
     return {"shard": shard.id(), **_counters[shard.id()]}
 
@@ -66,28 +71,58 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 
 async def handle_connection(conn: shardloop.Connection) -> None:
-    """The same server on a :class:`shardloop.Connection`: the request is
-    read into Rust's buffer with the GIL released, and the coroutine wakes
-    once all 4 bytes are there."""
+    """The same server on a :class:`shardloop.Connection`. It takes every
+    whole request already buffered (a client may send several before it
+    reads), answers this shard's ids in place, asks each other owner once
+    for all of its ids, and writes the answers in request order."""
     me, count = shard.id(), shard.count()
     mine = _counters[me]
     table = _tables[me]
     pack = struct.Struct("!I").pack
     unpack = struct.Struct("!I").unpack
+    partial = b""  # the start of a request cut by the end of a read
     while True:
-        try:
-            (key,) = unpack(await conn.read_exactly(4))
-        except asyncio.IncompleteReadError:
+        data = await conn.read()
+        if not data:
             return  # the client closed (maybe mid-request)
-        owner = key % count
-        mine["requests"] += 1
-        if owner == me:
-            mine["local"] += 1
-            value = table.get(key, b"")
-        else:
-            mine["cross_shard"] += 1
-            value = await shard.submit_to(owner, lookup, key)
-        conn.write(pack(len(value)) + value)
+        if partial:
+            data = partial + data
+        whole = len(data) - len(data) % 4
+        partial = data[whole:]
+        if whole == 4:  # one request, as a client that waits for each answer sends
+            (key,) = unpack(data[:4])
+            owner = key % count
+            mine["requests"] += 1
+            if owner == me:
+                mine["local"] += 1
+                value = table.get(key, b"")
+            else:
+                mine["cross_shard"] += 1
+                value = await shard.submit_to(owner, lookup, key)
+            conn.write(pack(len(value)) + value)
+            await conn.drain()
+            continue
+        keys = struct.unpack(f"!{whole // 4}I", data[:whole])
+        values: list[bytes] = [b""] * len(keys)
+        remote: dict[int, list[int]] = {}  # owner -> indexes of its keys
+        for i, key in enumerate(keys):
+            owner = key % count
+            if owner == me:
+                values[i] = table.get(key, b"")
+            else:
+                remote.setdefault(owner, []).append(i)
+        # Every owner is asked at once; then the answers are collected.
+        asked = [
+            (indexes, shard.submit_to(owner, lookup_many, [keys[i] for i in indexes]))
+            for owner, indexes in remote.items()
+        ]
+        for indexes, answer in asked:
+            for i, value in zip(indexes, await answer, strict=True):
+                values[i] = value
+        mine["requests"] += len(keys)
+        mine["cross_shard"] += len(asked)
+        mine["local"] += len(keys) - sum(len(indexes) for indexes, _ in asked)
+        conn.write(b"".join(pack(len(value)) + value for value in values))
         await conn.drain()
 
 

@@ -143,6 +143,36 @@ def test_lookup_server_answers_across_shards_and_survives_half_requests(api: str
     assert sum(c["cross_shard"] for c in counters) >= 1
 
 
+def test_lookup_server_answers_pipelined_requests_in_order() -> None:
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import lookup_server
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    keys = [7, 2, 999, 4, 5000, 1, 8, 3, 6, 0]  # both shards' ids, and a miss
+
+    async def main() -> tuple[list[bytes], int]:
+        server = await lookup_server.start("127.0.0.1", 0, 1000, "reuseport")
+        async with server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            request = b"".join(struct.pack("!I", key) for key in keys)
+            writer.write(request[:21])  # whole requests and the start of one
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(request[21:])
+            values = []
+            for _ in keys:
+                (length,) = struct.unpack("!I", await reader.readexactly(4))
+                values.append(await reader.readexactly(length))
+            writer.close()
+            counters = await shard.invoke_on_all(lookup_server.counters)
+        return values, sum(c["requests"] for c in counters)
+
+    values, requests = run2(main())
+    assert values == [b"value-%08d" % key if key < 1000 else b"" for key in keys]
+    assert requests == len(keys)
+
+
 def test_lookup_demo_runs_end_to_end() -> None:
     out = subprocess.run(
         [
