@@ -352,3 +352,29 @@ def test_write_takes_any_bytes_like_object() -> None:
         return data
 
     assert run2(with_server(handler, client)) == b"abcd"
+
+
+def test_what_is_written_just_before_the_loop_stops_still_goes_out() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+    loop = shardloop.new_event_loop(2)
+
+    def write_and_stop() -> None:
+        conn = shardloop.Connection(accepted.detach())
+        conn.write(b"last words")
+        conn.close()
+        loop.stop()  # no further turn of the loop follows
+
+    try:
+        with peer:
+            loop.call_soon(write_and_stop)
+            loop.run_forever()
+            # The loop is stopped, not closed, and does not run again here.
+            peer.settimeout(10)
+            received = b""
+            while chunk := peer.recv(100):
+                received += chunk
+    finally:
+        loop.close()
+    assert received == b"last words"

@@ -108,6 +108,9 @@ impl Driver {
         });
         if let Some(mut current) = released {
             if let Some((activation, previous, _)) = current.activation.take() {
+                // What connections were given in the loop's last turn still
+                // goes out.
+                conn::send_written();
                 drop(activation);
                 ACTIVE.with(|active| active.set(previous));
             }
@@ -232,6 +235,9 @@ impl Driver {
     fn deactivate(&self) -> PyResult<()> {
         self.with(|current| {
             if let Some((activation, previous, _)) = current.activation.take() {
+                // What connections were given in the loop's last turn still
+                // goes out.
+                conn::send_written();
                 drop(activation);
                 ACTIVE.with(|active| active.set(previous));
             }
