@@ -137,6 +137,11 @@ def test_bad_calls_get_clear_errors() -> None:
         with pytest.raises(RuntimeError, match="already waiting"):
             await conn.read_exactly(4)
         first.cancel()
+        conn.write(b"")
+        drained = conn.drain()
+        await drained
+        with pytest.raises(RuntimeError, match="awaited already"):
+            await drained
         conn.close()
         assert conn.closed
         with pytest.raises(ConnectionAbortedError):

@@ -22,6 +22,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{FromRawFd, RawFd};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyConnectionAbortedError, PyRuntimeError, PyStopIteration, PyValueError};
@@ -592,6 +593,7 @@ impl Connection {
                 A_CONNECTION,
             ),
             want,
+            finished: AtomicBool::new(false),
         })
     }
 }
@@ -607,6 +609,9 @@ fn closed_here() -> PyErr {
 pub(crate) struct Waiting {
     home: Home<Inner>,
     want: Want,
+    /// Set once it gave its answer: awaiting it again is a mistake (it
+    /// would read further), as awaiting a coroutine twice is.
+    finished: AtomicBool,
 }
 
 #[pymethods]
@@ -624,6 +629,11 @@ impl Waiting {
     /// returned through `StopIteration(answer)`.
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         let inner = self.home.get()?;
+        if self.finished.load(Ordering::Relaxed) {
+            return Err(PyRuntimeError::new_err(
+                "this read or drain was awaited already; call the method again",
+            ));
+        }
         let mut answer = inner.take(py, &self.want)?;
         if answer.is_none() && !matches!(self.want, Want::Drained) && inner.io.is_readable() {
             let reader = OnThisThread(&**inner);
@@ -632,6 +642,7 @@ impl Waiting {
             }
         }
         if let Some(answer) = answer {
+            self.finished.store(true, Ordering::Relaxed);
             if answer.is_none() {
                 return Ok(None);
             }
