@@ -87,14 +87,47 @@ struct ReadBuffer {
     data: Vec<u8>,
     start: usize,
     end: usize,
+    /// How many buffered bytes are known not to hold `searched_for`: a line
+    /// that arrives in many reads is searched once, not once per read.
+    searched: usize,
+    searched_for: Vec<u8>,
 }
 
 impl ReadBuffer {
+    fn new() -> Self {
+        Self {
+            data: vec![0; READ_CHUNK],
+            start: 0,
+            end: 0,
+            searched: 0,
+            searched_for: Vec::new(),
+        }
+    }
+
     fn buffered(&self) -> &[u8] {
         &self.data[self.start..self.end]
     }
 
+    /// Where `separator` starts in the buffered bytes, searching only what
+    /// arrived since the last search for it (`separator` is not empty).
+    fn find(&mut self, separator: &[u8]) -> Option<usize> {
+        if self.searched_for != separator {
+            self.searched_for = separator.to_vec();
+            self.searched = 0;
+        }
+        // Back up by all but one byte: a separator may straddle the boundary.
+        let from = self.searched.saturating_sub(separator.len() - 1);
+        let found = find(&self.buffered()[from..], separator).map(|at| from + at);
+        self.searched = if found.is_some() {
+            0
+        } else {
+            self.end - self.start
+        };
+        found
+    }
+
     fn consume(&mut self, n: usize) {
+        self.searched = 0;
         self.start += n;
         if self.start == self.end {
             self.start = 0;
@@ -161,14 +194,13 @@ impl Inner {
         if self.eof.get() || self.read_error.borrow().is_some() {
             return true;
         }
-        let input = self.input.borrow();
-        let buffered = input.buffered();
+        let mut input = self.input.borrow_mut();
         match want {
-            Want::Exactly(n) => buffered.len() >= *n,
+            Want::Exactly(n) => input.buffered().len() >= *n,
             Want::Until { separator, limit } => {
-                find(buffered, separator).is_some() || buffered.len() > *limit
+                input.find(separator).is_some() || input.buffered().len() > *limit
             }
-            Want::Some(_) => !buffered.is_empty(),
+            Want::Some(_) => !input.buffered().is_empty(),
             Want::Drained => unreachable!("handled above"),
         }
     }
@@ -329,10 +361,14 @@ impl Inner {
             );
         }
         let mut input = self.input.borrow_mut();
+        let found = match want {
+            Want::Until { separator, .. } => input.find(separator),
+            _ => None,
+        };
         let buffered = input.buffered();
         let taken = match want {
             Want::Exactly(n) => (buffered.len() >= *n).then_some(*n),
-            Want::Until { separator, limit } => match find(buffered, separator) {
+            Want::Until { separator, limit } => match found {
                 Some(at) if at <= *limit => Some(at + separator.len()),
                 Some(_) => return Err(limit_overrun(py, *limit)),
                 None if buffered.len() > *limit => return Err(limit_overrun(py, *limit)),
@@ -442,11 +478,7 @@ impl Connection {
         let inner = Rc::new(Inner {
             io: Async::new(stream)?,
             shard,
-            input: RefCell::new(ReadBuffer {
-                data: vec![0; READ_CHUNK],
-                start: 0,
-                end: 0,
-            }),
+            input: RefCell::new(ReadBuffer::new()),
             output: RefCell::default(),
             eof: Cell::new(false),
             read_error: RefCell::new(None),
