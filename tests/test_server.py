@@ -195,7 +195,7 @@ def test_lookup_demo_runs_end_to_end() -> None:
     assert "errors 0" in out
 
 
-@pytest.mark.parametrize("name", ["echo_server.py", "lookup_server.py"])
+@pytest.mark.parametrize("name", ["echo_server.py", "lookup_server.py", "memcached_server.py"])
 def test_examples_have_help(name: str) -> None:
     out = subprocess.run(
         [sys.executable, str(EXAMPLES / name), "--help"],
