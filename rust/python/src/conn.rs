@@ -242,6 +242,7 @@ impl Inner {
         while output.pending() > 0 {
             let sent = output.sent;
             match self.io.get_ref().write(&output.data[sent..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => output.sent += n,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => return Err(err),
