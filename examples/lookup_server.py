@@ -169,11 +169,13 @@ async def demo(args: argparse.Namespace) -> None:
     await load.wait()
     per_shard = await shard.invoke_on_all(counters)
     connections = {s["shard"]: s["connections"] for s in await server.stats()}
+    runtime = {s["shard"]: s for s in shardloop.stats()["shards"]}
     print("per shard:")
     for c in per_shard:
         print(
             f"  shard {c['shard']}: {connections[c['shard']]} connections, "
-            f"{c['requests']:,} requests, {c['cross_shard']:,} cross-shard calls"
+            f"{c['requests']:,} requests, {c['cross_shard']:,} cross-shard calls; "
+            f"left its core to other threads {runtime[c['shard']]['preempted']:,} times"
         )
     await server.close()
     if load.returncode:
