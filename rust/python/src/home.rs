@@ -129,3 +129,74 @@ impl<T> shardloop_core::Message for Release<T> {
 
     fn complete(self: Box<Self>) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// Where each release ran: (shard of the thread, value).
+    static RELEASED: Mutex<Vec<(Option<usize>, u32)>> = Mutex::new(Vec::new());
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+    struct Tracked(u32);
+
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            LIVE.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn record(value: Rc<Tracked>) {
+        RELEASED
+            .lock()
+            .unwrap()
+            .push((shardloop_core::shard_id(), value.0));
+    }
+
+    fn made_on_shard_1(value: u32) -> Home<Tracked> {
+        LIVE.fetch_add(1, Ordering::SeqCst);
+        Home::new(Rc::new(Tracked(value)), 1, record, "a test value")
+    }
+
+    /// Also: one dropped where no shard can take it back is left alone.
+    #[test]
+    fn a_home_dropped_on_another_shard_is_released_on_its_own() {
+        let rt = shardloop_core::Runtime::builder()
+            .shards(2)
+            .pin(false)
+            .build()
+            .unwrap();
+        let stray = rt.block_on(async {
+            let home = shardloop_core::submit_to(1, || made_on_shard_1(7))
+                .await
+                .unwrap();
+            assert!(home.get().is_err(), "shard 0 may not use shard 1's value");
+            drop(home); // sent home: released on shard 1
+                        // A round trip to shard 1 after the release message: it ran.
+            shardloop_core::submit_to(1, || ()).await.unwrap();
+            let here = shardloop_core::submit_to(1, || made_on_shard_1(8))
+                .await
+                .unwrap();
+            shardloop_core::submit_to(1, move || {
+                assert_eq!(here.get().map(|v| v.0).ok(), Some(8));
+                drop(here); // on its own thread: released at once
+            })
+            .await
+            .unwrap();
+            shardloop_core::submit_to(1, || made_on_shard_1(9))
+                .await
+                .unwrap()
+        });
+        rt.shutdown();
+        drop(stray); // off every shard, the runtime gone: left, not touched
+        let released = RELEASED.lock().unwrap().clone();
+        assert_eq!(released, [(Some(1), 7), (Some(1), 8)]);
+        assert_eq!(
+            LIVE.load(Ordering::SeqCst),
+            1,
+            "7 and 8 were dropped, 9 left"
+        );
+    }
+}
