@@ -20,37 +20,51 @@ from shardloop import shard
 
 KEYS = 100_000
 
-# This shard's slice of the data and its counters: every shard fills its own
-# copy of these module globals (a shard's thread only touches its own).
-_tables: dict[int, dict[int, bytes]] = {}
-_counters: dict[int, dict[str, int]] = {}
+
+class Slice:
+    """One shard's slice of the data (the ids it owns) and its counters."""
+
+    def __init__(self, keys: int) -> None:
+        self.me, self.count = shard.id(), shard.count()
+        self.table = {key: f"value-{key:08d}".encode() for key in range(self.me, keys, self.count)}
+        self.counts = {"requests": 0, "local": 0, "cross_shard": 0}
+
+    def local(self, key: int) -> bytes | None:
+        """Counts a request for `key`; its value if this shard owns it, None
+        if shard ``key % count`` does (ask it with ``submit_to``)."""
+        self.counts["requests"] += 1
+        if key % self.count == self.me:
+            self.counts["local"] += 1
+            return self.table.get(key, b"")
+        self.counts["cross_shard"] += 1
+        return None
+
+
+# Every shard fills its own entry (a shard's thread only touches its own).
+_slices: dict[int, Slice] = {}
 
 
 def load_slice(keys: int) -> int:
-    """Builds this shard's slice: the ids it owns."""
-    me, count = shard.id(), shard.count()
-    _tables[me] = {key: f"value-{key:08d}".encode() for key in range(me, keys, count)}
-    _counters[me] = {"requests": 0, "local": 0, "cross_shard": 0}
-    return len(_tables[me])
+    """Builds this shard's slice."""
+    mine = _slices[shard.id()] = Slice(keys)
+    return len(mine.table)
 
 
 def lookup(key: int) -> bytes:
-    return _tables[shard.id()].get(key, b"")
+    return _slices[shard.id()].table.get(key, b"")
 
 
 def lookup_many(keys: list[int]) -> list[bytes]:
-    table = _tables[shard.id()]
+    table = _slices[shard.id()].table
     return [table.get(key, b"") for key in keys]
 
 
 def counters() -> dict[str, int]:
-    return {"shard": shard.id(), **_counters[shard.id()]}
+    return {"shard": shard.id(), **_slices[shard.id()].counts}
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    me, count = shard.id(), shard.count()
-    mine = _counters[me]
-    table = _tables[me]
+    mine = _slices[shard.id()]
     pack = struct.Struct("!I").pack
     while True:
         try:
@@ -58,14 +72,9 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         except asyncio.IncompleteReadError:
             return  # the client closed (maybe mid-request)
         (key,) = struct.unpack("!I", request)
-        owner = key % count
-        mine["requests"] += 1
-        if owner == me:
-            mine["local"] += 1
-            value = table.get(key, b"")
-        else:
-            mine["cross_shard"] += 1
-            value = await shard.submit_to(owner, lookup, key)
+        value = mine.local(key)
+        if value is None:
+            value = await shard.submit_to(key % mine.count, lookup, key)
         writer.write(pack(len(value)) + value)
         await writer.drain()
 
@@ -75,9 +84,8 @@ async def handle_connection(conn: shardloop.Connection) -> None:
     whole request already buffered (a client may send several before it
     reads), answers this shard's ids in place, asks each other owner once
     for all of its ids, and writes the answers in request order."""
-    me, count = shard.id(), shard.count()
-    mine = _counters[me]
-    table = _tables[me]
+    mine = _slices[shard.id()]
+    me, count, table = mine.me, mine.count, mine.table
     pack = struct.Struct("!I").pack
     unpack = struct.Struct("!I").unpack
     partial = b""  # the start of a request cut by the end of a read
@@ -91,14 +99,9 @@ async def handle_connection(conn: shardloop.Connection) -> None:
         partial = data[whole:]
         if whole == 4:  # one request, as a client that waits for each answer sends
             (key,) = unpack(data[:4])
-            owner = key % count
-            mine["requests"] += 1
-            if owner == me:
-                mine["local"] += 1
-                value = table.get(key, b"")
-            else:
-                mine["cross_shard"] += 1
-                value = await shard.submit_to(owner, lookup, key)
+            value = mine.local(key)
+            if value is None:
+                value = await shard.submit_to(key % count, lookup, key)
             conn.write(pack(len(value)) + value)
             await conn.drain()
             continue
@@ -119,9 +122,9 @@ async def handle_connection(conn: shardloop.Connection) -> None:
         for indexes, answer in asked:
             for i, value in zip(indexes, await answer, strict=True):
                 values[i] = value
-        mine["requests"] += len(keys)
-        mine["cross_shard"] += len(asked)
-        mine["local"] += len(keys) - sum(len(indexes) for indexes, _ in asked)
+        mine.counts["requests"] += len(keys)
+        mine.counts["cross_shard"] += len(asked)
+        mine.counts["local"] += len(keys) - sum(len(indexes) for indexes, _ in asked)
         conn.write(b"".join(pack(len(value)) + value for value in values))
         await conn.drain()
 

@@ -10,14 +10,12 @@ memcaslap (libmemcached-tools), or shardloop's own load generator
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from run import client_prefix  # this folder's runner
+from run import run_client, shardloop_load  # this folder's runner
 from shardloop._load import free_port, serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,58 +25,23 @@ def memcaslap(port: int, args: argparse.Namespace) -> dict[str, float]:
     tool = shutil.which("memcaslap")
     if tool is None:
         raise SystemExit("memcaslap is missing: make tools (libmemcached-tools)")
-    out = subprocess.run(
-        [
-            *client_prefix(args.client_cpu),
-            tool,
-            "-s",
-            f"127.0.0.1:{port}",
-            "-t",
-            f"{args.seconds}s",
-            "-c",
-            str(args.concurrency),
-            "-T",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=args.seconds + 60,
-        check=True,
-    ).stdout
-    tps = re.findall(r"TPS: (\d+)", out)
+    command = [tool, "-s", f"127.0.0.1:{port}", "-t", f"{args.seconds}s"]
+    command += ["-c", str(args.concurrency), "-T", "1"]
+    tps = re.findall(r"TPS: (\d+)", run_client(command, args.seconds, args.client_cpu))
     return {"ops_per_second": float(tps[-1])}
 
 
-def shardloop_load(port: int, args: argparse.Namespace) -> dict[str, float]:
+def memcached_load(port: int, args: argparse.Namespace) -> dict[str, float]:
     """The same load from ``python -m shardloop load`` (1,024-byte values,
     10,000 keys, as memcaslap's defaults)."""
-    out = subprocess.run(
-        [
-            *client_prefix(args.client_cpu),
-            sys.executable,
-            "-m",
-            "shardloop",
-            "load",
-            "--protocol",
-            "memcached",
-            "--port",
-            str(port),
-            "--connections",
-            str(args.concurrency),
-            "--seconds",
-            str(args.seconds),
-            "--size",
-            "1024",
-            "--keys",
-            "10000",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=args.seconds + 60,
-        check=True,
-    ).stdout
-    summary = json.loads(out.strip().splitlines()[-1])
+    summary = shardloop_load(
+        "memcached",
+        port,
+        args.concurrency,
+        args.seconds,
+        args.client_cpu,
+        *["--size", "1024", "--keys", "10000"],
+    )
     return {"ops_per_second": float(summary["requests_per_second"]), "p99_us": summary["p99_us"]}
 
 
@@ -125,7 +88,7 @@ def main() -> None:
     for name, command in servers.items():
         port = free_port()
         with serving([command(port)], port):
-            client = memcaslap if args.client == "memcaslap" else shardloop_load
+            client = memcaslap if args.client == "memcaslap" else memcached_load
             results[name] = client(port, args)
         print(f"{name:32} {results[name]['ops_per_second']:>12,.0f} ops/s", flush=True)
     base = results["memcached -t 2"]["ops_per_second"]

@@ -23,10 +23,29 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
-def client_prefix(cpu: int | None) -> list[str]:
-    """Runs the client pinned to core `cpu` (``taskset``), or where the
-    scheduler puts it (None)."""
-    return [] if cpu is None else ["taskset", "-c", str(cpu)]
+def run_client(command: list[str], seconds: float, cpu: int | None) -> str:
+    """Runs a load client for about `seconds`, pinned to core `cpu`
+    (``taskset``) or where the scheduler puts it (None); returns its output."""
+    pin = [] if cpu is None else ["taskset", "-c", str(cpu)]
+    return subprocess.run(
+        [*pin, *command],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+
+
+def shardloop_load(
+    protocol: str, port: int, connections: int, seconds: float, cpu: int | None, *extra: str
+) -> dict:
+    """The summary of ``python -m shardloop load`` against 127.0.0.1:`port`."""
+    command = [sys.executable, "-m", "shardloop", "load", "--protocol", protocol]
+    command += ["--port", str(port), "--connections", str(connections)]
+    command += ["--seconds", str(seconds), *extra, "--json"]
+    result: dict = json.loads(run_client(command, seconds, cpu).strip().splitlines()[-1])
+    return result
 
 
 def servers(protocol: str, port: int, shardloop_python: str) -> dict[str, list[list[str]]]:
@@ -68,33 +87,15 @@ def servers(protocol: str, port: int, shardloop_python: str) -> dict[str, list[l
 
 def measure(commands: list[list[str]], protocol: str, port: int, args: argparse.Namespace) -> dict:
     with serving(commands, port, cwd=ROOT):
-        load = subprocess.run(
-            [
-                *client_prefix(args.client_cpu),
-                sys.executable,
-                "-m",
-                "shardloop",
-                "load",
-                "--protocol",
-                protocol,
-                "--port",
-                str(port),
-                "--connections",
-                str(args.connections),
-                "--seconds",
-                str(args.seconds),
-                "--pipeline",
-                str(args.pipeline),
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=args.seconds + 60,
-            check=True,
-            cwd=ROOT,
+        return shardloop_load(
+            protocol,
+            port,
+            args.connections,
+            args.seconds,
+            args.client_cpu,
+            "--pipeline",
+            str(args.pipeline),
         )
-    result: dict = json.loads(load.stdout.strip().splitlines()[-1])
-    return result
 
 
 def main() -> None:

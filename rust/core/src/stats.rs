@@ -176,13 +176,16 @@ fn preemptions(tid: u64) -> u64 {
     }
     std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
         .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("nonvoluntary_ctxt_switches:"))
-                .and_then(|n| n.trim().parse().ok())
-        })
+        .and_then(|status| nonvoluntary_switches(&status))
         .unwrap_or(0)
+}
+
+/// The `nonvoluntary_ctxt_switches` figure of a `/proc/.../status` text.
+fn nonvoluntary_switches(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 #[cfg(test)]
@@ -200,6 +203,10 @@ mod tests {
         };
         let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
         assert!(status.contains("nonvoluntary_ctxt_switches:"));
+        // The figure is parsed, not defaulted: a live thread's status has one.
+        assert!(nonvoluntary_switches(&status).is_some());
+        let sample = "voluntary_ctxt_switches:\t7\nnonvoluntary_ctxt_switches:\t42\n";
+        assert_eq!(nonvoluntary_switches(sample), Some(42));
         assert!(preemptions(this_tid()) >= before);
         assert_eq!(preemptions(0), 0);
         assert_eq!(preemptions(u64::from(u32::MAX)), 0, "no such thread");

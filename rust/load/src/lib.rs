@@ -427,6 +427,30 @@ mod tests {
         }
     }
 
+    /// One connection to `addr` for `duration`, without a progress line.
+    fn one_connection(
+        addr: std::net::SocketAddr,
+        protocol: Protocol,
+        duration: Duration,
+        pipeline: usize,
+    ) -> io::Result<Report> {
+        run(&Options {
+            addr,
+            protocol,
+            connections: 1,
+            duration,
+            pipeline,
+            progress: false,
+        })
+    }
+
+    /// A lookup server for one connection, on a thread, and its address.
+    fn start_lookup_server() -> (std::net::SocketAddr, thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        (addr, thread::spawn(move || lookup_server(listener)))
+    }
+
     #[test]
     fn memcached_replies_are_found_whole() {
         let len = |buf: &[u8]| memcached_answer_len(buf).unwrap();
@@ -451,18 +475,9 @@ mod tests {
 
     #[test]
     fn drives_a_lookup_server_and_counts_every_answer() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = thread::spawn(move || lookup_server(listener));
-        let report = run(&Options {
-            addr,
-            protocol: Protocol::Lookup { keys: 1000 },
-            connections: 1,
-            duration: Duration::from_millis(300),
-            pipeline: 1,
-            progress: false,
-        })
-        .unwrap();
+        let (addr, server) = start_lookup_server();
+        let lookups = Protocol::Lookup { keys: 1000 };
+        let report = one_connection(addr, lookups, Duration::from_millis(300), 1).unwrap();
         assert!(report.requests > 10, "{report:?}");
         assert_eq!(report.errors, 0);
         let p50 = report.percentile(50.0).unwrap();
@@ -472,18 +487,9 @@ mod tests {
 
     #[test]
     fn pipelined_requests_are_each_counted() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = thread::spawn(move || lookup_server(listener));
-        let report = run(&Options {
-            addr,
-            protocol: Protocol::Lookup { keys: 1000 },
-            connections: 1,
-            duration: Duration::from_millis(300),
-            pipeline: 8,
-            progress: false,
-        })
-        .unwrap();
+        let (addr, server) = start_lookup_server();
+        let lookups = Protocol::Lookup { keys: 1000 };
+        let report = one_connection(addr, lookups, Duration::from_millis(300), 8).unwrap();
         assert_eq!(report.errors, 0, "{report:?}");
         assert!(report.requests > 80, "{report:?}");
         drop(server);
@@ -494,15 +500,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let server = thread::spawn(move || drop(listener.accept().unwrap()));
-        let report = run(&Options {
-            addr,
-            protocol: Protocol::Echo { size: 8 },
-            connections: 1,
-            duration: Duration::from_secs(5),
-            pipeline: 1,
-            progress: false,
-        })
-        .unwrap();
+        let echoes = Protocol::Echo { size: 8 };
+        let report = one_connection(addr, echoes, Duration::from_secs(5), 1).unwrap();
         server.join().unwrap();
         assert_eq!(report.requests, 0);
         assert_eq!(report.errors, 1);

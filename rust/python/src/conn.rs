@@ -46,10 +46,12 @@ thread_local! {
 /// turn that ends: the driver calls it, with the GIL released, before it
 /// looks for more work.
 pub(crate) fn send_written() {
-    let mut written = WRITTEN.with(|w| std::mem::take(&mut *w.borrow_mut()));
-    if written.is_empty() {
+    // Most turns write nothing: look before taking the list (and its
+    // allocation) out.
+    if WRITTEN.with(|w| w.borrow().is_empty()) {
         return;
     }
+    let mut written = WRITTEN.with(|w| std::mem::take(&mut *w.borrow_mut()));
     for inner in written.drain(..) {
         inner.send_queued();
     }
@@ -442,11 +444,6 @@ fn close_on_release(inner: Rc<Inner>) {
     inner.close();
 }
 
-/// What an awaitable of a connection does when it goes: nothing more.
-fn drop_on_release(inner: Rc<Inner>) {
-    drop(inner);
-}
-
 const A_CONNECTION: &str = "a Connection";
 
 /// Connection(fd, /)
@@ -622,7 +619,7 @@ impl Connection {
             home: Home::new(
                 self.home.get()?.clone(),
                 self.home.shard(),
-                drop_on_release,
+                drop, // an awaitable of a connection leaves it open
                 A_CONNECTION,
             ),
             want,
