@@ -102,6 +102,14 @@ pub fn shard_id() -> Option<usize> {
     with_shard(|shard| shard.id).ok()
 }
 
+/// A number that tells the runtime of the current shard from every other
+/// runtime of the process (runtimes are numbered as they are built, never
+/// reusing a number), or `None` off a shard. State made on one runtime can
+/// check it to refuse use on a later one.
+pub fn runtime_id() -> Option<u64> {
+    with_shard(|shard| shard.shared.serial).ok()
+}
+
 /// The number of shards of the current runtime, or `None` off a shard.
 pub fn shard_count() -> Option<usize> {
     with_shard(|shard| shard.shared.count).ok()

@@ -31,8 +31,8 @@ mod timer;
 pub mod wake;
 
 pub use api::{
-    check_target, count_tasks, flush, invoke_on_all, respond, send, shard_count, shard_id,
-    spawn_local, stats, submit_to, submit_to_async, wake_driver,
+    check_target, count_tasks, flush, invoke_on_all, respond, runtime_id, send, shard_count,
+    shard_id, spawn_local, stats, submit_to, submit_to_async, wake_driver,
 };
 pub use call::{Message, Submit};
 pub use driver::{Activation, Driver};

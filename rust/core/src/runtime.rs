@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -165,6 +165,9 @@ impl Drop for AffinityGuard {
 /// What a driven runtime runs on shards 1..N.
 type ThreadMain = Arc<dyn Fn(Driver) + Send + Sync>;
 
+/// Numbers the runtimes of the process (see [`crate::runtime_id`]).
+static SERIALS: AtomicU64 = AtomicU64::new(1);
+
 static PIN_NOTICE: std::sync::Once = std::sync::Once::new();
 
 /// The cores this process may run on, read once: pinning shard 0 narrows the
@@ -212,7 +215,9 @@ impl Runtime {
         let shared = Arc::new(Shared {
             count,
             handles,
+            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
             closing: AtomicBool::new(false),
+            forced: AtomicBool::new(false),
             drained: (0..count)
                 .map(|_| CachePadded::new(AtomicBool::new(false)))
                 .collect(),
@@ -326,10 +331,30 @@ impl Runtime {
     /// it through [`Driver::may_stop`]; [`shutdown`](Self::shutdown) then
     /// joins them.
     pub fn begin_shutdown(&self) {
-        self.shared.closing.store(true, Ordering::SeqCst);
-        for handle in &self.shared.handles {
-            let _ = handle.waker.wake();
-        }
+        self.shared.close(false);
+    }
+
+    /// Like [`begin_shutdown`](Self::begin_shutdown), but the shards stop
+    /// without waiting for the calls still in flight: [`Driver::may_stop`]
+    /// says yes at once, and a built-in shard loop ends at its next turn.
+    /// What was in flight is dropped; a caller still awaiting it is not
+    /// answered (a driving loop cancels its tasks). For a runtime that must
+    /// stop now: Ctrl-C, or calls that do not finish after a grace period.
+    pub fn force_stop(&self) {
+        self.shared.close(true);
+    }
+
+    /// Whether, at some moment during this call, every call sent between
+    /// shards had completed (calls a shard makes to itself are not counted).
+    /// Cheap enough to poll while a runtime drains.
+    pub fn is_quiet(&self) -> bool {
+        self.shared.is_quiet()
+    }
+
+    /// Whether every shard thread (1..N) has ended, so that
+    /// [`shutdown`](Self::shutdown) will not wait for one.
+    pub fn threads_finished(&self) -> bool {
+        self.threads.iter().all(thread::JoinHandle::is_finished)
     }
 
     /// Stops accepting calls, finishes every call already submitted, and

@@ -68,7 +68,13 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) count: usize,
     pub(crate) handles: Vec<Arc<ShardHandle>>,
+    /// A process-unique number of this runtime (see [`crate::runtime_id`]).
+    pub(crate) serial: u64,
+    /// Set once shutdown began: new calls are refused.
     pub(crate) closing: AtomicBool,
+    /// Set by [`crate::Runtime::force_stop`]: shards stop without waiting
+    /// for the calls still in flight.
+    pub(crate) forced: AtomicBool,
     pub(crate) drained: Vec<CachePadded<AtomicBool>>,
     pub(crate) queues: Vec<Arc<QueueCounters>>,
     pub(crate) counters: Vec<CachePadded<ShardCounters>>,
@@ -77,6 +83,41 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn stats(&self) -> Stats {
         stats::snapshot_from(&self.queues, &self.counters)
+    }
+
+    /// Calls sent and calls completed, summed over every ordered pair.
+    fn call_totals(&self) -> (u64, u64) {
+        self.queues.iter().fold((0, 0), |(sent, completed), queue| {
+            // Completed first: a completion is counted after its send, by
+            // the same shard, so reading it first never shows more
+            // completions than sends for one pair.
+            let done = queue.sender.completed.get_acquire();
+            (sent + queue.sender.sent.get_acquire(), completed + done)
+        })
+    }
+
+    /// Whether no call was in flight between shards at some moment during
+    /// this call (the four-counter method: two waves over counters that only
+    /// grow; the sends did not move between them and matched the
+    /// completions of the first, so at a moment between the waves every
+    /// call sent had completed).
+    pub(crate) fn is_quiet(&self) -> bool {
+        let (sent, completed) = self.call_totals();
+        if sent != completed {
+            return false;
+        }
+        self.call_totals().0 == sent
+    }
+
+    /// Refuses new calls and wakes every shard so that it sees it.
+    pub(crate) fn close(&self, forced: bool) {
+        if forced {
+            self.forced.store(true, Ordering::SeqCst);
+        }
+        self.closing.store(true, Ordering::SeqCst);
+        for handle in &self.handles {
+            let _ = handle.waker.wake();
+        }
     }
 }
 
@@ -481,6 +522,9 @@ impl Shard {
     pub(crate) fn may_stop(&self) -> bool {
         if !self.is_closing() {
             return false;
+        }
+        if self.shared.forced.load(Ordering::Acquire) {
+            return true;
         }
         let drained = &self.shared.drained[self.id];
         if !drained.load(Ordering::Relaxed) {

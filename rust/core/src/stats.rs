@@ -32,6 +32,12 @@ impl Counter {
         self.0.load(Ordering::Relaxed)
     }
 
+    /// The value, ordered after the loads that precede it in program order
+    /// (for readers that compare several counters).
+    pub(crate) fn get_acquire(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
     pub(crate) fn set(&self, n: u64) {
         self.0.store(n, Ordering::Relaxed);
     }

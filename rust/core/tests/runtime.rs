@@ -499,3 +499,55 @@ fn the_building_thread_gets_its_affinity_back() {
     .join()
     .unwrap();
 }
+
+#[test]
+fn quiet_only_when_no_call_is_in_flight() {
+    let rt = runtime(2);
+    assert!(rt.is_quiet());
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = release.clone();
+    rt.block_on(async move {
+        drop(submit_to_async(1, move || async move {
+            while !gate.load(Ordering::SeqCst) {
+                sleep(Duration::from_millis(1)).await;
+            }
+        }));
+    });
+    // Shard 0 is not turning now: its call stays in flight however long
+    // shard 1 takes.
+    assert!(!rt.is_quiet());
+    release.store(true, Ordering::SeqCst);
+    rt.block_on(async {
+        while !rt.is_quiet() {
+            sleep(Duration::from_millis(1)).await;
+        }
+    });
+    let stats = rt.stats();
+    assert!(stats.queues.iter().all(|q| q.sent == q.completed));
+    rt.shutdown();
+}
+
+#[test]
+fn force_stop_ends_the_shards_with_a_call_in_flight() {
+    let rt = runtime(2);
+    let stuck = rt.block_on(async {
+        // A call that would never finish.
+        submit_to_async(1, || std::future::pending::<()>())
+    });
+    assert!(!rt.is_quiet());
+    let started = Instant::now();
+    rt.force_stop();
+    rt.shutdown();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(stuck);
+}
+
+#[test]
+fn runtimes_are_told_apart() {
+    let first = runtime(1);
+    let second = runtime(1);
+    let a = first.block_on(async { shardloop_core::runtime_id() });
+    let b = second.block_on(async { shardloop_core::runtime_id() });
+    assert!(a.is_some() && b.is_some() && a != b);
+    assert_eq!(shardloop_core::runtime_id(), None);
+}
