@@ -173,20 +173,46 @@ def test_work_submitted_before_shutdown_is_finished() -> None:
     assert sorted(done) == list(range(10))
 
 
-def test_submit_after_shutdown_began_raises_shutdown_error() -> None:
-    outcome: list[BaseException | str] = []
+def test_a_call_still_running_at_shutdown_may_make_calls_of_its_own() -> None:
+    outcome: list[object] = []
 
     async def later() -> None:
-        await asyncio.sleep(0.1)
-        try:
-            shard.submit_to(0, where, 1)
-        except shardloop.ShutdownError as exc:
-            outcome.append(exc)
-        else:
-            outcome.append("sent")
+        await asyncio.sleep(0.1)  # main() has returned by now
+        outcome.append(await shard.submit_to(0, where, 1))
 
     async def main() -> None:
-        shard.submit_to(1, later)
+        shard.submit_to(1, later)  # admitted work, not awaited
+
+    run2(main())
+    assert outcome == [(2, 0, threading.current_thread().name)]
+
+
+def test_a_task_cancelled_at_shutdown_cannot_send_more() -> None:
+    outcome: list[BaseException | str] = []
+    started = threading.Event()
+
+    async def background() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            try:
+                shard.submit_to(0, where, 1)
+            except shardloop.ShutdownError as exc:
+                outcome.append(exc)
+            else:
+                outcome.append("sent")
+
+    def spawn() -> None:
+        # A task of shard 1 that no call waits for: shutdown cancels it.
+        tasks.append(asyncio.get_running_loop().create_task(background()))
+
+    tasks: list[asyncio.Task[None]] = []
+
+    async def main() -> None:
+        await shard.submit_to(1, spawn)
+        await asyncio.sleep(0.01)
+        assert started.wait(5)
 
     run2(main())
     assert len(outcome) == 1 and isinstance(outcome[0], shardloop.ShutdownError)

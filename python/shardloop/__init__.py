@@ -54,6 +54,7 @@ def run(
     pin: bool = True,
     idle_poll: float = 200e-6,
     overprovisioned: bool | None = None,
+    shutdown_timeout: float = 5.0,
 ) -> T:
     """Runs ``main()`` on shard 0 (this thread) of a new runtime and returns
     its result.
@@ -65,22 +66,43 @@ def run(
     shards that share their cores with other busy threads, such as a client
     on the same machine: shards are not pinned and yield their core while
     they poll or wait for the GIL, rather than spin.
-    When ``main()`` ends every shard finishes the calls already submitted,
-    and the runtime stops. Ctrl-C cancels ``main()`` and the tasks of every
-    shard, then stops the runtime and raises ``KeyboardInterrupt``.
+
+    When ``main()`` returns, shard 0's other tasks are cancelled (as
+    ``asyncio.run`` does), and calls still in flight between shards get
+    ``shutdown_timeout`` seconds to finish, making further calls if they
+    need to; what still runs then is cancelled and named in a
+    ``RuntimeWarning``. Ctrl-C at any stage cancels the tasks of every shard,
+    stops the runtime and raises ``KeyboardInterrupt``; a ``SystemExit`` or
+    ``KeyboardInterrupt`` raised by code on any shard does the same and is
+    raised here.
     """
     factory = functools.partial(
-        new_event_loop, shards, pin=pin, idle_poll=idle_poll, overprovisioned=overprovisioned
+        new_event_loop,
+        shards,
+        pin=pin,
+        idle_poll=idle_poll,
+        overprovisioned=overprovisioned,
+        shutdown_timeout=shutdown_timeout,
     )
     with asyncio.Runner(loop_factory=factory) as runner:
+        loop = runner.get_loop()
+        assert isinstance(loop, ShardLoop)
         try:
-            return runner.run(main)
-        except KeyboardInterrupt:
-            # Ctrl-C: the tasks of every shard are cancelled before shutdown.
-            loop = runner.get_loop()
-            if isinstance(loop, ShardLoop):
-                loop._cancel_on_close = True
+            result = runner.run(main)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                raise
+            # Ctrl-C or SystemExit here, or on another shard (main() was
+            # then cancelled): every shard's tasks are cancelled at close.
+            loop._cancel_on_close = True
+            fatal = loop._state.fatal
+            if fatal is not None and isinstance(exc, asyncio.CancelledError):
+                raise fatal from None
             raise
+    if loop._state.fatal is not None:
+        # Raised on another shard after main() had returned.
+        raise loop._state.fatal
+    return result
 
 
 def stats() -> dict[str, Any]:

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
+import itertools
 import os
 import selectors
 import signal
 import threading
+import warnings
 import weakref
 from typing import Any
 
@@ -72,14 +75,24 @@ class ShardLoop(asyncio.SelectorEventLoop):
     """
 
     def __init__(
-        self, driver: _shardloop.Driver, runtime: _shardloop.Runtime | None = None
+        self,
+        driver: _shardloop.Driver,
+        runtime: _shardloop.Runtime | None = None,
+        state: _RuntimeState | None = None,
     ) -> None:
         self._driver = driver
         self._runtime = runtime
+        self._state = state if state is not None else _RuntimeState()
         self._stopped: asyncio.Future[None] | None = None
         self._old_wakeup_fd: int | None = None
         self._cancel_on_close = False
+        # The objects this shard owns through ForeignRefs, by key; released
+        # when the loop closes.
+        self._foreign: dict[int, Any] = {}
+        self._foreign_keys = itertools.count(1)
         super().__init__(selector=_ShardSelector(driver, self))
+        if driver.shard_id == 0:
+            self._state.shard0 = self
         if runtime is not None and threading.current_thread() is threading.main_thread():
             # The shard waits in Rust, where Python cannot see a signal; the
             # C-level handler's write to this loop's self-pipe wakes the
@@ -111,11 +124,27 @@ class ShardLoop(asyncio.SelectorEventLoop):
         if stopped is not None and not stopped.done() and self._driver.may_stop():
             stopped.set_result(None)
 
+    def _fatal(self, exc: BaseException) -> None:
+        """On shard 0: another shard's loop was stopped by ``exc``
+        (``SystemExit`` or ``KeyboardInterrupt`` raised by user code there).
+        The whole runtime stops: every task of this shard is cancelled,
+        ``main()`` included, and ``run()`` raises ``exc``."""
+        if self._state.fatal is None:
+            self._state.fatal = exc
+        self._cancel_on_close = True
+        for task in asyncio.all_tasks(self):
+            task.cancel()
+
     def run_forever(self) -> None:
         # While this loop runs, its shard is the thread's current one.
         self._driver.activate(self)
         try:
             super().run_forever()
+        except (KeyboardInterrupt, SystemExit):
+            # Whatever stage this was (main(), the cancellation of its tasks,
+            # the drain), the runtime now stops without waiting.
+            self._cancel_on_close = True
+            raise
         finally:
             self._driver.deactivate()
 
@@ -126,35 +155,134 @@ class ShardLoop(asyncio.SelectorEventLoop):
         return self._stopped
 
     def close(self) -> None:
-        """Closes the loop; on shard 0 this shuts the whole runtime down,
-        finishing every call already submitted."""
+        """Closes the loop; on shard 0 this shuts the whole runtime down.
+
+        Calls still in flight get ``shutdown_timeout`` seconds to finish
+        (and may make calls of their own meanwhile); what still runs then is
+        cancelled and named in a ``RuntimeWarning``. After Ctrl-C, or a
+        ``SystemExit`` on any shard, nothing is waited for: every shard's
+        tasks are cancelled at once. Ctrl-C during the wait does the same,
+        and ``KeyboardInterrupt`` is raised once the runtime is down.
+        """
         if self.is_closed():
             return
         runtime = self._runtime
-        if self._old_wakeup_fd is not None:
-            try:
-                signal.set_wakeup_fd(self._old_wakeup_fd)
-            except (OSError, ValueError):  # that descriptor was closed since
-                signal.set_wakeup_fd(-1)
-            self._old_wakeup_fd = None
-        if runtime is not None:
-            # Another loop may be running on this thread (this one was made
-            # and closed inside it): then shard 0 is drained in Rust alone.
-            can_run = asyncio.events._get_running_loop() is None
-            if self._cancel_on_close and can_run:
-                # Interrupted: stop the work running for us elsewhere too.
-                from .shard import invoke_on_others
-
-                self.run_until_complete(invoke_on_others(_cancel_tasks))
-            runtime.begin_shutdown()
+        if runtime is None:
+            self._release_foreign()
+            super().close()
+            return
+        # Another loop may be running on this thread (this one was made and
+        # closed inside it): then shard 0 is drained in Rust alone.
+        can_run = asyncio.events._get_running_loop() is None
+        interrupted: BaseException | None = None
+        try:
+            if can_run:
+                self._drain(runtime)
+        except BaseException as exc:  # Ctrl-C (or a SystemExit) while draining
+            interrupted = exc
+            runtime.force_stop()
+        runtime.begin_shutdown()
+        try:
             if can_run:
                 # Keep serving this shard's queues until every shard is done.
                 self.run_until_complete(self._until_stopped())
+                _cancel_remaining(self)
+        except BaseException as exc:
+            interrupted = interrupted or exc
+            runtime.force_stop()
+        finally:
+            self._restore_wakeup_fd()
+            self._release_foreign()
             super().close()
             self._driver.close()
+            _open_runtimes.discard(self)
+        try:
             runtime.shutdown()
-        else:
-            super().close()
+        except BaseException as exc:
+            interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
+
+    def _drain(self, runtime: _shardloop.Runtime) -> None:
+        """Waits (serving this shard) until no call is in flight between
+        shards, for at most the grace period; then cancels what still runs."""
+        if self._cancel_on_close or self._state.fatal is not None:
+            runtime.force_stop()
+            return
+        limit = self._state.shutdown_timeout
+        if self.run_until_complete(self._until_quiet(runtime, limit)):
+            return
+        # Past the grace period: cancel what still runs, on every shard.
+        from .shard import invoke_on_others
+
+        cancelled = self.run_until_complete(
+            asyncio.wait_for(invoke_on_others(_cancel_tasks), _CANCEL_WAIT)
+        )
+        names = [
+            f"shard {i}: {name}" for i, shard in enumerate(cancelled, start=1) for name in shard
+        ]
+        if self.shard_id != 0:  # pragma: no cover - close() runs on shard 0
+            names = []
+        warnings.warn(
+            f"shardloop: calls still running {limit:g} s after the runtime began to "
+            f"shut down were cancelled: {', '.join(names) or 'none named'}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        if not self.run_until_complete(self._until_quiet(runtime, _CANCEL_WAIT)):
+            runtime.force_stop()
+
+    async def _until_quiet(self, runtime: _shardloop.Runtime, limit: float) -> bool:
+        """Whether no call was in flight between shards within ``limit`` s."""
+        deadline = self.time() + limit
+        while not runtime.is_quiet():
+            if self._state.fatal is not None:
+                raise self._state.fatal
+            if self.time() >= deadline:
+                return False
+            await asyncio.sleep(_QUIET_POLL)
+        return True
+
+    def _restore_wakeup_fd(self) -> None:
+        if self._old_wakeup_fd is None:
+            return
+        try:
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+        except (OSError, ValueError):  # that descriptor was closed since
+            signal.set_wakeup_fd(-1)
+        self._old_wakeup_fd = None
+
+    def _release_foreign(self) -> None:
+        """Drops the objects this shard owned through ForeignRefs."""
+        owned, self._foreign = self._foreign, {}
+        owned.clear()
+
+
+class _RuntimeState:
+    """What the shard loops of one runtime share: shard 0's loop, the
+    exception that stopped the runtime, and the shutdown grace period."""
+
+    def __init__(self, shutdown_timeout: float = 5.0) -> None:
+        self.shard0: ShardLoop | None = None
+        self.fatal: BaseException | None = None
+        self.shutdown_timeout = shutdown_timeout
+
+    def report_fatal(self, exc: BaseException) -> None:
+        """From any shard: ``exc`` stops the whole runtime."""
+        shard0 = self.shard0
+        if self.fatal is None:
+            self.fatal = exc
+        if shard0 is not None and not shard0.is_closed():
+            try:
+                shard0.call_soon_threadsafe(shard0._fatal, exc)
+            except RuntimeError:  # shard 0's loop closed meanwhile
+                pass
+
+
+# How often a draining shard 0 looks whether calls are still in flight, and
+# how long it waits for cancelled calls to end.
+_QUIET_POLL = 0.001
+_CANCEL_WAIT = 1.0
 
 
 _open_runtimes: weakref.WeakSet[ShardLoop] = weakref.WeakSet()
@@ -162,20 +290,34 @@ _open_runtimes: weakref.WeakSet[ShardLoop] = weakref.WeakSet()
 
 @atexit.register
 def _close_open_runtimes() -> None:
-    """Shuts down runtimes whose loops were never closed, before the
-    interpreter goes away under their shards."""
-    for loop in list(_open_runtimes):
-        if not loop.is_closed() and not loop.is_running():
-            loop.close()
+    """At interpreter exit: shuts down runtimes whose loops were never
+    closed, then keeps the shards of runtimes still running (in daemon
+    threads) out of Python while the interpreter finalizes (they stop where
+    they are, as daemon threads do)."""
+    try:
+        for loop in list(_open_runtimes):
+            if not loop.is_closed() and not loop.is_running():
+                loop.close()
+    finally:
+        _shardloop.prepare_exit()
 
 
-def _serve_shard(driver: _shardloop.Driver) -> None:
-    """The main function of shards 1..N: run a ShardLoop until shutdown."""
+def _serve_shard(state: _RuntimeState, driver: _shardloop.Driver) -> None:
+    """The main function of shards 1..N: run a ShardLoop until shutdown.
+
+    ``SystemExit`` or ``KeyboardInterrupt`` raised by user code on this
+    shard stops the whole runtime (shard 0 re-raises it from ``run()``);
+    this loop keeps serving until the runtime stops."""
     threading.current_thread().name = f"shard-{driver.shard_id}"
-    loop = ShardLoop(driver)
+    loop = ShardLoop(driver, state=state)
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(loop._until_stopped())
+        while True:
+            try:
+                loop.run_until_complete(loop._until_stopped())
+                break
+            except (SystemExit, KeyboardInterrupt) as exc:
+                state.report_fatal(exc)
         loop.run_until_complete(loop.shutdown_asyncgens())
     finally:
         _cancel_remaining(loop)
@@ -183,20 +325,37 @@ def _serve_shard(driver: _shardloop.Driver) -> None:
         asyncio.set_event_loop(None)
 
 
-def _cancel_tasks() -> int:
-    """Cancels every task of the current shard's loop; returns how many."""
+def _cancel_tasks() -> list[str]:
+    """Cancels every task of the current shard's loop; returns their names
+    (with the coroutine each runs)."""
     tasks = [t for t in asyncio.all_tasks() if not t.done()]
     for task in tasks:
         task.cancel()
-    return len(tasks)
+    return [f"{t.get_name()} ({_describe(t)})" for t in tasks]
+
+
+def _describe(task: asyncio.Task[Any]) -> str:
+    coro = task.get_coro()
+    return getattr(coro, "__qualname__", None) or repr(coro)
 
 
 def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancels the tasks left on ``loop`` and lets them end, waiting at most
+    a second for those that do not take the hint."""
     tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
     for task in tasks:
         task.cancel()
     if tasks:
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(asyncio.wait(tasks, timeout=_CANCEL_WAIT))
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                loop.call_exception_handler(
+                    {
+                        "message": "unhandled exception in a task cancelled at shutdown",
+                        "exception": task.exception(),
+                        "task": task,
+                    }
+                )
 
 
 def _shard_count(shards: int | None) -> int | None:
@@ -217,6 +376,7 @@ def new_event_loop(
     pin: bool = True,
     idle_poll: float = 200e-6,
     overprovisioned: bool | None = None,
+    shutdown_timeout: float = 5.0,
 ) -> ShardLoop:
     """Starts a runtime and returns shard 0's loop, for the calling thread.
 
@@ -226,29 +386,38 @@ def new_event_loop(
     says the shards share their cores with other busy threads, such as a
     load generator on the same machine: shards are then not pinned, and
     they yield their core while they poll or wait for the GIL instead of
-    spinning. Closing the loop shuts the runtime down. Use it with
+    spinning. Closing the loop shuts the runtime down, giving calls still in
+    flight ``shutdown_timeout`` seconds to finish before they are cancelled.
+    Use it with
     ``asyncio.run(main(), loop_factory=shardloop.new_event_loop)``.
     """
     if overprovisioned is None:
         overprovisioned = os.environ.get("SHARDLOOP_OVERPROVISIONED", "") not in ("", "0")
+    if shutdown_timeout < 0:
+        raise ValueError(f"shutdown_timeout must be at least 0, not {shutdown_timeout!r}")
     if threading.current_thread() is not threading.main_thread() and pin:
         # Pinning shard 0 pins the calling thread; that is only expected of
         # the main thread.
         pin = False
+    state = _RuntimeState(shutdown_timeout)
     runtime = _shardloop.Runtime(
-        _serve_shard,
+        functools.partial(_serve_shard, state),
         shards=_shard_count(shards),
         pin=pin,
         idle_poll=idle_poll,
         overprovisioned=overprovisioned,
     )
+    driver = None
     try:
         driver = runtime.enter()
+        return ShardLoop(driver, runtime, state)
     except BaseException:
-        runtime.begin_shutdown()
+        # Interrupted while starting (Ctrl-C): nothing is left running.
+        runtime.force_stop()
+        if driver is not None:
+            driver.close()
         runtime.shutdown()
         raise
-    return ShardLoop(driver, runtime)
 
 
 class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):

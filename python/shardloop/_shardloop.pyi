@@ -14,6 +14,7 @@ __all__ = [
     "ShutdownError",
     "Waiting",
     "load",
+    "prepare_exit",
     "relay",
     "sleep",
     "submit_to",
@@ -85,8 +86,13 @@ class Runtime:
         """Whether the shards are pinned to cores."""
     def begin_shutdown(self) -> None:
         """Refuses new calls and tells every shard to finish and stop."""
+    def force_stop(self) -> None:
+        """Stops every shard now, without waiting for the calls in flight."""
+    def is_quiet(self) -> bool:
+        """Whether no call between shards was in flight a moment ago."""
     def shutdown(self) -> None:
-        """Finishes submitted work and joins the shard threads."""
+        """Finishes submitted work and joins the shard threads; Ctrl-C stops
+        the shards at once."""
     def stats(self) -> dict[str, Any]:
         """The runtime's counters as plain dicts."""
 
@@ -115,6 +121,10 @@ class Waiting(Generic[_T]):
 
     def __await__(self) -> Generator[Any, None, _T]: ...
     def __next__(self) -> Any: ...
+
+def prepare_exit(limit: float = 10.0, /) -> None:
+    """At interpreter exit: shard threads stop entering Python; waits up to
+    ``limit`` seconds for those inside it to leave."""
 
 def load(
     host: str,

@@ -8,14 +8,15 @@ that owns it, and releases the object there.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
-import itertools
+import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from . import shard
-from ._loop import _running_loop
+from ._loop import _running_loop, current_loop
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -49,11 +50,26 @@ class Sharded(Generic[T]):
 
     async def start(self) -> Sharded[T]:
         """Builds the instance of every shard on that shard (calling its
-        ``start()`` too, if it has one)."""
+        ``start()`` too, if it has one).
+
+        If building fails on any shard, the instances already built are
+        stopped (each ``stop()`` on its shard), and the first failure, in
+        shard order, is raised (as Seastar's ``sharded::start`` does).
+        """
         if self._started:
             raise RuntimeError("this Sharded service is already started")
         self._instances = [None] * shard.count()
-        await shard.invoke_on_all(self._build)
+        results = await asyncio.gather(
+            *_calls_in_shard_order(self._build), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            built = [i for i, instance in enumerate(self._instances) if instance is not None]
+            await asyncio.gather(
+                *(shard.submit_to(i, self._stop_local) for i in built), return_exceptions=True
+            )
+            self._instances = []
+            raise failures[0]
         self._started = True
         return self
 
@@ -104,30 +120,24 @@ class Sharded(Generic[T]):
         self._started = False
 
 
-class _Table:
-    """The objects that ForeignRefs of one owner shard point at. Only the
-    owner holds them, so the last reference always goes on the owner; only
-    the owner touches its table."""
-
-    def __init__(self) -> None:
-        self.objects: dict[int, Any] = {}
-        self.keys = itertools.count(1)
-
-
-_tables: dict[int, _Table] = {}
+def _calls_in_shard_order(fn: Callable[[], Any]) -> list[asyncio.Future[Any]]:
+    """``fn`` on every shard (the others' calls sent first, as
+    ``invoke_on_all`` does); the futures in shard order."""
+    me, count = shard.id(), shard.count()
+    calls = {i: shard.submit_to(i, fn) for i in range(count) if i != me}
+    calls[me] = shard.submit_to(me, fn)
+    return [calls[i] for i in range(count)]
 
 
-def _table() -> _Table:
-    return _tables.setdefault(shard.id(), _Table())
-
-
-def _owned_here() -> dict[int, Any]:
-    return _table().objects
+# The objects ForeignRefs point at live in their owner shard's loop
+# (``ShardLoop._foreign``): only the owner holds them, so the last reference
+# always goes on the owner, and they are released when that loop closes, so
+# nothing outlives its runtime.
 
 
 def _release(key: int) -> None:
     """Runs on the owner shard: drops its reference to the object."""
-    _owned_here().pop(key, None)
+    current_loop()._foreign.pop(key, None)
 
 
 class ForeignRef(Generic[T]):
@@ -139,13 +149,15 @@ class ForeignRef(Generic[T]):
     dies, on any shard, the owner drops the object, so it is released there.
     """
 
-    __slots__ = ("__weakref__", "_key", "_owner")
+    __slots__ = ("__weakref__", "_key", "_loop", "_owner")
 
     def __init__(self, obj: T) -> None:
-        self._owner = shard.id()
-        table = _table()
-        self._key = next(table.keys)
-        table.objects[self._key] = obj
+        loop = current_loop()
+        self._owner = loop.shard_id
+        # The owner's loop tells this runtime from later ones.
+        self._loop = weakref.ref(loop)
+        self._key = next(loop._foreign_keys)
+        loop._foreign[self._key] = obj
 
     @property
     def owner(self) -> int:
@@ -154,15 +166,21 @@ class ForeignRef(Generic[T]):
 
     def get(self) -> T:
         """The object itself; only on its owner shard."""
-        if shard.id() != self._owner:
+        loop = current_loop()
+        if loop.shard_id != self._owner:
             raise RuntimeError(
                 f"this object is owned by shard {self._owner}; use invoke() from other shards"
             )
-        obj: T = _owned_here()[self._key]
+        if loop is not self._loop():
+            raise RuntimeError("this ForeignRef belongs to a runtime that has ended")
+        obj: T = loop._foreign[self._key]
         return obj
 
     async def invoke(self, fn: str | Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Calls a method (by name) or ``fn(obj, ...)`` on the owner shard."""
+        owner = self._loop()
+        if owner is None or owner.is_closed():
+            raise RuntimeError("this ForeignRef belongs to a runtime that has ended")
         return await shard.submit_to(self._owner, self._apply, fn, args, kwargs)
 
     async def _apply(self, fn: str | Callable[..., Any], args: Any, kwargs: Any) -> Any:
@@ -172,17 +190,19 @@ class ForeignRef(Generic[T]):
         return await _resolve(fn(obj, *args, **kwargs))
 
     def __del__(self) -> None:
+        owner = self._loop()
+        if owner is None or owner.is_closed():
+            return  # its runtime ended, and released the object then
         loop = _running_loop()
-        here = getattr(loop, "shard_id", None)
-        if here == self._owner:
-            _release(self._key)
+        if loop is owner:
+            owner._foreign.pop(self._key, None)
             return
-        if here is None:
-            return  # no runtime here any more: the owner's table goes with it
+        if getattr(loop, "_state", None) is not getattr(owner, "_state", None):
+            return  # off the owner's runtime: it releases the object when it ends
         try:
             shard.submit_to(self._owner, _release, self._key)
         except Exception:
-            pass  # shutting down: the owner's table goes with its shard
+            pass  # shutting down: the owner releases it when its loop closes
 
     def __repr__(self) -> str:
         return f"<ForeignRef owned by shard {self._owner}>"

@@ -37,6 +37,9 @@ pub(crate) struct PyCall {
     pub(crate) request: Option<Request>,
     /// The caller's future; only touched on the origin.
     pub(crate) future: Option<Py<PyAny>>,
+    /// The future's done-callback that sends the cancel (see
+    /// [`CancelOnDone`]); taken off the future when the answer comes.
+    pub(crate) hook: Option<Py<PyAny>>,
     /// Written on the target, read on the origin.
     pub(crate) outcome: Option<PyResult<Py<PyAny>>>,
 }
@@ -77,6 +80,12 @@ impl shardloop_core::Message for PyCall {
 /// Resolves `future` (an asyncio future of this shard) from the shard's
 /// loop, with the GIL, at its next look at the inbox.
 pub(crate) fn resolve_later(future: Py<PyAny>, produce: Produce) {
+    if shardloop_core::shard_id().is_none() {
+        // No shard runs here any more (a connection closed after its
+        // runtime): nothing will look, and nothing may carry over to the
+        // next runtime of this thread.
+        return;
+    }
     INBOX.with(|inbox| {
         inbox
             .borrow_mut()
@@ -91,6 +100,14 @@ fn answer(call: Box<PyCall>) {
     shardloop_core::respond(origin, call);
 }
 
+/// Drops what this thread's shards left behind (their loops have stopped
+/// for good): nothing carries over to the next runtime of this thread.
+pub(crate) fn forget_thread_state() {
+    let inbox = INBOX.with(|inbox| std::mem::take(&mut *inbox.borrow_mut()));
+    let running = RUNNING.with(|running| std::mem::take(&mut *running.borrow_mut()));
+    drop((inbox, running));
+}
+
 /// Whether messages wait for [`run_incoming`].
 pub(crate) fn has_incoming() -> bool {
     INBOX.with(|inbox| !inbox.borrow().is_empty())
@@ -100,10 +117,12 @@ pub(crate) fn has_incoming() -> bool {
 /// shard; `event_loop` is the shard's asyncio loop. Returns how many there
 /// were, and whether any of them left work for the event loop (a task
 /// started or a future resolved) rather than only answering plain calls.
-pub(crate) fn run_incoming(
-    py: Python<'_>,
-    event_loop: &Bound<'_, PyAny>,
-) -> PyResult<(usize, bool)> {
+///
+/// Nothing a user's code raises escapes from here: a call's exception goes
+/// to its caller, and a failure to deliver one (a future that refuses its
+/// outcome, say) goes to the loop's exception handler, as asyncio reports
+/// errors of callbacks. The loop keeps running either way.
+pub(crate) fn run_incoming(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> (usize, bool) {
     let mut count = 0;
     let mut scheduled = false;
     loop {
@@ -113,23 +132,39 @@ pub(crate) fn run_incoming(
         }
         count += batch.len();
         for item in batch {
-            scheduled |= match item {
-                Incoming::Request(call) => serve(py, event_loop, call)?,
-                Incoming::Returned(call) => {
-                    resolve(py, *call)?;
-                    true
-                }
+            let handled = match item {
+                Incoming::Request(call) => serve(py, event_loop, call),
+                Incoming::Returned(call) => resolve(py, *call).map(|()| true),
                 Incoming::Resolve { future, produce } => {
-                    settle(py, future.bind(py), produce(py), None)?;
-                    true
+                    settle(py, future.bind(py), produce(py), None).map(|()| true)
                 }
             };
+            match handled {
+                Ok(started) => scheduled |= started,
+                Err(err) => {
+                    report(py, event_loop, err);
+                    scheduled = true;
+                }
+            }
         }
     }
     if count > 0 {
         shardloop_core::count_tasks(count as u64);
     }
-    Ok((count, scheduled))
+    (count, scheduled)
+}
+
+/// Hands an error that has no caller to the loop's exception handler.
+fn report(py: Python<'_>, event_loop: &Bound<'_, PyAny>, err: PyErr) {
+    let context = pyo3::types::PyDict::new(py);
+    let _ = context.set_item(
+        "message",
+        "shardloop: a cross-shard call could not be completed",
+    );
+    let _ = context.set_item("exception", exception_with_traceback(py, err));
+    if let Err(err) = event_loop.call_method1(intern!(py, "call_exception_handler"), (context,)) {
+        err.write_unraisable(py, Some(event_loop));
+    }
 }
 
 /// Runs one request; returns whether it started a task on the event loop.
@@ -143,21 +178,8 @@ fn serve(py: Python<'_>, event_loop: &Bound<'_, PyAny>, mut call: Box<PyCall>) -
             // target, where they were used.
             drop((func, args, kwargs));
             match result {
-                Ok(value) if is_coroutine(py, &value)? => {
-                    let task = event_loop.call_method1(intern!(py, "create_task"), (value,))?;
-                    RUNNING.with(|running| {
-                        running
-                            .borrow_mut()
-                            .insert((call.origin, call.id), task.clone().unbind());
-                    });
-                    let responder = Bound::new(
-                        py,
-                        Responder {
-                            call: RefCell::new(Some(call)),
-                        },
-                    )?;
-                    task.call_method1(intern!(py, "add_done_callback"), (responder,))?;
-                    return Ok(true);
+                Ok(value) if is_coroutine(py, &value) => {
+                    return start_task(py, event_loop, call, value);
                 }
                 other => {
                     call.outcome = Some(other.map(Bound::unbind));
@@ -172,26 +194,66 @@ fn serve(py: Python<'_>, event_loop: &Bound<'_, PyAny>, mut call: Box<PyCall>) -
                     .get(&(call.origin, id))
                     .map(|t| t.clone_ref(py))
             });
+            answer(call);
             if let Some(task) = task {
                 task.bind(py).call_method0(intern!(py, "cancel"))?;
             }
-            answer(call);
         }
         None => answer(call),
     }
     Ok(false)
 }
 
+/// Runs the coroutine a call produced as a task of this shard, which
+/// answers the call when it is done; cancellable from the caller.
+fn start_task(
+    py: Python<'_>,
+    event_loop: &Bound<'_, PyAny>,
+    mut call: Box<PyCall>,
+    coroutine: Bound<'_, PyAny>,
+) -> PyResult<bool> {
+    let task = match event_loop.call_method1(intern!(py, "create_task"), (&coroutine,)) {
+        Ok(task) => task,
+        Err(err) => {
+            // The loop refused it (closed, say): the caller gets the error,
+            // and the coroutine is closed rather than never awaited.
+            let _ = coroutine.call_method0(intern!(py, "close"));
+            call.outcome = Some(Err(err));
+            answer(call);
+            return Ok(false);
+        }
+    };
+    let key = (call.origin, call.id);
+    let responder = Bound::new(
+        py,
+        Responder {
+            call: RefCell::new(Some(call)),
+        },
+    )?;
+    task.call_method1(intern!(py, "add_done_callback"), (responder,))?;
+    let replaced = RUNNING.with(|running| running.borrow_mut().insert(key, task.unbind()));
+    drop(replaced);
+    Ok(true)
+}
+
 fn resolve(py: Python<'_>, mut call: PyCall) -> PyResult<()> {
     let (Some(future), Some(outcome)) = (call.future.take(), call.outcome.take()) else {
         return Ok(());
     };
-    settle(py, future.bind(py), outcome, Some(call.target))
+    let future = future.bind(py);
+    if let Some(hook) = call.hook.take() {
+        // Answered: nothing is left to cancel, and a callback that is not
+        // there costs no turn of the loop.
+        future.call_method1(intern!(py, "remove_done_callback"), (hook,))?;
+    }
+    settle(py, future, outcome, Some(call.target))
 }
 
 /// Completes an asyncio future with `outcome`, unless it is done already (a
 /// caller that gave up: the outcome is dropped here). An error raised on
-/// another shard gets a note naming it.
+/// another shard gets a note naming it; a `StopIteration`, which a future
+/// cannot hold, reaches the caller as asyncio hands it over from a task: a
+/// `RuntimeError` caused by it.
 fn settle(
     py: Python<'_>,
     future: &Bound<'_, PyAny>,
@@ -209,8 +271,9 @@ fn settle(
             future.call_method0(intern!(py, "cancel"))?;
         }
         Err(err) => {
+            let err = deliverable(py, err);
             if let Some(shard) = shard {
-                add_shard_note(py, &err, shard)?;
+                add_shard_note(py, &err, shard);
             }
             future.call_method1(
                 intern!(py, "set_exception"),
@@ -219,6 +282,18 @@ fn settle(
         }
     }
     Ok(())
+}
+
+/// `err`, or for a `StopIteration` (which asyncio futures refuse) a
+/// `RuntimeError` caused by it.
+pub(crate) fn deliverable(py: Python<'_>, err: PyErr) -> PyErr {
+    if !err.is_instance_of::<pyo3::exceptions::PyStopIteration>(py) {
+        return err;
+    }
+    let wrapped =
+        pyo3::exceptions::PyRuntimeError::new_err("the called function raised StopIteration");
+    wrapped.set_cause(py, Some(err));
+    wrapped
 }
 
 /// The exception object of `err`, carrying its traceback (so the frames of
@@ -235,38 +310,35 @@ pub(crate) fn exception_with_traceback(
     value
 }
 
-/// Adds "raised on shard N" to the exception's notes (PEP 678).
-pub(crate) fn add_shard_note(py: Python<'_>, err: &PyErr, shard: usize) -> PyResult<()> {
-    err.add_note(py, format!("raised on shard {shard}"))
+/// Adds "raised on shard N" to the exception's notes (PEP 678), unless the
+/// exception cannot take notes (its `__notes__` is not a list): the
+/// exception itself matters more than the note.
+pub(crate) fn add_shard_note(py: Python<'_>, err: &PyErr, shard: usize) {
+    let _ = err.add_note(py, format!("raised on shard {shard}"));
 }
 
-fn is_coroutine(py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<bool> {
-    static ISCOROUTINE: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
-    let iscoroutine = ISCOROUTINE.import(py, "asyncio", "iscoroutine")?;
-    iscoroutine.call1((value,))?.is_truthy()
-}
-
-/// Whether `func` is known to be a plain (non-async) Python function, whose
-/// call cannot be cancelled once sent. Unknown callables count as async.
-pub(crate) fn is_plain_function(py: Python<'_>, func: &Bound<'_, PyAny>) -> bool {
-    const CO_COROUTINE: u32 = 0x0080;
-    const CO_ITERABLE_COROUTINE: u32 = 0x0100;
-    // Plain functions have __code__; bound methods have __func__.__code__.
-    // Looking up a missing attribute raises (slow), so test with hasattr-free
-    // lookups in the likely order.
-    let code = match func.getattr_opt(intern!(py, "__code__")) {
-        Ok(Some(code)) => code,
-        _ => match func.getattr_opt(intern!(py, "__func__")) {
-            Ok(Some(inner)) => match inner.getattr_opt(intern!(py, "__code__")) {
-                Ok(Some(code)) => code,
-                _ => return false,
-            },
-            _ => return false,
-        },
-    };
-    code.getattr(intern!(py, "co_flags"))
-        .and_then(|flags| flags.extract::<u32>())
-        .is_ok_and(|flags| flags & (CO_COROUTINE | CO_ITERABLE_COROUTINE) == 0)
+/// Whether a call's result is a coroutine, to be run as a task. Only real
+/// coroutines are: a generator or another awaitable a plain function
+/// returns comes back as it is. Most results have no `__await__` at all,
+/// which one look at their type tells.
+pub(crate) fn is_coroutine(py: Python<'_>, value: &Bound<'_, PyAny>) -> bool {
+    // SAFETY: `value` is a live object (we hold a reference), so its type
+    // object is too; the checks read type fields only.
+    unsafe {
+        let object = value.as_ptr();
+        if pyo3::ffi::PyCoro_CheckExact(object) != 0 {
+            return true;
+        }
+        let async_slots = (*pyo3::ffi::Py_TYPE(object)).tp_as_async;
+        if async_slots.is_null() || (*async_slots).am_await.is_none() {
+            return false;
+        }
+    }
+    static COROUTINE: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+    COROUTINE
+        .import(py, "collections.abc", "Coroutine")
+        .and_then(|coroutine| value.is_instance(coroutine))
+        .unwrap_or(false)
 }
 
 /// Done-callback of a task that runs a call for another shard: sends its
@@ -282,7 +354,8 @@ impl Responder {
         let Some(mut call) = self.call.borrow_mut().take() else {
             return Ok(());
         };
-        RUNNING.with(|running| running.borrow_mut().remove(&(call.origin, call.id)));
+        let finished = RUNNING.with(|running| running.borrow_mut().remove(&(call.origin, call.id)));
+        drop(finished);
         let outcome = if task.call_method0(intern!(py, "cancelled"))?.is_truthy()? {
             Err(CancelledError::new_err(
                 "the call was cancelled on its shard",
@@ -301,7 +374,7 @@ impl Responder {
 
 /// Done-callback of a caller's future for a cancellable call: when the
 /// caller cancels, the task running the call on its shard is cancelled too.
-#[pyclass(unsendable)]
+#[pyclass(frozen)]
 pub(crate) struct CancelOnDone {
     pub(crate) origin: usize,
     pub(crate) target: usize,
@@ -320,6 +393,7 @@ impl CancelOnDone {
             id: self.id,
             request: Some(Request::Cancel { id: self.id }),
             future: None,
+            hook: None,
             outcome: None,
         };
         // A cancel during shutdown cannot be sent; the call then finishes.

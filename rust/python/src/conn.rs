@@ -179,8 +179,11 @@ struct Inner {
     writing: Cell<bool>,
     /// In this thread's `WRITTEN` list, to be sent when the turn ends.
     queued: Cell<bool>,
-    /// The asyncio future a waiting read or drain sleeps on, and what it needs.
-    waiter: RefCell<Option<(Py<PyAny>, Want)>>,
+    /// The asyncio future a waiting read sleeps on, and what it needs; and
+    /// the one a waiting drain sleeps on. A connection is full duplex: one
+    /// task may read while another writes and drains.
+    read_waiter: RefCell<Option<(Py<PyAny>, Want)>>,
+    drain_waiter: RefCell<Option<Py<PyAny>>>,
 }
 
 impl Inner {
@@ -255,16 +258,42 @@ impl Inner {
         Ok(())
     }
 
-    /// Resolves the waiter's future if what it waits for is there.
+    /// Resolves the waiters' futures if what they wait for is there.
     fn wake_waiter(&self) {
-        let ready = match &*self.waiter.borrow() {
+        let ready = match &*self.read_waiter.borrow() {
             Some((_, want)) => self.satisfied(want),
             None => false,
         };
         if ready {
-            if let Some((future, _)) = self.waiter.borrow_mut().take() {
-                call::resolve_later(future, Box::new(|py: Python<'_>| Ok(py.None())) as Produce);
+            if let Some((future, _)) = self.read_waiter.borrow_mut().take() {
+                wake(future);
             }
+        }
+        let drained = self.drain_waiter.borrow().is_some() && self.satisfied(&Want::Drained);
+        if drained {
+            if let Some(future) = self.drain_waiter.borrow_mut().take() {
+                wake(future);
+            }
+        }
+    }
+
+    /// The slot of the waiter for `want`, and whether it holds a future
+    /// that is still pending (another task waits).
+    fn has_pending_waiter(&self, py: Python<'_>, want: &Want) -> PyResult<bool> {
+        let future = match want {
+            Want::Drained => self.drain_waiter.borrow().as_ref().map(|f| f.clone_ref(py)),
+            _ => self
+                .read_waiter
+                .borrow()
+                .as_ref()
+                .map(|(f, _)| f.clone_ref(py)),
+        };
+        match future {
+            Some(future) => Ok(!future
+                .bind(py)
+                .call_method0(intern!(py, "done"))?
+                .is_truthy()?),
+            None => Ok(false),
         }
     }
 
@@ -276,7 +305,7 @@ impl Inner {
         let inner = self.clone();
         drop(shardloop_core::spawn_local(async move {
             loop {
-                let done = match &*inner.waiter.borrow() {
+                let done = match &*inner.read_waiter.borrow() {
                     Some((_, want)) => inner.satisfied(want),
                     None => true,
                 };
@@ -405,6 +434,12 @@ impl Inner {
     }
 }
 
+/// Resolves a waiter's future (a wake-up only: the awaitable then takes
+/// its answer from the buffers) from the shard's loop.
+fn wake(future: Py<PyAny>) {
+    call::resolve_later(future, Box::new(|py: Python<'_>| Ok(py.None())) as Produce);
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     match needle {
         [byte] => haystack.iter().position(|b| b == byte),
@@ -485,7 +520,8 @@ impl Connection {
             reading: Cell::new(false),
             writing: Cell::new(false),
             queued: Cell::new(false),
-            waiter: RefCell::new(None),
+            read_waiter: RefCell::new(None),
+            drain_waiter: RefCell::new(None),
         });
         Ok(Self {
             home: Home::new(inner, shard, close_on_release, A_CONNECTION),
@@ -590,17 +626,17 @@ impl Connection {
     /// Closes the connection: what `write` buffered is still sent, then the
     /// socket is shut down. A waiting read raises ``ConnectionAbortedError``.
     fn close(&self) -> PyResult<()> {
-        self.home.get()?.close();
+        self.home.local()?.close();
         Ok(())
     }
 
     #[getter]
     fn closed(&self) -> PyResult<bool> {
-        Ok(self.home.get()?.closed.get())
+        Ok(self.home.local()?.closed.get())
     }
 
     fn __repr__(&self) -> String {
-        let Ok(inner) = self.home.get() else {
+        let Ok(inner) = self.home.local() else {
             return format!("<Connection of shard {}>", self.home.shard());
         };
         let peer = inner
@@ -678,23 +714,29 @@ impl Waiting {
             }
             return Err(PyStopIteration::new_err((answer.unbind(),)));
         }
-        if let Some((future, _)) = &*inner.waiter.borrow() {
-            if !future
-                .bind(py)
-                .call_method0(intern!(py, "done"))?
-                .is_truthy()?
-            {
-                return Err(PyRuntimeError::new_err(
-                    "another task is already waiting on this connection",
-                ));
-            }
+        if inner.has_pending_waiter(py, &self.want)? {
+            let what = if matches!(self.want, Want::Drained) {
+                "drain"
+            } else {
+                "read"
+            };
+            return Err(PyRuntimeError::new_err(format!(
+                "another task is already waiting to {what} on this connection"
+            )));
         }
         let future = running_shard_loop(py)?.call_method0(intern!(py, "create_future"))?;
         future.setattr(intern!(py, "_asyncio_future_blocking"), true)?;
-        *inner.waiter.borrow_mut() = Some((future.clone().unbind(), self.want.clone()));
+        let waiter = future.clone().unbind();
         if matches!(self.want, Want::Drained) {
+            let replaced = inner.drain_waiter.borrow_mut().replace(waiter);
+            drop(replaced);
             inner.start_writer();
         } else {
+            let replaced = inner
+                .read_waiter
+                .borrow_mut()
+                .replace((waiter, self.want.clone()));
+            drop(replaced);
             inner.start_reader();
         }
         Ok(Some(future.unbind()))

@@ -2,6 +2,7 @@
 //! shard's Rust poll loop, and sends calls to other shards.
 
 use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -35,33 +36,38 @@ impl<T> OnThisThread<T> {
 /// What a thread keeps of a shard it runs. The Python `Driver` object is
 /// only a token for it: the shard handle itself (`!Send`) never leaves the
 /// thread, and the Python object may be dropped anywhere.
+///
+/// Nothing here is borrowed while Python runs: the list of drivers hands
+/// out `Rc` clones, and the activation is only replaced or taken. Python
+/// code can run at any call into Python, and at every return from
+/// `detach` (deferred decrefs run `__del__` methods, which may submit).
 struct Current {
     token: u64,
     driver: shardloop_core::Driver,
     next_id: Cell<u64>,
     /// Set while this shard's loop runs: the activation, the token that was
     /// active before, and the running loop.
-    activation: Option<(shardloop_core::Activation, u64, Py<PyAny>)>,
+    activation: RefCell<Option<Activation>>,
+}
+
+struct Activation {
+    _guard: shardloop_core::Activation,
+    previous: u64,
+    event_loop: Py<PyAny>,
 }
 
 thread_local! {
     /// The shards whose loops live on this thread (usually one; a thread may
     /// keep loops of several runtimes, running one at a time).
-    static DRIVERS: RefCell<Vec<Current>> = const { RefCell::new(Vec::new()) };
+    static DRIVERS: RefCell<Vec<Rc<Current>>> = const { RefCell::new(Vec::new()) };
     /// The token of the driver whose loop runs now, or 0.
     static ACTIVE: Cell<u64> = const { Cell::new(0) };
 }
 
 static TOKENS: AtomicU64 = AtomicU64::new(1);
 
-fn with_token<R>(token: u64, f: impl FnOnce(&mut Current) -> R) -> Option<R> {
-    DRIVERS.with(|drivers| {
-        drivers
-            .borrow_mut()
-            .iter_mut()
-            .find(|c| c.token == token)
-            .map(f)
-    })
+fn find(token: u64) -> Option<Rc<Current>> {
+    DRIVERS.with(|drivers| drivers.borrow().iter().find(|c| c.token == token).cloned())
 }
 
 /// The shard this thread runs, as seen by its event loop.
@@ -78,14 +84,14 @@ impl Driver {
         let token = TOKENS.fetch_add(1, Ordering::Relaxed);
         let (shard_id, shard_count) = (driver.shard_id(), driver.shard_count());
         gil::set_overprovisioned(driver.is_overprovisioned());
-        DRIVERS.with(|drivers| {
-            drivers.borrow_mut().push(Current {
-                token,
-                driver,
-                next_id: Cell::new(0),
-                activation: None,
-            })
+        gil::enter_shard();
+        let current = Rc::new(Current {
+            token,
+            driver,
+            next_id: Cell::new(0),
+            activation: RefCell::new(None),
         });
+        DRIVERS.with(|drivers| drivers.borrow_mut().push(current));
         Self {
             token,
             shard_id,
@@ -93,28 +99,51 @@ impl Driver {
         }
     }
 
-    fn with<R>(&self, f: impl FnOnce(&mut Current) -> R) -> PyResult<R> {
-        with_token(self.token, f).ok_or_else(|| {
+    fn current(&self) -> PyResult<Rc<Current>> {
+        find(self.token).ok_or_else(|| {
             PyRuntimeError::new_err("this shard driver is closed, or used off its shard's thread")
         })
     }
 
     /// Releases the shard from this thread; the driver is unusable after.
     pub(crate) fn close(&self) {
-        let released = DRIVERS.with(|drivers| {
+        let (released, last) = DRIVERS.with(|drivers| {
             let mut drivers = drivers.borrow_mut();
-            let index = drivers.iter().position(|c| c.token == self.token)?;
-            Some(drivers.remove(index))
+            let released = drivers
+                .iter()
+                .position(|c| c.token == self.token)
+                .map(|index| drivers.remove(index));
+            (released, drivers.is_empty())
         });
-        if let Some(mut current) = released {
-            if let Some((activation, previous, _)) = current.activation.take() {
-                // What connections were given in the loop's last turn still
-                // goes out.
-                conn::send_written();
-                drop(activation);
-                ACTIVE.with(|active| active.set(previous));
+        if let Some(current) = released {
+            current.deactivate();
+            gil::leave_shard();
+            if last {
+                call::forget_thread_state();
             }
         }
+    }
+}
+
+impl Current {
+    /// Ends the activation, if any; the loop object is released last, with
+    /// nothing borrowed.
+    fn deactivate(&self) {
+        let activation = self.activation.borrow_mut().take();
+        if let Some(activation) = activation {
+            // What connections were given in the loop's last turn still
+            // goes out.
+            conn::send_written();
+            ACTIVE.with(|active| active.set(activation.previous));
+            drop(activation);
+        }
+    }
+
+    fn event_loop<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        self.activation
+            .borrow()
+            .as_ref()
+            .map(|a| a.event_loop.clone_ref(py).into_bound(py))
     }
 }
 
@@ -138,16 +167,15 @@ impl Driver {
     /// descriptors signalled new readiness.
     fn poll(&self, py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyResult<bool> {
         let shard = self.shard_id;
-        let fd_ready = self.with(|state| {
-            let driver = OnThisThread(&state.driver);
-            gil::detached(py, shard, move || {
-                let driver = driver.into_inner();
-                conn::send_written();
-                driver.poll();
-                driver.take_fd_ready()
-            })
-        })?;
-        call::run_incoming(py, event_loop)?;
+        let current = self.current()?;
+        let driver = OnThisThread(&current.driver);
+        let fd_ready = gil::detached(py, shard, move || {
+            let driver = driver.into_inner();
+            conn::send_written();
+            driver.poll();
+            driver.take_fd_ready()
+        });
+        call::run_incoming(py, event_loop);
         Ok(fd_ready)
     }
 
@@ -166,31 +194,33 @@ impl Driver {
     ) -> PyResult<bool> {
         let until = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
         let shard = self.shard_id;
-        let timers = loop_queue_len(py, event_loop, intern!(py, "_scheduled"));
+        let timers = loop_queue_len(event_loop, intern!(py, "_scheduled"));
+        let current = self.current()?;
         loop {
             let left = if call::has_incoming() {
                 Some(Duration::ZERO)
             } else {
                 until.map(|until| until.saturating_duration_since(Instant::now()))
             };
-            let (fd_ready, closing) = self.with(|state| {
-                let driver = OnThisThread(&state.driver);
-                gil::detached(py, shard, move || {
-                    let driver = driver.into_inner();
-                    conn::send_written();
-                    driver.wait(left);
-                    (driver.take_fd_ready(), driver.is_closing())
-                })
-            })?;
-            let (ran, scheduled) = call::run_incoming(py, event_loop)?;
+            let driver = OnThisThread(&current.driver);
+            let (fd_ready, closing) = gil::detached(py, shard, move || {
+                let driver = driver.into_inner();
+                conn::send_written();
+                driver.wait(left);
+                (driver.take_fd_ready(), driver.is_closing())
+            });
+            // Signals (Ctrl-C) are handled here, so that a shard that turns
+            // without returning to its loop still answers them.
+            py.check_signals()?;
+            let (ran, scheduled) = call::run_incoming(py, event_loop);
             let timed_out = until.is_some_and(|until| Instant::now() >= until);
             if fd_ready || scheduled || closing || timed_out || ran == 0 {
                 return Ok(fd_ready);
             }
             // A plain call may still have left work for the loop: callbacks
             // (a cancelled task, a resolved future) or a new timer.
-            if loop_queue_len(py, event_loop, intern!(py, "_ready")) != Some(0)
-                || loop_queue_len(py, event_loop, intern!(py, "_scheduled")) != timers
+            if loop_queue_len(event_loop, intern!(py, "_ready")) != Some(0)
+                || loop_queue_len(event_loop, intern!(py, "_scheduled")) != timers
             {
                 return Ok(fd_ready);
             }
@@ -199,49 +229,47 @@ impl Driver {
 
     /// Makes `wait` return when `fd` becomes readable.
     fn watch_fd(&self, fd: i32) -> PyResult<()> {
-        self.with(|state| state.driver.watch_fd(fd))?
-            .map_err(PyErr::from)
+        Ok(self.current()?.driver.watch_fd(fd)?)
     }
 
     /// Whether shutdown has begun.
     fn is_closing(&self) -> PyResult<bool> {
-        self.with(|state| state.driver.is_closing())
+        Ok(self.current()?.driver.is_closing())
     }
 
-    /// Whether shutdown has begun and every shard has finished its calls.
+    /// Whether shutdown has begun and every shard has finished its calls
+    /// (or the runtime was stopped without waiting for them).
     fn may_stop(&self) -> PyResult<bool> {
-        self.with(|state| state.driver.may_stop())
+        Ok(self.current()?.driver.may_stop())
     }
 
     /// The runtime's counters.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let snapshot = self.with(|state| state.driver.stats())?;
+        let snapshot = self.current()?.driver.stats();
         stats::to_dict(py, &snapshot)
     }
 
     /// Makes this shard the thread's current one while `event_loop` (its
     /// loop) runs.
     fn activate(&self, event_loop: Py<PyAny>) -> PyResult<()> {
-        let token = self.token;
-        self.with(|current| {
-            if current.activation.is_none() {
-                let previous = ACTIVE.with(|active| active.replace(token));
-                current.activation = Some((current.driver.activate(), previous, event_loop));
-            }
-        })
+        let current = self.current()?;
+        if current.activation.borrow().is_some() {
+            return Ok(());
+        }
+        let guard = current.driver.activate();
+        let previous = ACTIVE.with(|active| active.replace(self.token));
+        *current.activation.borrow_mut() = Some(Activation {
+            _guard: guard,
+            previous,
+            event_loop,
+        });
+        Ok(())
     }
 
     /// Undoes `activate` when the loop stops.
     fn deactivate(&self) -> PyResult<()> {
-        self.with(|current| {
-            if let Some((activation, previous, _)) = current.activation.take() {
-                // What connections were given in the loop's last turn still
-                // goes out.
-                conn::send_written();
-                drop(activation);
-                ACTIVE.with(|active| active.set(previous));
-            }
-        })
+        self.current()?.deactivate();
+        Ok(())
     }
 
     /// Releases the shard from this thread; the driver is unusable after.
@@ -265,12 +293,7 @@ fn submit_local<'py>(
     shardloop_core::flush();
     let result = func.call(args, kwargs);
     if let Ok(value) = &result {
-        static ISCOROUTINE: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
-        if ISCOROUTINE
-            .import(py, "asyncio", "iscoroutine")?
-            .call1((value,))?
-            .is_truthy()?
-        {
+        if call::is_coroutine(py, value) {
             return event_loop.call_method1(intern!(py, "create_task"), (value,));
         }
     }
@@ -278,7 +301,8 @@ fn submit_local<'py>(
     match result {
         Ok(value) => future.call_method1(intern!(py, "set_result"), (value,))?,
         Err(err) => {
-            call::add_shard_note(py, &err, me)?;
+            let err = call::deliverable(py, err);
+            call::add_shard_note(py, &err, me);
             future.call_method1(
                 intern!(py, "set_exception"),
                 (call::exception_with_traceback(py, err),),
@@ -288,41 +312,57 @@ fn submit_local<'py>(
     Ok(future)
 }
 
+/// The index `shard_id` names among `count` shards: `TypeError` for what is
+/// not an integer, `ValueError` naming it for one out of range.
+fn target_index(shard_id: &Bound<'_, PyAny>, count: usize) -> PyResult<usize> {
+    let index: Option<i128> = match shard_id.extract::<i128>() {
+        Ok(index) => Some(index),
+        Err(err) if err.is_instance_of::<pyo3::exceptions::PyOverflowError>(shard_id.py()) => None,
+        Err(_) => {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "the shard must be an int, not {}",
+                shard_id.get_type().name()?
+            )))
+        }
+    };
+    match index.and_then(|i| usize::try_from(i).ok()) {
+        Some(index) if index < count => Ok(index),
+        _ => Err(crate::errors::no_such_shard(shard_id, count)),
+    }
+}
+
 /// The length of one of the asyncio loop's own queues (`_ready`, the
 /// callbacks due now, or `_scheduled`, the timers); None if it has none.
 fn loop_queue_len(
-    py: Python<'_>,
     event_loop: &Bound<'_, PyAny>,
     name: &Bound<'_, pyo3::types::PyString>,
 ) -> Option<usize> {
-    let _ = py;
     event_loop.getattr(name).ok()?.len().ok()
+}
+
+/// The shard whose loop runs on this thread now.
+fn active() -> PyResult<Rc<Current>> {
+    find(ACTIVE.with(Cell::get)).ok_or_else(crate::errors::not_on_shard)
 }
 
 /// What `submit_to` needs of the shard whose loop runs on this thread: its
 /// index, the shard count, a fresh call id and the loop.
 fn active_shard(py: Python<'_>) -> PyResult<(usize, usize, u64, Bound<'_, PyAny>)> {
-    with_token(ACTIVE.with(Cell::get), |state| {
-        let (_, _, event_loop) = state.activation.as_ref()?;
-        let id = state.next_id.get();
-        state.next_id.set(id + 1);
-        let (me, count) = (state.driver.shard_id(), state.driver.shard_count());
-        Some((me, count, id, event_loop.clone_ref(py).into_bound(py)))
-    })
-    .flatten()
-    .ok_or_else(crate::errors::not_on_shard)
+    let current = active()?;
+    let event_loop = current
+        .event_loop(py)
+        .ok_or_else(crate::errors::not_on_shard)?;
+    let id = current.next_id.get();
+    current.next_id.set(id + 1);
+    let driver = &current.driver;
+    Ok((driver.shard_id(), driver.shard_count(), id, event_loop))
 }
 
 /// The running loop of this thread, if it is a shard's.
 pub(crate) fn running_shard_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
-    with_token(ACTIVE.with(Cell::get), |state| {
-        state
-            .activation
-            .as_ref()
-            .map(|(_, _, event_loop)| event_loop.clone_ref(py).into_bound(py))
-    })
-    .flatten()
-    .ok_or_else(crate::errors::not_on_shard)
+    active()?
+        .event_loop(py)
+        .ok_or_else(crate::errors::not_on_shard)
 }
 
 /// submit_to(shard_id, fn, /, *args, **kwargs)
@@ -343,31 +383,30 @@ pub(crate) fn running_shard_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
 #[pyo3(signature = (shard_id, func, /, *args, **kwargs))]
 fn submit_to<'py>(
     py: Python<'py>,
-    shard_id: i64,
+    shard_id: &Bound<'py, PyAny>,
     func: Bound<'py, PyAny>,
     args: Bound<'py, PyTuple>,
     kwargs: Option<Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (me, count, id, event_loop) = active_shard(py)?;
-    let target = usize::try_from(shard_id).unwrap_or(usize::MAX);
-    shardloop_core::check_target(target).map_err(|e| match e {
-        shardloop_core::Error::NoSuchShard { .. } => to_py(shardloop_core::Error::NoSuchShard {
-            shard: shard_id.max(0) as usize,
-            count,
-        }),
-        other => to_py(other),
-    })?;
-    if shard_id < 0 {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "shard {shard_id} does not exist: valid shards are 0..{count} (0 to {})",
-            count - 1
-        )));
-    }
+    let target = target_index(shard_id, count)?;
+    shardloop_core::check_target(target).map_err(to_py)?;
     if target == me {
         return submit_local(py, &event_loop, me, &func, &args, kwargs.as_ref());
     }
     let future = event_loop.call_method0(intern!(py, "create_future"))?;
-    let cancellable = !call::is_plain_function(py, &func);
+    // Whatever the call starts as a task there (a coroutine function's
+    // coroutine, or one a plain function returns) is cancelled with the
+    // caller's future.
+    let hook = Bound::new(
+        py,
+        CancelOnDone {
+            origin: me,
+            target,
+            id,
+        },
+    )?
+    .into_any();
     let message = PyCall {
         origin: me,
         target,
@@ -378,20 +417,11 @@ fn submit_to<'py>(
             kwargs: kwargs.map(Bound::unbind),
         }),
         future: Some(future.clone().unbind()),
+        hook: Some(hook.clone().unbind()),
         outcome: None,
     };
     shardloop_core::send(target, Box::new(message)).map_err(to_py)?;
-    if cancellable {
-        let hook = Bound::new(
-            py,
-            CancelOnDone {
-                origin: me,
-                target,
-                id,
-            },
-        )?;
-        future.call_method1(intern!(py, "add_done_callback"), (hook,))?;
-    }
+    future.call_method1(intern!(py, "add_done_callback"), (hook,))?;
     Ok(future)
 }
 

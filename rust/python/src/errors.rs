@@ -15,11 +15,19 @@ create_exception!(
 /// The Python exception for a runtime error.
 pub(crate) fn to_py(error: Error) -> PyErr {
     match error {
-        Error::NoSuchShard { .. } => PyValueError::new_err(error.to_string()),
+        Error::NoSuchShard { shard, count } => no_such_shard(shard, count),
         Error::Closed => ShutdownError::new_err(error.to_string()),
         Error::NotOnShard => not_on_shard(),
         other => PyRuntimeError::new_err(other.to_string()),
     }
+}
+
+/// The error for a shard index outside `0..count`, naming the index given.
+pub(crate) fn no_such_shard(shard: impl std::fmt::Display, count: usize) -> PyErr {
+    PyValueError::new_err(format!(
+        "shard {shard} does not exist: valid shards are 0..{count} (0 to {})",
+        count.saturating_sub(1)
+    ))
 }
 
 /// The error for calls made outside a running runtime.

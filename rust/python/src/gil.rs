@@ -9,10 +9,17 @@
 //! attaches at once. The spin is bounded: Python code can release the GIL
 //! without going through these points (blocking I/O, `time.sleep`), so after
 //! `SPIN_LIMIT` the shard falls back to CPython's hand-off.
+//!
+//! It is also where a shard thread re-enters Python, so it is where shard
+//! threads stop re-entering it when the interpreter is about to finalize
+//! ([`prepare_exit`]). CPython ends a thread that asks for the interpreter
+//! during finalization with `pthread_exit`, whose forced unwinding through
+//! Rust frames aborts the process; a shard thread parks there instead.
 
 use std::cell::Cell;
 use std::hint::spin_loop;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
@@ -26,7 +33,26 @@ const SPIN_LIMIT: Duration = Duration::from_micros(100);
 /// Spins before an overprovisioned shard starts yielding its core.
 const SPINS_BEFORE_YIELD: u32 = 64;
 
+/// Set by [`prepare_exit`]: shard threads no longer enter Python.
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// Every shard thread's [`PRESENCE`] flag.
+static PRESENT: Mutex<Vec<Weak<AtomicBool>>> = Mutex::new(Vec::new());
+
 thread_local! {
+    /// Set while this thread runs a shard and is (or is about to be)
+    /// attached to Python; read by [`prepare_exit`] on another thread.
+    /// Written by this thread only, on its own cache line.
+    static PRESENCE: Arc<AtomicBool> = {
+        let flag = Arc::new(AtomicBool::new(false));
+        PRESENT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Arc::downgrade(&flag));
+        flag
+    };
+    /// How many shard drivers this thread holds (see [`enter_shard`]).
+    static SHARDS_HERE: Cell<usize> = const { Cell::new(0) };
     /// Whether this thread's shard shares its core with other busy threads:
     /// it then yields the core while it waits for the GIL (the holder may be
     /// waiting for a core itself).
@@ -39,18 +65,100 @@ pub(crate) fn set_overprovisioned(overprovisioned: bool) {
     YIELD.with(|y| y.set(overprovisioned));
 }
 
+/// Counts a shard driver installed on this (attached) thread.
+pub(crate) fn enter_shard() {
+    if SHARDS_HERE.with(|n| n.replace(n.get() + 1)) == 0 {
+        PRESENCE.with(|p| p.store(true, Ordering::SeqCst));
+    }
+}
+
+/// Undoes [`enter_shard`] when the driver is closed.
+pub(crate) fn leave_shard() {
+    if SHARDS_HERE.with(|n| n.replace(n.get().saturating_sub(1))) == 1 {
+        PRESENCE.with(|p| p.store(false, Ordering::SeqCst));
+    }
+}
+
+/// Announces that this thread is about to attach to Python; `false` (and
+/// no announcement) if the interpreter is exiting. The announcement and
+/// the check are Dekker's handshake with [`prepare_exit`]: either this
+/// thread sees `EXITING`, or `prepare_exit` sees the thread present and
+/// waits for it to leave.
+pub(crate) fn may_enter() -> bool {
+    PRESENCE.with(|p| {
+        p.store(true, Ordering::SeqCst);
+        if EXITING.load(Ordering::SeqCst) {
+            p.store(false, Ordering::SeqCst);
+            false
+        } else {
+            true
+        }
+    })
+}
+
+/// Blocks this thread for good, outside Python: the interpreter is exiting
+/// and the process ends with the thread parked here.
+fn park_for_good() -> ! {
+    loop {
+        std::thread::park();
+    }
+}
+
 /// Runs `f` with the GIL released, as shard `shard`, and takes the GIL back
-/// when the shards that hold it let go of it.
+/// when the shards that hold it let go of it. If the interpreter started
+/// exiting meanwhile, the thread parks instead of taking it back.
 pub(crate) fn detached<T: Send>(py: Python<'_>, shard: usize, f: impl FnOnce() -> T + Send) -> T {
     let me = shard + 1;
     HOLDER.store(0, Ordering::Release);
+    PRESENCE.with(|p| p.store(false, Ordering::SeqCst));
     let result = py.detach(move || {
         let result = f();
+        if !may_enter() {
+            park_for_good();
+        }
         claim(me);
         result
     });
     HOLDER.store(me, Ordering::Relaxed);
     result
+}
+
+/// Called at interpreter exit (before finalization), on the exiting
+/// thread: from now on shard threads park rather than enter Python, and
+/// this waits, with the GIL released, for those inside Python to leave it
+/// (each leaves when the code it runs returns to its loop's next wait), up
+/// to `limit`; Ctrl-C ends the wait too. A shard still inside Python when
+/// the interpreter finalizes would be ended by CPython mid-call.
+pub(crate) fn prepare_exit(py: Python<'_>, limit: Duration) -> PyResult<()> {
+    EXITING.store(true, Ordering::SeqCst);
+    let me = PRESENCE.with(Arc::as_ptr);
+    let others: Vec<Arc<AtomicBool>> = PRESENT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .filter_map(Weak::upgrade)
+        .filter(|flag| !std::ptr::eq(Arc::as_ptr(flag), me))
+        .collect();
+    let inside = || others.iter().any(|flag| flag.load(Ordering::SeqCst));
+    let started = Instant::now();
+    let mut told = false;
+    while inside() && started.elapsed() < limit {
+        py.detach(|| {
+            let until = Instant::now() + Duration::from_millis(50);
+            while inside() && Instant::now() < until {
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        });
+        py.check_signals()?;
+        if !told && inside() && started.elapsed() >= Duration::from_secs(1) {
+            told = true;
+            eprintln!(
+                "shardloop: the interpreter is exiting; waiting (at most {limit:?}) for shards \
+                 of a running runtime to finish the Python code they run"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn claim(me: usize) {

@@ -27,6 +27,9 @@ fn this_thread() -> usize {
 pub(crate) struct Home<T: 'static> {
     value: ManuallyDrop<Rc<T>>,
     thread: usize,
+    /// The runtime it was made on (`shardloop_core::runtime_id`): a later
+    /// runtime on the same thread may not use it.
+    runtime: Option<u64>,
     shard: usize,
     release: fn(Rc<T>),
     /// Names what it holds in the error of a use on the wrong thread.
@@ -48,14 +51,29 @@ impl<T> Home<T> {
         Self {
             value: ManuallyDrop::new(value),
             thread: this_thread(),
+            runtime: shardloop_core::runtime_id(),
             shard,
             release,
             what,
         }
     }
 
-    /// The value, on its own thread; `RuntimeError` elsewhere.
+    /// The value, on its own shard while the runtime that made it runs;
+    /// `RuntimeError` elsewhere.
     pub(crate) fn get(&self) -> PyResult<&Rc<T>> {
+        let value = self.local()?;
+        if shardloop_core::runtime_id() != self.runtime {
+            return Err(PyRuntimeError::new_err(format!(
+                "{} belongs to a shardloop runtime that is no longer running",
+                self.what
+            )));
+        }
+        Ok(value)
+    }
+
+    /// The value, on its own thread, whether or not its runtime still runs
+    /// (to close it, or to describe it).
+    pub(crate) fn local(&self) -> PyResult<&Rc<T>> {
         if this_thread() == self.thread {
             Ok(&self.value)
         } else {

@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -11,6 +11,7 @@ use pyo3::types::PyDict;
 
 use crate::driver::{Driver, OnThisThread};
 use crate::errors::to_py;
+use crate::gil;
 use crate::stats;
 
 thread_local! {
@@ -46,19 +47,28 @@ impl Runtime {
 }
 
 /// What shards 1..N run: `worker(driver)` with the GIL, then the driver is
-/// closed on this thread whatever `worker` did.
+/// closed on this thread whatever `worker` did. A thread that starts while
+/// the interpreter exits does not enter Python at all.
 fn worker_main(worker: &Py<PyAny>, driver: shardloop_core::Driver) {
+    if !gil::may_enter() {
+        return;
+    }
     Python::attach(|py| {
         let driver = match Bound::new(py, Driver::install(driver)) {
             Ok(driver) => driver,
-            Err(err) => return err.print(py),
+            Err(err) => return err.display(py),
         };
+        // `display`, not `print`: printing a SystemExit would exit the
+        // process from this thread (the worker reports those to shard 0).
         if let Err(err) = worker.call1(py, (driver.clone(),)) {
-            err.print(py);
+            err.display(py);
         }
         driver.get().close();
     });
 }
+
+/// How long `shutdown` keeps waiting for shard threads after Ctrl-C.
+const INTERRUPTED_JOIN_LIMIT: Duration = Duration::from_secs(1);
 
 #[pymethods]
 impl Runtime {
@@ -120,19 +130,50 @@ impl Runtime {
         self.with(|rt| rt.begin_shutdown())
     }
 
+    /// Stops every shard now, without waiting for the calls in flight.
+    fn force_stop(&self) -> PyResult<()> {
+        self.with(|rt| rt.force_stop())
+    }
+
+    /// Whether no call between shards was in flight a moment ago.
+    fn is_quiet(&self) -> PyResult<bool> {
+        self.with(|rt| rt.is_quiet())
+    }
+
     /// Finishes submitted work and joins the shard threads (with the GIL
     /// released, so they can finish their Python work). Shard 0's driver must
-    /// be closed first.
-    fn shutdown(&self, py: Python<'_>) {
+    /// be closed first. Signals are handled while it waits: Ctrl-C stops
+    /// the shards at once, and if their threads still have not ended a
+    /// second later they are left running and `KeyboardInterrupt` is raised.
+    fn shutdown(&self, py: Python<'_>) -> PyResult<()> {
         let runtime = OWNED.with(|owned| {
             let mut owned = owned.borrow_mut();
             let index = owned.iter().position(|(token, _)| *token == self.token)?;
             Some(owned.remove(index).1)
         });
-        if let Some(runtime) = runtime {
-            let runtime = OnThisThread(runtime);
-            py.detach(move || runtime.into_inner().shutdown());
+        let Some(runtime) = runtime else {
+            return Ok(());
+        };
+        let mut interrupted: Option<(PyErr, Instant)> = None;
+        while !runtime.threads_finished() {
+            py.detach(|| std::thread::sleep(Duration::from_millis(2)));
+            if interrupted.is_none() {
+                if let Err(err) = py.check_signals() {
+                    runtime.force_stop();
+                    interrupted = Some((err, Instant::now()));
+                }
+            }
+            if let Some((_, since)) = &interrupted {
+                if since.elapsed() >= INTERRUPTED_JOIN_LIMIT {
+                    // The threads are stuck in Python code; leave them.
+                    std::mem::forget(runtime);
+                    return Err(interrupted.expect("just matched").0);
+                }
+            }
         }
+        let runtime = OnThisThread(runtime);
+        py.detach(move || runtime.into_inner().shutdown());
+        interrupted.map_or(Ok(()), |(err, _)| Err(err))
     }
 
     /// The runtime's counters as plain dicts.
@@ -142,6 +183,20 @@ impl Runtime {
     }
 }
 
+/// prepare_exit(limit=10.0, /)
+/// --
+///
+/// Called once at interpreter exit, before finalization: shard threads
+/// still running (a runtime in a daemon thread) stop entering Python, and
+/// this waits up to `limit` seconds (or until Ctrl-C) for those inside it
+/// to leave.
+#[pyfunction]
+#[pyo3(signature = (limit = 10.0, /))]
+fn prepare_exit(py: Python<'_>, limit: f64) -> PyResult<()> {
+    gil::prepare_exit(py, Duration::from_secs_f64(limit.max(0.0)))
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<Runtime>()
+    m.add_class::<Runtime>()?;
+    m.add_function(wrap_pyfunction!(prepare_exit, m)?)
 }
