@@ -59,9 +59,7 @@ class Sharded(Generic[T]):
         if self._started:
             raise RuntimeError("this Sharded service is already started")
         self._instances = [None] * shard.count()
-        results = await asyncio.gather(
-            *_calls_in_shard_order(self._build), return_exceptions=True
-        )
+        results = await asyncio.gather(*_calls_in_shard_order(self._build), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             built = [i for i, instance in enumerate(self._instances) if instance is not None]
