@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LOOM_ENV := RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR=target/loom
 
-.PHONY: run test test-ft develop-ft tools develop lint lint-rust lint-python test-rust loom test-python test-asyncio-suite miri bench bench-rust bench-python bench-net clean
+.PHONY: run test test-ft develop-ft tools develop lint lint-rust lint-python test-rust loom test-python test-asyncio-suite miri tsan soak bench bench-rust bench-python bench-net clean
 
 # The main job: the lookup server on one shard per core, driven for a few
 # seconds by the load generator, with throughput, latency and per-shard
@@ -89,6 +89,20 @@ test-ft: tools develop-ft
 miri:
 	rustup component add --toolchain nightly miri rust-src
 	$(CARGO) +nightly miri test -p shardloop-core --lib ring::
+
+# The core's Rust tests under ThreadSanitizer (nightly). Without the rust-src
+# component std itself is not instrumented, so its own synchronisation is
+# invisible to TSan; the suppressions file names what that makes it report.
+TSAN_ENV := RUSTFLAGS="-Zsanitizer=thread" RUSTDOCFLAGS="-Zsanitizer=thread" \
+	TSAN_OPTIONS="halt_on_error=1 suppressions=$(abspath scripts/tsan.supp)" CARGO_TARGET_DIR=target/tsan
+tsan:
+	$(TSAN_ENV) $(CARGO) +nightly test -p shardloop-core --target x86_64-unknown-linux-gnu --lib --tests
+
+# Ten minutes of load, resets and Ctrl-C against the lookup and memcached
+# examples, checking that memory and descriptors stay flat (not in `make test`).
+SOAK_MINUTES ?= 10
+soak: develop
+	$(PY) scripts/soak.py --minutes $(SOAK_MINUTES)
 
 bench: bench-rust bench-python bench-net
 

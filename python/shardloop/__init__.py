@@ -99,9 +99,6 @@ def run(
             if fatal is not None and isinstance(exc, asyncio.CancelledError):
                 raise fatal from None
             raise
-    if loop._state.fatal is not None:
-        # Raised on another shard after main() had returned.
-        raise loop._state.fatal
     return result
 
 

@@ -86,6 +86,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
         self._stopped: asyncio.Future[None] | None = None
         self._old_wakeup_fd: int | None = None
         self._cancel_on_close = False
+        self._closing = False
         # The objects this shard owns through ForeignRefs, by key; released
         # when the loop closes.
         self._foreign: dict[int, Any] = {}
@@ -132,6 +133,8 @@ class ShardLoop(asyncio.SelectorEventLoop):
         if self._state.fatal is None:
             self._state.fatal = exc
         self._cancel_on_close = True
+        if self._closing:
+            return  # the drain sees it and stops the runtime
         for task in asyncio.all_tasks(self):
             task.cancel()
 
@@ -174,6 +177,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
         # Another loop may be running on this thread (this one was made and
         # closed inside it): then shard 0 is drained in Rust alone.
         can_run = asyncio.events._get_running_loop() is None
+        self._closing = True
         interrupted: BaseException | None = None
         try:
             if can_run:
@@ -200,6 +204,9 @@ class ShardLoop(asyncio.SelectorEventLoop):
             runtime.shutdown()
         except BaseException as exc:
             interrupted = interrupted or exc
+        if interrupted is None:
+            # SystemExit or KeyboardInterrupt raised by code on a shard.
+            interrupted = self._state.fatal
         if interrupted is not None:
             raise interrupted
 
@@ -215,17 +222,16 @@ class ShardLoop(asyncio.SelectorEventLoop):
         # Past the grace period: cancel what still runs, on every shard.
         from .shard import invoke_on_others
 
-        cancelled = self.run_until_complete(
-            asyncio.wait_for(invoke_on_others(_cancel_tasks), _CANCEL_WAIT)
-        )
-        names = [
-            f"shard {i}: {name}" for i, shard in enumerate(cancelled, start=1) for name in shard
-        ]
-        if self.shard_id != 0:  # pragma: no cover - close() runs on shard 0
+        try:
+            cancelled = self.run_until_complete(
+                asyncio.wait_for(invoke_on_others(_cancel_tasks), _CANCEL_WAIT)
+            )
+            names = [f"shard {i}: {name}" for i, on in enumerate(cancelled, 1) for name in on]
+        except Exception:  # a shard too busy to answer in time
             names = []
         warnings.warn(
             f"shardloop: calls still running {limit:g} s after the runtime began to "
-            f"shut down were cancelled: {', '.join(names) or 'none named'}",
+            f"shut down were cancelled: {', '.join(names) or 'none could be named'}",
             RuntimeWarning,
             stacklevel=3,
         )
