@@ -10,9 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from ._harness import SCALE
+
 # Longer than any scenario's own limit: this only catches a test process
 # that is stuck itself.
-TEST_LIMIT = 150
+TEST_LIMIT = 150 * SCALE
 
 
 @pytest.fixture(autouse=True)

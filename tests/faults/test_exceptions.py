@@ -32,7 +32,7 @@ def test_remote_coroutine_raising_system_exit_leaves_run_with_it(direction: str)
     run2(main())
     print("run() returned", flush=True)
     """
-    proc = run_script(scenario(body), timeout=10)
+    proc = run_script(scenario(body), timeout=8)
     assert proc.returncode == 3, describe(proc)
     assert "run() went on" not in proc.stdout and "run() returned" not in proc.stdout
     assert "panicked" not in proc.stderr and "Fatal Python error" not in proc.stderr
@@ -61,7 +61,7 @@ def test_remote_keyboard_interrupt_propagates_from_run(kind: str) -> None:
     except KeyboardInterrupt:
         print("KeyboardInterrupt after %.2f" % (time.monotonic() - started), flush=True)
     """
-    proc = run_script(scenario(body), timeout=10)
+    proc = run_script(scenario(body), timeout=8)
     assert_clean_exit(proc)
     assert "KeyboardInterrupt after" in proc.stdout, describe(proc)
     seconds = float(proc.stdout.split("KeyboardInterrupt after")[1].split()[0])
@@ -91,14 +91,14 @@ def test_plain_function_raising_stop_iteration(direction: str) -> None:
         if {origin} == 0:
             got = await call()
         else:
-            got = await asyncio.wait_for(shard.submit_to({origin}, call), 10)
+            got = await asyncio.wait_for(shard.submit_to({origin}, call), 6)
         print("caller got", got, flush=True)
         print("still works", await shard.submit_to(1, sum, [1, 2]), flush=True)
         print("still works", await shard.submit_to(0, sum, [3, 4]), flush=True)
 
     run2(main())
     """
-    proc = run_script(scenario(body), timeout=15)
+    proc = run_script(scenario(body), timeout=12)
     assert_clean_exit(proc)
     assert "caller got RuntimeError" in proc.stdout, describe(proc)
     assert "still works 3" in proc.stdout and "still works 7" in proc.stdout, describe(proc)
