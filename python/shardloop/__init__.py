@@ -76,6 +76,9 @@ def run(
     ``KeyboardInterrupt`` raised by code on any shard does the same and is
     raised here.
     """
+    if asyncio.events._get_running_loop() is not None:
+        # As asyncio.run: refuse before any runtime is built.
+        raise RuntimeError("shardloop.run() cannot be called from a running event loop")
     factory = functools.partial(
         new_event_loop,
         shards,
@@ -95,9 +98,13 @@ def run(
             # Ctrl-C or SystemExit here, or on another shard (main() was
             # then cancelled): every shard's tasks are cancelled at close.
             loop._cancel_on_close = True
-            fatal = loop._state.fatal
-            if fatal is not None and isinstance(exc, asyncio.CancelledError):
-                raise fatal from None
+            if isinstance(exc, asyncio.CancelledError):
+                if loop._state.fatal is not None:
+                    raise loop._state.fatal from None
+                if loop._sigint_seen:
+                    # Ctrl-C cancelled main() in the moment asyncio.Runner
+                    # loses track of it (as it installs its handler).
+                    raise KeyboardInterrupt from None
             raise
     return result
 

@@ -80,6 +80,26 @@ class ShardLoop(asyncio.SelectorEventLoop):
         runtime: _shardloop.Runtime | None = None,
         state: _RuntimeState | None = None,
     ) -> None:
+        # Until it is whole, a loop interrupted here (Ctrl-C at start-up) is
+        # one that never opened: its __del__ then has nothing to say.
+        self._closed = True
+        try:
+            self._setup(driver, runtime, state)
+        except BaseException:
+            self._closed = True
+            if getattr(self, "_old_wakeup_fd", None) is not None:
+                self._restore_wakeup_fd()
+            selector = getattr(self, "_selector", None)
+            if selector is not None:
+                selector.close()
+            raise
+
+    def _setup(
+        self,
+        driver: _shardloop.Driver,
+        runtime: _shardloop.Runtime | None,
+        state: _RuntimeState | None,
+    ) -> None:
         self._driver = driver
         self._runtime = runtime
         self._state = state if state is not None else _RuntimeState()
@@ -87,6 +107,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
         self._old_wakeup_fd: int | None = None
         self._cancel_on_close = False
         self._closing = False
+        self._sigint_seen = False
         # The objects this shard owns through ForeignRefs, by key; released
         # when the loop closes.
         self._foreign: dict[int, Any] = {}
@@ -124,6 +145,12 @@ class ShardLoop(asyncio.SelectorEventLoop):
         stopped = self._stopped
         if stopped is not None and not stopped.done() and self._driver.may_stop():
             stopped.set_result(None)
+
+    def _process_self_data(self, data: bytes) -> None:
+        # The C signal handler writes the signal's number to the self-pipe
+        # (the wakeup fd): note Ctrl-C even where asyncio.Runner loses it.
+        if signal.SIGINT in data:
+            self._sigint_seen = True
 
     def _fatal(self, exc: BaseException) -> None:
         """On shard 0: another shard's loop was stopped by ``exc``
@@ -182,6 +209,9 @@ class ShardLoop(asyncio.SelectorEventLoop):
         try:
             if can_run:
                 self._drain(runtime)
+            else:
+                # Nothing can serve this shard's Python calls any more.
+                runtime.force_stop()
         except BaseException as exc:  # Ctrl-C (or a SystemExit) while draining
             interrupted = exc
             runtime.force_stop()

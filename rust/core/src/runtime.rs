@@ -351,10 +351,25 @@ impl Runtime {
         self.shared.is_quiet()
     }
 
-    /// Whether every shard thread (1..N) has ended, so that
-    /// [`shutdown`](Self::shutdown) will not wait for one.
-    pub fn threads_finished(&self) -> bool {
-        self.threads.iter().all(thread::JoinHandle::is_finished)
+    /// Once shutdown has begun: serves shard 0 (the calling thread) for up
+    /// to `limit`, or until every shard may stop, and returns whether the
+    /// shard threads (1..N) have all ended, so that
+    /// [`shutdown`](Self::shutdown) will not block. For a caller that must
+    /// stay responsive while the runtime stops (to signals, say): call it
+    /// in a loop, then `shutdown`.
+    pub fn serve_until_stopped(&self, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        if !(self.shard0.is_closing() && self.shard0.may_stop()) {
+            if let Some(_enter) = Enter::try_new(self.shard0.clone()) {
+                self.shard0
+                    .run_until(Some(until), |_| self.shard0.may_stop());
+            }
+        }
+        let finished = self.threads.iter().all(thread::JoinHandle::is_finished);
+        if !finished {
+            thread::sleep(until.saturating_duration_since(Instant::now()));
+        }
+        finished
     }
 
     /// Stops accepting calls, finishes every call already submitted, and

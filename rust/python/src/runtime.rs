@@ -154,9 +154,18 @@ impl Runtime {
         let Some(runtime) = runtime else {
             return Ok(());
         };
+        runtime.begin_shutdown();
         let mut interrupted: Option<(PyErr, Instant)> = None;
-        while !runtime.threads_finished() {
-            py.detach(|| std::thread::sleep(Duration::from_millis(2)));
+        loop {
+            let waiting = OnThisThread(&runtime);
+            let stopped = py.detach(move || {
+                waiting
+                    .into_inner()
+                    .serve_until_stopped(Duration::from_millis(2))
+            });
+            if stopped {
+                break;
+            }
             if interrupted.is_none() {
                 if let Err(err) = py.check_signals() {
                     runtime.force_stop();
