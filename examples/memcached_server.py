@@ -3,152 +3,71 @@
 Each key lives on shard ``crc32(key) % shards``: a command for a key the
 accepting shard owns is served in place, any other goes to the owner with
 ``submit_to`` (as in Seastar's apps/memcached). Connections are
-``shardloop.Connection``s: commands are read from Rust's buffer. Supported: get, gets, set,
-add, replace, append, prepend, cas, delete, incr, decr, touch, flush_all,
-version, stats, verbosity, quit, with ``noreply`` and expiry times.
+``shardloop.Connection``s: commands are read from Rust's buffer. Supported:
+get, gets, gat, gats, set, add, replace, append, prepend, cas, delete, incr,
+decr, touch, flush_all, version, stats, verbosity, quit, with ``noreply`` and
+expiry times; every reply, error replies included, is memcached 1.6's
+(tests/test_memcached_diff.py compares them with the real memcached's). Not
+here: the meta commands (mg, ms, ...) and memcached's administrative ones
+(stats subcommands other than reset, slabs, lru, watch, ...): ERROR.
 
-    python examples/memcached_server.py --port 11211 [--shards N]
+Memory is bounded as memcached's ``-m`` bounds it: the limit is split between
+the shards, and each evicts its least recently used items to stay under its
+part. A value still being received holds its room on the accepting shard, so
+clients stalled half-way through large values cannot add memory beyond the
+limit: when no room can be had, the value is refused ("SERVER_ERROR out of
+memory storing object") and its bytes are read and dropped, as memcached
+does.
+
+    python examples/memcached_server.py --port 11211 [--shards N] [-m MB] [-I 1m]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
+import os
 import time
 import zlib
-from dataclasses import dataclass
+from typing import Any
 
 import shardloop
+from memcached_store import (
+    INT_MAX,
+    KEY_MAX,
+    LINE_MAX,
+    MAX_WORDS,
+    MULTIGET_MAX,
+    STARTED,
+    Store,
+    cost,
+    expiry,
+    flush_time,
+    item_total,
+    parse_i32,
+    parse_u32,
+    parse_u64,
+    words,
+)
 from shardloop import shard
 
 VERSION = "1.6.0-shardloop"
-MAX_KEY = 250
-MAX_VALUE = 1024 * 1024
-MAX_LINE = 2048
-THIRTY_DAYS = 60 * 60 * 24 * 30
-U64 = 2**64
-
-
-@dataclass
-class Item:
-    value: bytes
-    flags: int
-    expires: float  # 0: never
-    cas: int
-
-
-class Store:
-    """One shard's part of the data. Only its own shard touches it."""
-
-    def __init__(self) -> None:
-        self.items: dict[bytes, Item] = {}
-        self.cas_ids = itertools.count(1 + shard.id() * (1 << 48))
-        self.flushed_at = 0.0
-        self.flush_cas = 0
-        self.counts = {"get_hits": 0, "get_misses": 0, "cmd_get": 0, "cmd_set": 0}
-
-    def _live(self, key: bytes) -> Item | None:
-        item = self.items.get(key)
-        if item is None:
-            return None
-        now = time.time()
-        if (item.expires and item.expires <= now) or (
-            self.flushed_at and self.flushed_at <= now and item.cas <= self.flush_cas
-        ):
-            del self.items[key]
-            return None
-        return item
-
-    def get(self, keys: list[bytes]) -> list[tuple[bytes, int, bytes, int]]:
-        found = []
-        for key in keys:
-            self.counts["cmd_get"] += 1
-            item = self._live(key)
-            if item is None:
-                self.counts["get_misses"] += 1
-            else:
-                self.counts["get_hits"] += 1
-                found.append((key, item.flags, item.value, item.cas))
-        return found
-
-    def get_one(self, key: bytes) -> bytes:
-        """The whole reply to ``get key``."""
-        self.counts["cmd_get"] += 1
-        item = self._live(key)
-        if item is None:
-            self.counts["get_misses"] += 1
-            return b"END\r\n"
-        self.counts["get_hits"] += 1
-        return b"VALUE %s %d %d\r\n%s\r\nEND\r\n" % (key, item.flags, len(item.value), item.value)
-
-    def store(
-        self, key: bytes, cmd: str, flags: int, expires: float, value: bytes, cas: int
-    ) -> bytes:
-        self.counts["cmd_set"] += 1
-        item = self._live(key)
-        if cmd == "add" and item is not None:
-            return b"NOT_STORED"
-        if cmd in ("replace", "append", "prepend") and item is None:
-            return b"NOT_STORED"
-        if cmd == "cas":
-            if item is None:
-                return b"NOT_FOUND"
-            if item.cas != cas:
-                return b"EXISTS"
-        if cmd == "append" and item is not None:
-            value, flags, expires = item.value + value, item.flags, item.expires
-        elif cmd == "prepend" and item is not None:
-            value, flags, expires = value + item.value, item.flags, item.expires
-        if expires < 0:
-            self.items.pop(key, None)
-            return b"STORED"
-        self.items[key] = Item(value, flags, expires, next(self.cas_ids))
-        return b"STORED"
-
-    def delete(self, key: bytes) -> bytes:
-        if self._live(key) is None:
-            return b"NOT_FOUND"
-        del self.items[key]
-        return b"DELETED"
-
-    def arith(self, key: bytes, delta: int, incr: bool) -> bytes:
-        item = self._live(key)
-        if item is None:
-            return b"NOT_FOUND"
-        if not item.value.isdigit() or len(item.value) > 20 or int(item.value) >= U64:
-            return b"CLIENT_ERROR cannot increment or decrement non-numeric value"
-        current = int(item.value)
-        result = (current + delta) % U64 if incr else max(0, current - delta)
-        item.value = str(result).encode()
-        item.cas = next(self.cas_ids)
-        return item.value
-
-    def touch(self, key: bytes, expires: float) -> bytes:
-        item = self._live(key)
-        if item is None:
-            return b"NOT_FOUND"
-        item.expires = expires
-        return b"TOUCHED"
-
-    def flush(self, at: float) -> bytes:
-        if at <= time.time():
-            self.items.clear()
-        else:
-            self.flushed_at = at
-            self.flush_cas = next(self.cas_ids)
-        return b"OK"
-
+MB = 1024 * 1024
+SMALL_VALUE = 16 * 1024  # read at once; larger values are read in pieces
+OUT_CHUNK = 64 * 1024  # a multiget reply is written and drained in pieces of this size
 
 _stores: dict[int, Store] = {}
+Row = tuple[int, bytes, int]  # an item's flags, value and cas unique
 
 
 def local() -> Store:
     return _stores[shard.id()]
 
 
-def make_store() -> None:
-    _stores[shard.id()] = Store()
+def make_store(limit: int, item_size_max: int) -> None:
+    me, count = shard.id(), shard.count()
+    part = limit // count + (1 if me < limit % count else 0)
+    _stores[me] = Store(part, item_size_max, first_cas=1 + me * (1 << 48))
 
 
 def owner(key: bytes) -> int:
@@ -156,19 +75,7 @@ def owner(key: bytes) -> int:
     return zlib.crc32(key) % count if count > 1 else 0
 
 
-def expiry(exptime: int) -> float:
-    """memcached's rule: 0 never, up to 30 days relative, beyond that a unix
-    time; negative: already expired."""
-    if exptime == 0:
-        return 0.0
-    if exptime < 0:
-        return -1.0
-    if exptime > THIRTY_DAYS:
-        return float(exptime) if exptime > time.time() else -1.0
-    return time.time() + exptime
-
-
-async def on_owner(key: bytes, method: str, *args: object) -> object:
+async def on_owner(key: bytes, method: str, *args: object) -> Any:
     """Runs a Store method on the shard that owns ``key``."""
     target = owner(key)
     if target == shard.id():
@@ -176,174 +83,50 @@ async def on_owner(key: bytes, method: str, *args: object) -> object:
     return await shard.submit_to(target, _call_store, method, key, *args)
 
 
-def _call_store(method: str, key: bytes, *args: object) -> object:
+def _call_store(method: str, key: bytes, *args: object) -> Any:
     return getattr(local(), method)(key, *args)
 
 
-def _get_many(keys: list[bytes]) -> list[tuple[bytes, int, bytes, int]]:
-    return local().get(keys)
+def _get_many(keys: list[bytes], touch: float | None) -> list[Row | None]:
+    return local().get(keys, touch)
 
 
-class ClientError(Exception):
-    pass
-
-
-async def get(keys: list[bytes], with_cas: bool) -> bytes:
-    by_owner: dict[int, list[bytes]] = {}
-    for key in keys:
-        if len(key) > MAX_KEY:
-            raise ClientError("bad command line format")
-        by_owner.setdefault(owner(key), []).append(key)
-    found: dict[bytes, tuple[bytes, int, bytes, int]] = {}
-    for target, group in by_owner.items():
-        rows = (
-            local().get(group)
-            if target == shard.id()
-            else await shard.submit_to(target, _get_many, group)
-        )
-        found.update((row[0], row) for row in rows)
-    out = []
-    for key in keys:
-        row = found.get(key)
-        if row is None:
-            continue
-        _, flags, value, cas = row
-        head = b"VALUE %s %d %d" % (key, flags, len(value))
-        out.append(head + (b" %d" % cas if with_cas else b"") + b"\r\n" + value + b"\r\n")
-    return b"".join(out) + b"END\r\n"
-
-
-def parse_int(token: bytes, *, unsigned: bool = True) -> int:
-    if not token.lstrip(b"-").isdigit() or (unsigned and token.startswith(b"-")):
-        raise ClientError("bad command line format")
-    return int(token)
-
-
-async def stats() -> bytes:
-    per_shard = await shard.invoke_on_all(_shard_stats)
-    total = {k: sum(s[k] for s in per_shard) for k in per_shard[0]}
-    lines = [
-        (b"pid", b"%d" % __import__("os").getpid()),
-        (b"uptime", b"%d" % int(time.time() - STARTED)),
-        (b"time", b"%d" % int(time.time())),
-        (b"version", VERSION.encode()),
-        (b"threads", b"%d" % shard.count()),
-    ] + [(k.encode(), b"%d" % v) for k, v in total.items()]
-    return b"".join(b"STAT %s %s\r\n" % pair for pair in lines) + b"END\r\n"
-
-
-def _shard_stats() -> dict[str, int]:
-    store = local()
-    return {**store.counts, "curr_items": len(store.items)}
-
-
-STARTED = time.time()
-
-
-async def handle(conn: shardloop.Connection) -> None:
-    me, store = shard.id(), local()
-    while True:
-        try:
-            line = await conn.read_until(b"\n", limit=MAX_LINE)
-        except asyncio.IncompleteReadError:
-            return
-        except asyncio.LimitOverrunError:
-            conn.write(b"CLIENT_ERROR line too long\r\n")
-            await conn.drain()
-            return
-        tokens = line.split()
-        if not tokens:
-            conn.write(b"ERROR\r\n")
-            continue
-        if (
-            len(tokens) == 2
-            and tokens[0] == b"get"
-            and len(tokens[1]) <= MAX_KEY
-            and owner(tokens[1]) == me
-        ):
-            # The most common command, for a key of this shard: served in place.
-            reply: bytes | None = store.get_one(tokens[1])
-        else:
-            try:
-                reply = await command(tokens, conn)
-            except ClientError as error:
-                reply = b"CLIENT_ERROR %s\r\n" % str(error).encode()
-        if reply is None:  # quit
-            return
-        if reply:
-            conn.write(reply)
-            await conn.drain()
-
-
-STORAGE = {b"set", b"add", b"replace", b"append", b"prepend", b"cas"}
-
-
-async def command(tokens: list[bytes], conn: shardloop.Connection) -> bytes | None:
-    name = tokens[0]
-    if name in STORAGE:
-        cas_form = name == b"cas"
-        wanted = 6 if cas_form else 5
-        if len(tokens) not in (wanted, wanted + 1):
-            return b"ERROR\r\n"
-        key = tokens[1]
-        try:
-            flags = parse_int(tokens[2])
-            exptime = parse_int(tokens[3], unsigned=False)
-            size = parse_int(tokens[4])
-            cas = parse_int(tokens[5]) if cas_form else 0
-        except ClientError:
-            return b"CLIENT_ERROR bad command line format\r\n"
-        noreply = len(tokens) == wanted + 1 and tokens[-1] == b"noreply"
-        if len(tokens) == wanted + 1 and not noreply:
-            return b"ERROR\r\n"
-        if size > MAX_VALUE or len(key) > MAX_KEY or flags >= 2**32:
-            await discard(conn, size + 2)
-            if size > MAX_VALUE:
-                return b"SERVER_ERROR object too large for cache\r\n"
-            return b"CLIENT_ERROR bad command line format\r\n"
-        data = await conn.read_exactly(size + 2)
-        if data[-2:] != b"\r\n":
-            return b"CLIENT_ERROR bad data chunk\r\n"
-        result = await on_owner(key, "store", name.decode(), flags, expiry(exptime), data[:-2], cas)
-        return b"" if noreply else bytes(result) + b"\r\n"  # type: ignore[arg-type]
-    if name in (b"get", b"gets"):
-        if len(tokens) < 2:
-            return b"ERROR\r\n"
-        return await get(tokens[1:], with_cas=name == b"gets")
-    if name == b"delete":
-        if len(tokens) not in (2, 3) or (len(tokens) == 3 and tokens[2] != b"noreply"):
-            return b"CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n"
-        result = await on_owner(tokens[1], "delete")
-        return b"" if len(tokens) == 3 else bytes(result) + b"\r\n"  # type: ignore[arg-type]
-    if name in (b"incr", b"decr"):
-        if len(tokens) not in (3, 4):
-            return b"ERROR\r\n"
-        if not tokens[2].isdigit() or int(tokens[2]) >= U64:
-            return b"CLIENT_ERROR invalid numeric delta argument\r\n"
-        result = await on_owner(tokens[1], "arith", int(tokens[2]), name == b"incr")
-        return b"" if len(tokens) == 4 else bytes(result) + b"\r\n"  # type: ignore[arg-type]
-    if name == b"touch":
-        if len(tokens) not in (3, 4):
-            return b"ERROR\r\n"
-        result = await on_owner(tokens[1], "touch", expiry(parse_int(tokens[2], unsigned=False)))
-        return b"" if len(tokens) == 4 else bytes(result) + b"\r\n"  # type: ignore[arg-type]
-    if name == b"flush_all":
-        args = [t for t in tokens[1:] if t != b"noreply"]
-        delay = parse_int(args[0]) if args else 0
-        at = time.time() + delay if delay else 0.0
-        await shard.invoke_on_all(_flush, at)
-        return b"" if tokens[-1] == b"noreply" else b"OK\r\n"
-    if name == b"version":
-        return b"VERSION %s\r\n" % VERSION.encode()  # extra words are ignored, as by memcached
-    if name == b"stats":
-        return await stats() if len(tokens) == 1 else b"ERROR\r\n"
-    if name == b"verbosity":
-        if tokens[-1] == b"noreply":
-            return b""
-        return b"OK\r\n" if len(tokens) == 2 and tokens[1].isdigit() else b"ERROR\r\n"
-    if name == b"quit":
+async def read_line(conn: shardloop.Connection) -> bytes | None:
+    """The next command line; None when the connection must close."""
+    try:
+        return await conn.read_until(b"\n", limit=LINE_MAX - 1)
+    except asyncio.LimitOverrunError:
+        pass
+    # memcached: a line that does not fit its read buffer "_has_ to be a large
+    # multiget, if not we should just nuke the connection".
+    head = await conn.read(LINE_MAX)
+    command = head.lstrip(b" ")
+    if len(head) - len(command) > 100 or not command.startswith((b"get ", b"gets ")):
         return None
-    return b"ERROR\r\n"
+    parts, size = [head], len(head)
+    while size <= MULTIGET_MAX:
+        try:
+            parts.append(await conn.read_until(b"\n", limit=LINE_MAX))
+            return b"".join(parts)
+        except asyncio.LimitOverrunError:
+            parts.append(await conn.read(LINE_MAX))
+            size += len(parts[-1])
+    return None
+
+
+async def read_value(conn: shardloop.Connection, size: int) -> bytes:
+    """The data block of a storage command, read in pieces when it is large
+    so that the connection's buffer stays small."""
+    if size <= SMALL_VALUE:
+        return await conn.read_exactly(size)
+    parts, left = [], size
+    while left:
+        part = await conn.read(min(left, 65536))
+        if not part:
+            raise asyncio.IncompleteReadError(b"".join(parts), size)
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 async def discard(conn: shardloop.Connection, size: int) -> None:
@@ -355,17 +138,270 @@ async def discard(conn: shardloop.Connection, size: int) -> None:
         size -= len(chunk)
 
 
-def _flush(at: float) -> bytes:
-    return local().flush(at)
+async def handle(conn: shardloop.Connection) -> None:
+    me, store = shard.id(), local()
+    try:
+        while (line := await read_line(conn)) is not None:
+            tokens = words(line)
+            if (
+                len(tokens) == 2
+                and tokens[0] == b"get"
+                and len(tokens[1]) <= KEY_MAX
+                and owner(tokens[1]) == me
+            ):
+                # The most common command, for a key of this shard: served in place.
+                reply: bytes | None = store.get_one(tokens[1])
+            else:
+                reply = await command(tokens, conn)
+                if reply is None:  # quit, or a line memcached closes on
+                    return
+            if reply:
+                conn.write(reply)
+                await conn.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return  # the client left, maybe half-way through a command
 
 
-async def start(host: str, port: int) -> shardloop.ShardedServer:
-    await shard.invoke_on_all(make_store)
+async def command(tokens: list[bytes], conn: shardloop.Connection) -> bytes | None:
+    """The reply to one command line, as memcached's process_command_ascii
+    dispatches it: on the first letter, then the name and the word count
+    (``n`` counts memcached's terminal token too)."""
+    args = tokens[:MAX_WORDS]
+    n = len(args) + 1
+    if n < 2 or len(args[0]) < 2:
+        return b"ERROR\r\n"
+    name = args[0]
+    if name in (b"get", b"gets", b"gat", b"gats", b"bget"):
+        return await get(tokens, conn) if n >= 3 else b"ERROR\r\n"
+    if name in STORAGE:
+        wanted = 7 if name == b"cas" else 6
+        if n not in (wanted, wanted + 1):
+            return b"ERROR\r\n"
+        return await storage(args, conn)
+    if name in (b"incr", b"decr"):
+        return await arith(args) if n in (4, 5) else b"ERROR\r\n"
+    if name == b"delete":
+        return await delete(args) if 3 <= n <= 5 else b"ERROR\r\n"
+    if name == b"touch":
+        return await touch(args) if n in (4, 5) else b"ERROR\r\n"
+    if name == b"flush_all":
+        return await flush_all(args) if 2 <= n <= 4 else b"ERROR\r\n"
+    if name == b"version":
+        return b"VERSION %s\r\n" % VERSION.encode()  # extra words are ignored, as by memcached
+    if name == b"verbosity":
+        if n not in (3, 4):
+            return b"ERROR\r\n"
+        level = parse_u32(args[1])
+        return out(b"OK" if level is not None else BAD_FORMAT, args[-1] == b"noreply")
+    if name == b"stats":
+        if n == 2:
+            return await stats()
+        if args[1] == b"reset":
+            await shard.invoke_on_all(_reset_stats)
+            return b"RESET\r\n"
+        return b"ERROR\r\n"  # memcached's stats settings/items/slabs/...: not here
+    if name == b"shutdown":
+        return b"ERROR: shutdown not enabled\r\n"
+    if name == b"quit":
+        return None
+    meta = len(name) == 2 and name[:1] == b"m"  # memcached's meta commands: not here
+    if not meta and name[:1] not in b"gsacidt" and args[-1].startswith(b"HTTP/"):
+        return None  # memcached hangs up on an HTTP request
+    return b"ERROR\r\n"
+
+
+def out(reply: bytes, noreply: bool) -> bytes:
+    """``reply`` as a line, or nothing for noreply. memcached decides that
+    from the command's last word (set_noreply_maybe), before parsing the
+    others, so the errors a noreply command causes are silent too."""
+    return b"" if noreply else reply + b"\r\n"
+
+
+BAD_FORMAT = b"CLIENT_ERROR bad command line format"
+
+
+async def get(tokens: list[bytes], conn: shardloop.Connection) -> bytes:
+    """get/gets/gat/gats (bget: get). The reply is written here, in pieces,
+    so that a multiget of large values is never held whole."""
+    name, keys, touch = tokens[0], tokens[1:], None
+    if name in (b"gat", b"gats"):
+        exptime = parse_i32(tokens[1])
+        if exptime is None:
+            return b"CLIENT_ERROR invalid exptime argument\r\n"
+        touch, keys = expiry(exptime, time.time()), tokens[2:]
+    too_long = next((i for i, key in enumerate(keys) if len(key) > KEY_MAX), None)
+    if too_long is not None:
+        # memcached fetches (and touches) the keys before the long one first.
+        await fetch(keys[:too_long], touch)
+        return BAD_FORMAT + b"\r\n"
+    found = await fetch(keys, touch)
+    with_cas = name in (b"gets", b"gats")
+    parts: list[bytes] = []
+    size = 0
+    for key, row in zip(keys, found, strict=True):
+        if row is None:
+            continue
+        flags, value, cas = row
+        head = b"VALUE %s %d %d" % (key, flags, len(value))
+        head += b" %d\r\n" % cas if with_cas else b"\r\n"
+        parts += [head, value, b"\r\n"]
+        size += len(head) + len(value) + 2
+        if size > OUT_CHUNK:
+            conn.write(b"".join(parts))
+            await conn.drain()
+            parts, size = [], 0
+    parts.append(b"END\r\n")
+    return b"".join(parts)
+
+
+async def fetch(keys: list[bytes], touch: float | None) -> list[Row | None]:
+    """(flags, value, cas) for each key or None, one call per owner."""
+    by_owner: dict[int, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_owner.setdefault(owner(key), []).append(i)
+    found: list[Row | None] = [None] * len(keys)
+    for target, places in by_owner.items():
+        group = [keys[i] for i in places]
+        rows = (
+            local().get(group, touch)
+            if target == shard.id()
+            else await shard.submit_to(target, _get_many, group, touch)
+        )
+        for i, row in zip(places, rows, strict=True):
+            found[i] = row
+    return found
+
+
+STORAGE = {b"set", b"add", b"replace", b"append", b"prepend", b"cas"}
+
+
+async def storage(args: list[bytes], conn: shardloop.Connection) -> bytes:
+    """set/add/replace/append/prepend/cas, checked in memcached's order."""
+    name, key, noreply = args[0], args[1], args[-1] == b"noreply"
+    if len(key) > KEY_MAX:
+        return out(BAD_FORMAT, noreply)
+    flags, exptime, length = parse_u32(args[2]), parse_i32(args[3]), parse_i32(args[4])
+    cas = parse_u64(args[5]) if name == b"cas" else 0
+    if flags is None or exptime is None or length is None or cas is None:
+        return out(BAD_FORMAT, noreply)
+    if length < 0 or length > INT_MAX - 2:
+        return out(BAD_FORMAT, noreply)
+    size = length + 2  # the data and its CRLF
+    store = local()
+    if item_total(len(key), flags, size) > store.item_size_max:
+        refused = b"SERVER_ERROR object too large for cache"
+    elif not store.reserve(room := cost(key, b"") + length):
+        refused = b"SERVER_ERROR out of memory storing object"
+    else:
+        try:
+            data = await read_value(conn, size)
+        finally:
+            store.release(room)
+        if data[-2:] != b"\r\n":
+            return out(b"CLIENT_ERROR bad data chunk", noreply)
+        expires = expiry(exptime, time.time())
+        result = await on_owner(key, "store", name.decode(), flags, expires, data[:-2], cas)
+        return out(result, noreply)
+    # Refused: answer at once, drop the data as it comes, and (for a set) the
+    # old value, as memcached does.
+    conn.write(out(refused, noreply))
+    if name == b"set":
+        await on_owner(key, "forget")
+    await discard(conn, size)
+    return b""
+
+
+async def arith(args: list[bytes]) -> bytes:
+    noreply = args[-1] == b"noreply"
+    if len(args[1]) > KEY_MAX:
+        return out(BAD_FORMAT, noreply)
+    delta = parse_u64(args[2])
+    if delta is None:
+        return out(b"CLIENT_ERROR invalid numeric delta argument", noreply)
+    return out(await on_owner(args[1], "arith", delta, args[0] == b"incr"), noreply)
+
+
+async def delete(args: list[bytes]) -> bytes:
+    """delete <key> [0] [noreply]: memcached still takes the old hold time
+    of 0, and looks for noreply only after more than a key."""
+    noreply = len(args) > 2 and args[-1] == b"noreply"
+    if len(args) > 2:
+        zero = args[2] == b"0"
+        if not ((len(args) == 3 and (zero or noreply)) or (zero and noreply)):
+            usage = b"CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]"
+            return out(usage, noreply)
+    if len(args[1]) > KEY_MAX:
+        return out(BAD_FORMAT, noreply)
+    return out(await on_owner(args[1], "delete"), noreply)
+
+
+async def touch(args: list[bytes]) -> bytes:
+    noreply = args[-1] == b"noreply"
+    if len(args[1]) > KEY_MAX:
+        return out(BAD_FORMAT, noreply)
+    exptime = parse_i32(args[2])
+    if exptime is None:
+        return out(b"CLIENT_ERROR invalid exptime argument", noreply)
+    return out(await on_owner(args[1], "touch", expiry(exptime, time.time())), noreply)
+
+
+async def flush_all(args: list[bytes]) -> bytes:
+    """flush_all [delay] [noreply]; memcached reads a delay whenever the
+    words are not exactly "flush_all" or "flush_all noreply"."""
+    noreply, exptime = args[-1] == b"noreply", 0
+    if len(args) != (2 if noreply else 1):
+        parsed = parse_i32(args[1])
+        if parsed is None:
+            return out(b"CLIENT_ERROR invalid exptime argument", noreply)
+        exptime = parsed
+    await shard.invoke_on_all(_flush, flush_time(exptime, time.time()))
+    return out(b"OK", noreply)
+
+
+def _flush(oldest_live: float) -> None:
+    local().flush(oldest_live)
+
+
+def _reset_stats() -> None:
+    local().reset_stats()
+
+
+async def stats() -> bytes:
+    per_shard = await shard.invoke_on_all(_shard_stats)
+    total = {k: sum(s[k] for s in per_shard) for k in per_shard[0]}
+    now = time.time()
+    lines = [
+        (b"pid", b"%d" % os.getpid()),
+        (b"uptime", b"%d" % int(now - STARTED)),
+        (b"time", b"%d" % int(now)),
+        (b"version", VERSION.encode()),
+        (b"threads", b"%d" % shard.count()),
+    ] + [(k.encode(), b"%d" % v) for k, v in total.items()]
+    return b"".join(b"STAT %s %s\r\n" % pair for pair in lines) + b"END\r\n"
+
+
+def _shard_stats() -> dict[str, int]:
+    return local().stats()
+
+
+def item_size(text: str) -> int:
+    """memcached's -I: bytes, or with a k or m suffix; 1k to 1024m."""
+    scale = {"k": 1024, "m": MB}.get(text[-1:].lower(), 1)
+    size = int(text[:-1] if scale > 1 else text) * scale
+    if not 1024 <= size <= 1024 * MB:
+        raise argparse.ArgumentTypeError("the item size must be between 1k and 1024m")
+    return size
+
+
+async def start(
+    host: str, port: int, memory: int = 64 * MB, item_size_max: int = MB
+) -> shardloop.ShardedServer:
+    await shard.invoke_on_all(make_store, memory, item_size_max)
     return await shardloop.serve_connections(handle, host, port)
 
 
 async def main(args: argparse.Namespace) -> None:
-    server = await start(args.host, args.port)
+    server = await start(args.host, args.port, args.memory_limit * MB, args.max_item_size)
     print(f"memcached protocol on {args.host}:{server.port}, {shard.count()} shards", flush=True)
     async with server:
         await server.serve_forever()
@@ -378,6 +414,22 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=11211)
     parser.add_argument("--shards", type=int, default=None, help="default: one per core")
+    parser.add_argument(
+        "-m",
+        "--memory-limit",
+        type=int,
+        default=64,
+        metavar="MB",
+        help="item memory in megabytes, split between the shards (default: 64)",
+    )
+    parser.add_argument(
+        "-I",
+        "--max-item-size",
+        type=item_size,
+        default=MB,
+        metavar="SIZE",
+        help="largest item, as memcached counts it (default: 1m)",
+    )
     arguments = parser.parse_args()
     try:
         shardloop.run(main(arguments), shards=arguments.shards)
