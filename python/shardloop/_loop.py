@@ -151,6 +151,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
         # (the wakeup fd): note Ctrl-C even where asyncio.Runner loses it.
         if signal.SIGINT in data:
             self._sigint_seen = True
+        super()._process_self_data(data)  # type: ignore[misc]
 
     def _fatal(self, exc: BaseException) -> None:
         """On shard 0: another shard's loop was stopped by ``exc``
