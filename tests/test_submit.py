@@ -187,12 +187,37 @@ def test_a_call_still_running_at_shutdown_may_make_calls_of_its_own() -> None:
     assert outcome == [(2, 0, threading.current_thread().name)]
 
 
-def test_a_task_cancelled_at_shutdown_cannot_send_more() -> None:
-    outcome: list[BaseException | str] = []
+def test_background_tasks_are_cancelled_when_main_returns_and_may_still_call() -> None:
+    outcome: list[object] = []
     started = threading.Event()
 
     async def background() -> None:
         started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            # Cancelled as the drain begins: its clean-up may still call.
+            outcome.append(await shard.submit_to(0, where, 1))
+            raise
+
+    def spawn() -> None:
+        # A task of shard 1 that no call waits for.
+        tasks.append(asyncio.get_running_loop().create_task(background()))
+
+    tasks: list[asyncio.Task[None]] = []
+
+    async def main() -> None:
+        await shard.submit_to(1, spawn)
+        assert started.wait(5)
+
+    run2(main())
+    assert outcome == [(2, 0, threading.current_thread().name)]
+
+
+def test_a_task_left_after_the_drain_cannot_send_more() -> None:
+    outcome: list[BaseException | str] = []
+
+    async def background() -> None:
         try:
             await asyncio.sleep(30)
         finally:
@@ -203,16 +228,14 @@ def test_a_task_cancelled_at_shutdown_cannot_send_more() -> None:
             else:
                 outcome.append("sent")
 
-    def spawn() -> None:
-        # A task of shard 1 that no call waits for: shutdown cancels it.
+    async def late_call() -> None:
+        await asyncio.sleep(0.05)  # main() has returned: the drain is on
         tasks.append(asyncio.get_running_loop().create_task(background()))
 
     tasks: list[asyncio.Task[None]] = []
 
     async def main() -> None:
-        await shard.submit_to(1, spawn)
-        await asyncio.sleep(0.01)
-        assert started.wait(5)
+        shard.submit_to(1, late_call)
 
     run2(main())
     assert len(outcome) == 1 and isinstance(outcome[0], shardloop.ShutdownError)

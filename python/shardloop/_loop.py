@@ -108,6 +108,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
         self._cancel_on_close = False
         self._closing = False
         self._sigint_seen = False
+        self._thread = threading.get_ident()
         # The objects this shard owns through ForeignRefs, by key; released
         # when the loop closes.
         self._foreign: dict[int, Any] = {}
@@ -188,13 +189,17 @@ class ShardLoop(asyncio.SelectorEventLoop):
     def close(self) -> None:
         """Closes the loop; on shard 0 this shuts the whole runtime down.
 
-        Calls still in flight get ``shutdown_timeout`` seconds to finish
-        (and may make calls of their own meanwhile); what still runs then is
+        Tasks that serve no call are cancelled on every shard (as
+        ``asyncio.run`` cancels the tasks left when ``main()`` returns);
+        calls still in flight get ``shutdown_timeout`` seconds to finish,
+        and may make calls of their own meanwhile; what still runs then is
         cancelled and named in a ``RuntimeWarning``. After Ctrl-C, or a
         ``SystemExit`` on any shard, nothing is waited for: every shard's
-        tasks are cancelled at once. Ctrl-C during the wait does the same,
-        and ``KeyboardInterrupt`` is raised once the runtime is down.
+        tasks are cancelled at once. Ctrl-C during the shutdown does the
+        same, and ``KeyboardInterrupt`` is raised once the runtime is down.
         """
+        if self.is_running():
+            raise RuntimeError("Cannot close a running event loop")
         if self.is_closed():
             return
         runtime = self._runtime
@@ -202,57 +207,77 @@ class ShardLoop(asyncio.SelectorEventLoop):
             self._release_foreign()
             super().close()
             return
-        # Another loop may be running on this thread (this one was made and
-        # closed inside it): then shard 0 is drained in Rust alone.
-        can_run = asyncio.events._get_running_loop() is None
         self._closing = True
-        interrupted: BaseException | None = None
+        with _CtrlCStops(runtime) as ctrl_c:
+            failure = self._shut_down(runtime, ctrl_c)
+        if ctrl_c.pressed:
+            raise KeyboardInterrupt
+        if failure is None:
+            # SystemExit or KeyboardInterrupt raised by code on a shard.
+            failure = self._state.fatal
+        if failure is not None:
+            raise failure
+
+    def _shut_down(self, runtime: _shardloop.Runtime, ctrl_c: _CtrlCStops) -> BaseException | None:
+        """Drains, stops and joins the runtime; returns what went wrong."""
+        failure: BaseException | None = None
+        # Another loop may be running on this thread (this one was made and
+        # closed inside it): then nothing can serve this shard's calls.
+        can_run = asyncio.events._get_running_loop() is None
         try:
-            if can_run:
-                self._drain(runtime)
+            if can_run and not ctrl_c.pressed:
+                self._drain(runtime, ctrl_c)
             else:
-                # Nothing can serve this shard's Python calls any more.
                 runtime.force_stop()
-        except BaseException as exc:  # Ctrl-C (or a SystemExit) while draining
-            interrupted = exc
+        except BaseException as exc:
+            failure = exc
             runtime.force_stop()
-        runtime.begin_shutdown()
         try:
+            runtime.begin_shutdown()
             if can_run:
-                # Keep serving this shard's queues until every shard is done.
-                self.run_until_complete(self._until_stopped())
+                # Serve this shard until every shard is done with its calls.
+                if not self.run_until_complete(self._until_stopped_within(_CANCEL_WAIT)):
+                    runtime.force_stop()
+                    self.run_until_complete(self._until_stopped_within(_CANCEL_WAIT))
                 _cancel_remaining(self)
         except BaseException as exc:
-            interrupted = interrupted or exc
+            failure = failure or exc
             runtime.force_stop()
         finally:
             self._restore_wakeup_fd()
             self._release_foreign()
             super().close()
+            self._restore_wakeup_fd()  # asyncio's close may have cleared it
             self._driver.close()
             _open_runtimes.discard(self)
+            self._state.shard0 = None
         try:
-            runtime.shutdown()
+            runtime.shutdown(_CANCEL_WAIT * 2)
         except BaseException as exc:
-            interrupted = interrupted or exc
-        if interrupted is None:
-            # SystemExit or KeyboardInterrupt raised by code on a shard.
-            interrupted = self._state.fatal
-        if interrupted is not None:
-            raise interrupted
+            failure = failure or exc
+        return failure
 
-    def _drain(self, runtime: _shardloop.Runtime) -> None:
-        """Waits (serving this shard) until no call is in flight between
-        shards, for at most the grace period; then cancels what still runs."""
+    def _drain(self, runtime: _shardloop.Runtime, ctrl_c: _CtrlCStops) -> None:
+        """Cancels the tasks that serve no call, on every shard, then waits
+        (serving this shard) until no call is in flight between shards, for
+        at most the grace period; then cancels what still runs."""
         if self._cancel_on_close or self._state.fatal is not None:
             runtime.force_stop()
             return
-        limit = self._state.shutdown_timeout
-        if self.run_until_complete(self._until_quiet(runtime, limit)):
-            return
-        # Past the grace period: cancel what still runs, on every shard.
         from .shard import invoke_on_others
 
+        try:
+            self.run_until_complete(
+                asyncio.wait_for(invoke_on_others(_cancel_background), _CANCEL_WAIT)
+            )
+        except Exception:  # a shard too busy to answer in time
+            pass
+        limit = self._state.shutdown_timeout
+        if self.run_until_complete(self._until_quiet(runtime, limit, ctrl_c)):
+            return
+        if ctrl_c.pressed:
+            return
+        # Past the grace period: cancel what still runs, on every shard.
         try:
             cancelled = self.run_until_complete(
                 asyncio.wait_for(invoke_on_others(_cancel_tasks), _CANCEL_WAIT)
@@ -264,20 +289,31 @@ class ShardLoop(asyncio.SelectorEventLoop):
             f"shardloop: calls still running {limit:g} s after the runtime began to "
             f"shut down were cancelled: {', '.join(names) or 'none could be named'}",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        if not self.run_until_complete(self._until_quiet(runtime, _CANCEL_WAIT)):
+        if not self.run_until_complete(self._until_quiet(runtime, _CANCEL_WAIT, ctrl_c)):
             runtime.force_stop()
 
-    async def _until_quiet(self, runtime: _shardloop.Runtime, limit: float) -> bool:
-        """Whether no call was in flight between shards within ``limit`` s."""
+    async def _until_quiet(
+        self, runtime: _shardloop.Runtime, limit: float, ctrl_c: _CtrlCStops
+    ) -> bool:
+        """Whether no call was in flight between shards within ``limit`` s
+        (False at once after Ctrl-C)."""
         deadline = self.time() + limit
         while not runtime.is_quiet():
             if self._state.fatal is not None:
                 raise self._state.fatal
-            if self.time() >= deadline:
+            if ctrl_c.pressed or self.time() >= deadline:
                 return False
             await asyncio.sleep(_QUIET_POLL)
+        return True
+
+    async def _until_stopped_within(self, limit: float) -> bool:
+        """Whether shutdown let every shard stop within ``limit`` s."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._until_stopped()), limit)
+        except TimeoutError:
+            return False
         return True
 
     def _restore_wakeup_fd(self) -> None:
@@ -293,6 +329,34 @@ class ShardLoop(asyncio.SelectorEventLoop):
         """Drops the objects this shard owned through ForeignRefs."""
         owned, self._foreign = self._foreign, {}
         owned.clear()
+
+
+class _CtrlCStops:
+    """While shard 0 shuts its runtime down: Ctrl-C stops every shard at
+    once (no more waiting for calls) and is raised as KeyboardInterrupt
+    when the shutdown is over, instead of interrupting it half way. Only on
+    the main thread, and only if SIGINT has Python's default handler."""
+
+    def __init__(self, runtime: _shardloop.Runtime) -> None:
+        self._runtime = runtime
+        self.pressed = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+        self._runtime.force_stop()
+
+    def __enter__(self) -> _CtrlCStops:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 class _RuntimeState:
@@ -333,8 +397,9 @@ def _close_open_runtimes() -> None:
     they are, as daemon threads do)."""
     try:
         for loop in list(_open_runtimes):
-            if not loop.is_closed() and not loop.is_running():
-                loop.close()
+            if loop._thread == threading.get_ident() and not loop.is_closed():
+                if not loop.is_running():
+                    loop.close()
     finally:
         _shardloop.prepare_exit()
 
@@ -360,6 +425,15 @@ def _serve_shard(state: _RuntimeState, driver: _shardloop.Driver) -> None:
         _cancel_remaining(loop)
         loop.close()
         asyncio.set_event_loop(None)
+
+
+def _cancel_background() -> None:
+    """Cancels the tasks of the current shard that serve no call from
+    another shard (servers, tasks spawned and left running)."""
+    serving = set(_shardloop.call_tasks())
+    for task in asyncio.all_tasks():
+        if task not in serving:
+            task.cancel()
 
 
 def _cancel_tasks() -> list[str]:

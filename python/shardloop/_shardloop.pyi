@@ -13,6 +13,7 @@ __all__ = [
     "Runtime",
     "ShutdownError",
     "Waiting",
+    "call_tasks",
     "load",
     "prepare_exit",
     "relay",
@@ -90,9 +91,9 @@ class Runtime:
         """Stops every shard now, without waiting for the calls in flight."""
     def is_quiet(self) -> bool:
         """Whether no call between shards was in flight a moment ago."""
-    def shutdown(self) -> None:
-        """Finishes submitted work and joins the shard threads; Ctrl-C stops
-        the shards at once."""
+    def shutdown(self, limit: float | None = None) -> None:
+        """Finishes submitted work and joins the shard threads; past
+        ``limit`` seconds, or on Ctrl-C, the shards stop at once."""
     def stats(self) -> dict[str, Any]:
         """The runtime's counters as plain dicts."""
 
@@ -121,6 +122,9 @@ class Waiting(Generic[_T]):
 
     def __await__(self) -> Generator[Any, None, _T]: ...
     def __next__(self) -> Any: ...
+
+def call_tasks() -> list[asyncio.Task[Any]]:
+    """The tasks of this shard that run calls from other shards."""
 
 def prepare_exit(limit: float = 10.0, /) -> None:
     """At interpreter exit: shard threads stop entering Python; waits up to

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import weakref
+import logging
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from . import shard
-from ._loop import _running_loop, current_loop
+from ._loop import ShardLoop, _running_loop, current_loop
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -59,17 +59,35 @@ class Sharded(Generic[T]):
         if self._started:
             raise RuntimeError("this Sharded service is already started")
         self._instances = [None] * shard.count()
-        results = await asyncio.gather(*_calls_in_shard_order(self._build), return_exceptions=True)
+        calls = _calls_in_shard_order(self._build)
+        try:
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        except BaseException:  # cancelled while building: roll back too
+            await asyncio.gather(*calls, return_exceptions=True)
+            await self._roll_back()
+            raise
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            built = [i for i, instance in enumerate(self._instances) if instance is not None]
-            await asyncio.gather(
-                *(shard.submit_to(i, self._stop_local) for i in built), return_exceptions=True
-            )
-            self._instances = []
+            await self._roll_back()
             raise failures[0]
         self._started = True
         return self
+
+    async def _roll_back(self) -> None:
+        """Stops the instances a failed start built, each on its shard; a
+        stop() that fails is logged (logger ``shardloop``)."""
+        built = [i for i, instance in enumerate(self._instances) if instance is not None]
+        results = await asyncio.gather(
+            *(shard.submit_to(i, self._stop_local) for i in built), return_exceptions=True
+        )
+        self._instances = []
+        for i, result in zip(built, results, strict=True):
+            if isinstance(result, BaseException):
+                logging.getLogger("shardloop").error(
+                    "stopping the instance of shard %d after a failed start failed",
+                    i,
+                    exc_info=result,
+                )
 
     def local(self) -> T:
         """This shard's instance."""
@@ -147,13 +165,15 @@ class ForeignRef(Generic[T]):
     dies, on any shard, the owner drops the object, so it is released there.
     """
 
-    __slots__ = ("__weakref__", "_key", "_loop", "_owner")
+    __slots__ = ("__weakref__", "_key", "_owner", "_runtime")
 
     def __init__(self, obj: T) -> None:
         loop = current_loop()
         self._owner = loop.shard_id
-        # The owner's loop tells this runtime from later ones.
-        self._loop = weakref.ref(loop)
+        # The runtime's shared state tells it from later ones (a plain
+        # reference: weak references to objects of other threads can fail
+        # on free-threaded CPython).
+        self._runtime = loop._state
         self._key = next(loop._foreign_keys)
         loop._foreign[self._key] = obj
 
@@ -162,22 +182,29 @@ class ForeignRef(Generic[T]):
         """The shard that owns the object."""
         return self._owner
 
+    def _owner_loop(self) -> ShardLoop | None:
+        """The running loop of this thread if it is the owner's."""
+        loop = _running_loop()
+        if isinstance(loop, ShardLoop) and loop._state is self._runtime:
+            if loop.shard_id == self._owner:
+                return loop
+        return None
+
     def get(self) -> T:
         """The object itself; only on its owner shard."""
         loop = current_loop()
+        if loop._state is not self._runtime:
+            raise RuntimeError("this ForeignRef belongs to a runtime that has ended")
         if loop.shard_id != self._owner:
             raise RuntimeError(
                 f"this object is owned by shard {self._owner}; use invoke() from other shards"
             )
-        if loop is not self._loop():
-            raise RuntimeError("this ForeignRef belongs to a runtime that has ended")
         obj: T = loop._foreign[self._key]
         return obj
 
     async def invoke(self, fn: str | Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Calls a method (by name) or ``fn(obj, ...)`` on the owner shard."""
-        owner = self._loop()
-        if owner is None or owner.is_closed():
+        if current_loop()._state is not self._runtime:
             raise RuntimeError("this ForeignRef belongs to a runtime that has ended")
         return await shard.submit_to(self._owner, self._apply, fn, args, kwargs)
 
@@ -188,15 +215,14 @@ class ForeignRef(Generic[T]):
         return await _resolve(fn(obj, *args, **kwargs))
 
     def __del__(self) -> None:
-        owner = self._loop()
-        if owner is None or owner.is_closed():
-            return  # its runtime ended, and released the object then
-        loop = _running_loop()
-        if loop is owner:
+        owner = self._owner_loop()
+        if owner is not None:
             owner._foreign.pop(self._key, None)
             return
-        if getattr(loop, "_state", None) is not getattr(owner, "_state", None):
-            return  # off the owner's runtime: it releases the object when it ends
+        if getattr(_running_loop(), "_state", None) is not self._runtime:
+            # Off its runtime (or after it): the owner's loop releases the
+            # object when it closes.
+            return
         try:
             shard.submit_to(self._owner, _release, self._key)
         except Exception:

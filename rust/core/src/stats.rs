@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_utils::CachePadded;
 
-/// A counter written by one thread and read by any.
+/// A counter written by one thread and read by any. Stores are `Release`
+/// (free on x86): a reader that acquires a later value of one counter also
+/// sees the writer's earlier updates of the others (`Shared::is_quiet`
+/// relies on it for `sent` and `completed`).
 #[derive(Debug, Default)]
 pub(crate) struct Counter(AtomicU64);
 
@@ -18,7 +21,7 @@ impl Counter {
     #[inline]
     pub(crate) fn add(&self, n: u64) {
         let value = self.0.load(Ordering::Relaxed);
-        self.0.store(value + n, Ordering::Relaxed);
+        self.0.store(value + n, Ordering::Release);
     }
 
     #[inline]
@@ -32,8 +35,8 @@ impl Counter {
         self.0.load(Ordering::Relaxed)
     }
 
-    /// The value, ordered after the loads that precede it in program order
-    /// (for readers that compare several counters).
+    /// The value; what the writer did before storing it is visible to the
+    /// reader's later loads (for readers that compare several counters).
     pub(crate) fn get_acquire(&self) -> u64 {
         self.0.load(Ordering::Acquire)
     }

@@ -17,6 +17,13 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
+/// Names a call on its target: the runtime, the origin shard, the call id.
+type CallKey = (u64, usize, u64);
+
+fn call_key(origin: usize, id: u64) -> CallKey {
+    (shardloop_core::runtime_id().unwrap_or(0), origin, id)
+}
+
 /// What a message asks of its target.
 pub(crate) enum Request {
     /// Call `func(*args, **kwargs)`.
@@ -60,9 +67,10 @@ enum Incoming {
 thread_local! {
     /// Messages that arrived while the poll loop ran without the GIL.
     static INBOX: RefCell<Vec<Incoming>> = const { RefCell::new(Vec::new()) };
-    /// Tasks running calls for other shards, by (origin, id), so a caller's
-    /// cancellation can reach them.
-    static RUNNING: RefCell<HashMap<(usize, u64), Py<PyAny>>> = RefCell::new(HashMap::new());
+    /// Tasks running calls for other shards, by (runtime, origin, id), so a
+    /// caller's cancellation can reach them (call ids are counted per
+    /// shard, and a thread may run shards of several runtimes in turn).
+    static RUNNING: RefCell<HashMap<CallKey, Py<PyAny>>> = RefCell::new(HashMap::new());
 }
 
 impl shardloop_core::Message for PyCall {
@@ -118,13 +126,20 @@ pub(crate) fn has_incoming() -> bool {
 /// were, and whether any of them left work for the event loop (a task
 /// started or a future resolved) rather than only answering plain calls.
 ///
-/// Nothing a user's code raises escapes from here: a call's exception goes
-/// to its caller, and a failure to deliver one (a future that refuses its
-/// outcome, say) goes to the loop's exception handler, as asyncio reports
-/// errors of callbacks. The loop keeps running either way.
-pub(crate) fn run_incoming(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> (usize, bool) {
+/// Nothing a user's code raises escapes from here but what stops a loop: a
+/// call's exception goes to its caller, and a failure to deliver one (a
+/// future that refuses its outcome, say) goes to the loop's exception
+/// handler, as asyncio reports errors of callbacks. A `SystemExit` or
+/// `KeyboardInterrupt` (raised by a served function, or Ctrl-C landing
+/// here) goes to its caller too, and is raised once the whole batch is
+/// done, so that it stops this shard's loop as it would in asyncio.
+pub(crate) fn run_incoming(
+    py: Python<'_>,
+    event_loop: &Bound<'_, PyAny>,
+) -> PyResult<(usize, bool)> {
     let mut count = 0;
     let mut scheduled = false;
+    let mut fatal: Option<PyErr> = None;
     loop {
         let batch = INBOX.with(|inbox| std::mem::take(&mut *inbox.borrow_mut()));
         if batch.is_empty() {
@@ -133,7 +148,7 @@ pub(crate) fn run_incoming(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> (us
         count += batch.len();
         for item in batch {
             let handled = match item {
-                Incoming::Request(call) => serve(py, event_loop, call),
+                Incoming::Request(call) => serve(py, event_loop, call, &mut fatal),
                 Incoming::Returned(call) => resolve(py, *call).map(|()| true),
                 Incoming::Resolve { future, produce } => {
                     settle(py, future.bind(py), produce(py), None).map(|()| true)
@@ -141,6 +156,10 @@ pub(crate) fn run_incoming(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> (us
             };
             match handled {
                 Ok(started) => scheduled |= started,
+                Err(err) if stops_a_loop(py, &err) => {
+                    fatal.get_or_insert(err);
+                    scheduled = true;
+                }
                 Err(err) => {
                     report(py, event_loop, err);
                     scheduled = true;
@@ -151,7 +170,39 @@ pub(crate) fn run_incoming(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> (us
     if count > 0 {
         shardloop_core::count_tasks(count as u64);
     }
-    (count, scheduled)
+    match fatal {
+        Some(err) => Err(err),
+        None => Ok((count, scheduled)),
+    }
+}
+
+/// Whether `err` is one that stops an event loop rather than a callback
+/// (asyncio lets `SystemExit` and `KeyboardInterrupt` through).
+fn stops_a_loop(py: Python<'_>, err: &PyErr) -> bool {
+    err.is_instance_of::<pyo3::exceptions::PySystemExit>(py)
+        || err.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py)
+}
+
+/// call_tasks()
+/// --
+///
+/// The tasks of this shard that run calls from other shards (a
+/// shutting-down runtime gives them a grace period, and cancels the rest).
+#[pyfunction]
+fn call_tasks(py: Python<'_>) -> Vec<Py<PyAny>> {
+    let runtime = shardloop_core::runtime_id().unwrap_or(0);
+    RUNNING.with(|running| {
+        running
+            .borrow()
+            .iter()
+            .filter(|(key, _)| key.0 == runtime)
+            .map(|(_, task)| task.clone_ref(py))
+            .collect()
+    })
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(call_tasks, m)?)
 }
 
 /// Hands an error that has no caller to the loop's exception handler.
@@ -168,7 +219,12 @@ fn report(py: Python<'_>, event_loop: &Bound<'_, PyAny>, err: PyErr) {
 }
 
 /// Runs one request; returns whether it started a task on the event loop.
-fn serve(py: Python<'_>, event_loop: &Bound<'_, PyAny>, mut call: Box<PyCall>) -> PyResult<bool> {
+fn serve(
+    py: Python<'_>,
+    event_loop: &Bound<'_, PyAny>,
+    mut call: Box<PyCall>,
+    fatal: &mut Option<PyErr>,
+) -> PyResult<bool> {
     match call.request.take() {
         Some(Request::Call { func, args, kwargs }) => {
             let result = func
@@ -181,6 +237,12 @@ fn serve(py: Python<'_>, event_loop: &Bound<'_, PyAny>, mut call: Box<PyCall>) -
                 Ok(value) if is_coroutine(py, &value) => {
                     return start_task(py, event_loop, call, value);
                 }
+                Err(err) if stops_a_loop(py, &err) => {
+                    // The caller gets it, and it stops this loop too.
+                    fatal.get_or_insert_with(|| err.clone_ref(py));
+                    call.outcome = Some(Err(err));
+                    answer(call);
+                }
                 other => {
                     call.outcome = Some(other.map(Bound::unbind));
                     answer(call);
@@ -191,7 +253,7 @@ fn serve(py: Python<'_>, event_loop: &Bound<'_, PyAny>, mut call: Box<PyCall>) -
             let task = RUNNING.with(|running| {
                 running
                     .borrow()
-                    .get(&(call.origin, id))
+                    .get(&call_key(call.origin, id))
                     .map(|t| t.clone_ref(py))
             });
             answer(call);
@@ -223,7 +285,7 @@ fn start_task(
             return Ok(false);
         }
     };
-    let key = (call.origin, call.id);
+    let key = call_key(call.origin, call.id);
     let responder = Bound::new(
         py,
         Responder {
@@ -354,7 +416,8 @@ impl Responder {
         let Some(mut call) = self.call.borrow_mut().take() else {
             return Ok(());
         };
-        let finished = RUNNING.with(|running| running.borrow_mut().remove(&(call.origin, call.id)));
+        let key = call_key(call.origin, call.id);
+        let finished = RUNNING.with(|running| running.borrow_mut().remove(&key));
         drop(finished);
         let outcome = if task.call_method0(intern!(py, "cancelled"))?.is_truthy()? {
             Err(CancelledError::new_err(

@@ -175,7 +175,7 @@ impl Driver {
             driver.poll();
             driver.take_fd_ready()
         });
-        call::run_incoming(py, event_loop);
+        call::run_incoming(py, event_loop)?;
         Ok(fd_ready)
     }
 
@@ -212,7 +212,7 @@ impl Driver {
             // Signals (Ctrl-C) are handled here, so that a shard that turns
             // without returning to its loop still answers them.
             py.check_signals()?;
-            let (ran, scheduled) = call::run_incoming(py, event_loop);
+            let (ran, scheduled) = call::run_incoming(py, event_loop)?;
             let timed_out = until.is_some_and(|until| Instant::now() >= until);
             if fd_ready || scheduled || closing || timed_out || ran == 0 {
                 return Ok(fd_ready);

@@ -51,6 +51,9 @@ thread_local! {
             .push(Arc::downgrade(&flag));
         flag
     };
+    /// Set on the thread that ran [`prepare_exit`]: it finalizes the
+    /// interpreter itself, so it never parks.
+    static FINALIZER: Cell<bool> = const { Cell::new(false) };
     /// How many shard drivers this thread holds (see [`enter_shard`]).
     static SHARDS_HERE: Cell<usize> = const { Cell::new(0) };
     /// Whether this thread's shard shares its core with other busy threads:
@@ -87,7 +90,7 @@ pub(crate) fn leave_shard() {
 pub(crate) fn may_enter() -> bool {
     PRESENCE.with(|p| {
         p.store(true, Ordering::SeqCst);
-        if EXITING.load(Ordering::SeqCst) {
+        if EXITING.load(Ordering::SeqCst) && !FINALIZER.with(Cell::get) {
             p.store(false, Ordering::SeqCst);
             false
         } else {
@@ -123,6 +126,28 @@ pub(crate) fn detached<T: Send>(py: Python<'_>, shard: usize, f: impl FnOnce() -
     result
 }
 
+/// Runs `f` with the GIL released, on a thread that may run a shard, and
+/// parks instead of taking the GIL back if the interpreter started exiting
+/// meanwhile (see [`detached`]; this one takes no part in the shards' GIL
+/// hand-off).
+pub(crate) fn detached_exit_aware<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+    let was_present = PRESENCE.with(|p| p.swap(false, Ordering::SeqCst));
+    let result = py.detach(move || {
+        let result = f();
+        if !may_enter() {
+            park_for_good();
+        }
+        result
+    });
+    PRESENCE.with(|p| p.store(was_present, Ordering::SeqCst));
+    result
+}
+
+/// Whether [`prepare_exit`] has run: no new shard may start.
+pub(crate) fn exiting() -> bool {
+    EXITING.load(Ordering::SeqCst)
+}
+
 /// Called at interpreter exit (before finalization), on the exiting
 /// thread: from now on shard threads park rather than enter Python, and
 /// this waits, with the GIL released, for those inside Python to leave it
@@ -130,6 +155,7 @@ pub(crate) fn detached<T: Send>(py: Python<'_>, shard: usize, f: impl FnOnce() -
 /// to `limit`; Ctrl-C ends the wait too. A shard still inside Python when
 /// the interpreter finalizes would be ended by CPython mid-call.
 pub(crate) fn prepare_exit(py: Python<'_>, limit: Duration) -> PyResult<()> {
+    FINALIZER.with(|f| f.set(true));
     EXITING.store(true, Ordering::SeqCst);
     let me = PRESENCE.with(Arc::as_ptr);
     let others: Vec<Arc<AtomicBool>> = PRESENT

@@ -103,9 +103,13 @@ impl<T> Drop for Home<T> {
             thread: self.thread,
             origin: shardloop_core::shard_id().unwrap_or(usize::MAX),
         };
-        // Off every shard, or once the runtime is closing, this fails and the
-        // value is left behind (see `Release`'s `Drop`).
-        let _ = shardloop_core::send(self.shard, Box::new(going));
+        // Only the runtime that made it can carry it home (shard `shard` of
+        // another runtime is another thread). Off every shard, on another
+        // runtime, or once the runtime is closing, the value is left behind
+        // (see `Release`'s `Drop`).
+        if shardloop_core::runtime_id().is_some() && shardloop_core::runtime_id() == self.runtime {
+            let _ = shardloop_core::send(self.shard, Box::new(going));
+        }
     }
 }
 
@@ -138,9 +142,13 @@ impl<T> Drop for Release<T> {
 
 impl<T> shardloop_core::Message for Release<T> {
     fn run(mut self: Box<Self>) {
-        if let Some(value) = self.value.take() {
-            (self.release)(value);
+        if this_thread() == self.thread {
+            if let Some(value) = self.value.take() {
+                (self.release)(value);
+            }
         }
+        // Elsewhere (which the runtime check in `Drop` rules out) the value
+        // stays in `self` and is left behind by its `Drop`.
         let origin = self.origin;
         shardloop_core::respond(origin, self);
     }

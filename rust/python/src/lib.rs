@@ -23,6 +23,7 @@ mod stats;
 fn _shardloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     bridge::register(m)?;
+    call::register(m)?;
     conn::register(m)?;
     driver::register(m)?;
     load::register(m)?;

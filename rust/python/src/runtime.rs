@@ -67,8 +67,9 @@ fn worker_main(worker: &Py<PyAny>, driver: shardloop_core::Driver) {
     });
 }
 
-/// How long `shutdown` keeps waiting for shard threads after Ctrl-C.
-const INTERRUPTED_JOIN_LIMIT: Duration = Duration::from_secs(1);
+/// How long `shutdown` keeps waiting for shard threads once it stopped
+/// them without waiting for their calls.
+const STUCK_THREAD_LIMIT: Duration = Duration::from_secs(1);
 
 #[pymethods]
 impl Runtime {
@@ -85,6 +86,11 @@ impl Runtime {
         ring_capacity: usize,
         overprovisioned: bool,
     ) -> PyResult<Self> {
+        if gil::exiting() {
+            return Err(PyRuntimeError::new_err(
+                "the interpreter is exiting: no runtime can start",
+            ));
+        }
         let mut builder = shardloop_core::Runtime::builder()
             .pin(pin)
             .overprovisioned(overprovisioned)
@@ -142,10 +148,12 @@ impl Runtime {
 
     /// Finishes submitted work and joins the shard threads (with the GIL
     /// released, so they can finish their Python work). Shard 0's driver must
-    /// be closed first. Signals are handled while it waits: Ctrl-C stops
-    /// the shards at once, and if their threads still have not ended a
-    /// second later they are left running and `KeyboardInterrupt` is raised.
-    fn shutdown(&self, py: Python<'_>) -> PyResult<()> {
+    /// be closed first. Signals are handled while it waits. Past `limit`
+    /// seconds (None: no limit), or a second after a Ctrl-C that raised,
+    /// the shards are stopped at once; threads still busy in Python a
+    /// second after that are left running, with a `RuntimeWarning`.
+    #[pyo3(signature = (limit=None))]
+    fn shutdown(&self, py: Python<'_>, limit: Option<f64>) -> PyResult<()> {
         let runtime = OWNED.with(|owned| {
             let mut owned = owned.borrow_mut();
             let index = owned.iter().position(|(token, _)| *token == self.token)?;
@@ -155,10 +163,13 @@ impl Runtime {
             return Ok(());
         };
         runtime.begin_shutdown();
-        let mut interrupted: Option<(PyErr, Instant)> = None;
+        let started = Instant::now();
+        let limit = limit.map(|l| Duration::from_secs_f64(l.max(0.0)));
+        let mut interrupted: Option<PyErr> = None;
+        let mut forced_at: Option<Instant> = None;
         loop {
             let waiting = OnThisThread(&runtime);
-            let stopped = py.detach(move || {
+            let stopped = gil::detached_exit_aware(py, move || {
                 waiting
                     .into_inner()
                     .serve_until_stopped(Duration::from_millis(2))
@@ -168,21 +179,32 @@ impl Runtime {
             }
             if interrupted.is_none() {
                 if let Err(err) = py.check_signals() {
-                    runtime.force_stop();
-                    interrupted = Some((err, Instant::now()));
+                    interrupted = Some(err);
                 }
             }
-            if let Some((_, since)) = &interrupted {
-                if since.elapsed() >= INTERRUPTED_JOIN_LIMIT {
-                    // The threads are stuck in Python code; leave them.
-                    std::mem::forget(runtime);
-                    return Err(interrupted.expect("just matched").0);
+            let overdue = limit.is_some_and(|limit| started.elapsed() >= limit);
+            if forced_at.is_none() && (overdue || interrupted.is_some()) {
+                runtime.force_stop();
+                forced_at = Some(Instant::now());
+            }
+            if forced_at.is_some_and(|at| at.elapsed() >= STUCK_THREAD_LIMIT) {
+                // The threads are stuck in Python code; leave them.
+                std::mem::forget(runtime);
+                if let Some(err) = interrupted {
+                    return Err(err);
                 }
+                return PyErr::warn(
+                    py,
+                    &py.get_type::<pyo3::exceptions::PyRuntimeWarning>(),
+                    c"shardloop: shard threads still busy in Python code after the runtime \
+                      stopped were left running",
+                    1,
+                );
             }
         }
         let runtime = OnThisThread(runtime);
-        py.detach(move || runtime.into_inner().shutdown());
-        interrupted.map_or(Ok(()), |(err, _)| Err(err))
+        gil::detached_exit_aware(py, move || runtime.into_inner().shutdown());
+        interrupted.map_or(Ok(()), Err)
     }
 
     /// The runtime's counters as plain dicts.
