@@ -22,9 +22,12 @@ import signal
 import threading
 import warnings
 import weakref
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from . import _shardloop
+
+T = TypeVar("T")
 
 _running_loop = asyncio.events._get_running_loop
 
@@ -236,9 +239,9 @@ class ShardLoop(asyncio.SelectorEventLoop):
             runtime.begin_shutdown()
             if can_run:
                 # Serve this shard until every shard is done with its calls.
-                if not self.run_until_complete(self._until_stopped_within(_CANCEL_WAIT)):
+                if not _run_to_end(self, self._until_stopped_within(_CANCEL_WAIT)):
                     runtime.force_stop()
-                    self.run_until_complete(self._until_stopped_within(_CANCEL_WAIT))
+                    _run_to_end(self, self._until_stopped_within(_CANCEL_WAIT))
                 _cancel_remaining(self)
         except BaseException as exc:
             failure = failure or exc
@@ -266,32 +269,22 @@ class ShardLoop(asyncio.SelectorEventLoop):
             return
         from .shard import invoke_on_others
 
-        try:
-            self.run_until_complete(
-                asyncio.wait_for(invoke_on_others(_cancel_background), _CANCEL_WAIT)
-            )
-        except Exception:  # a shard too busy to answer in time
-            pass
+        _run_to_end(self, _within(invoke_on_others(_cancel_background), _CANCEL_WAIT))
         limit = self._state.shutdown_timeout
-        if self.run_until_complete(self._until_quiet(runtime, limit, ctrl_c)):
+        if _run_to_end(self, self._until_quiet(runtime, limit, ctrl_c)):
             return
         if ctrl_c.pressed:
             return
         # Past the grace period: cancel what still runs, on every shard.
-        try:
-            cancelled = self.run_until_complete(
-                asyncio.wait_for(invoke_on_others(_cancel_tasks), _CANCEL_WAIT)
-            )
-            names = [f"shard {i}: {name}" for i, on in enumerate(cancelled, 1) for name in on]
-        except Exception:  # a shard too busy to answer in time
-            names = []
+        cancelled = _run_to_end(self, _within(invoke_on_others(_cancel_tasks), _CANCEL_WAIT))
+        names = [f"shard {i}: {name}" for i, on in enumerate(cancelled or [], 1) for name in on]
         warnings.warn(
             f"shardloop: calls still running {limit:g} s after the runtime began to "
             f"shut down were cancelled: {', '.join(names) or 'none could be named'}",
             RuntimeWarning,
             stacklevel=4,
         )
-        if not self.run_until_complete(self._until_quiet(runtime, _CANCEL_WAIT, ctrl_c)):
+        if not _run_to_end(self, self._until_quiet(runtime, _CANCEL_WAIT, ctrl_c)):
             runtime.force_stop()
 
     async def _until_quiet(
@@ -310,11 +303,8 @@ class ShardLoop(asyncio.SelectorEventLoop):
 
     async def _until_stopped_within(self, limit: float) -> bool:
         """Whether shutdown let every shard stop within ``limit`` s."""
-        try:
-            await asyncio.wait_for(asyncio.shield(self._until_stopped()), limit)
-        except TimeoutError:
-            return False
-        return True
+        done, _ = await asyncio.wait({self._until_stopped()}, timeout=limit)
+        return bool(done)
 
     def _restore_wakeup_fd(self) -> None:
         if self._old_wakeup_fd is None:
@@ -427,6 +417,26 @@ def _serve_shard(state: _RuntimeState, driver: _shardloop.Driver) -> None:
         asyncio.set_event_loop(None)
 
 
+def _run_to_end(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    """Runs the runtime's own coroutine on ``loop`` as a plain task: not
+    through the user's task factory (an eager one would start it before the
+    loop runs)."""
+    return loop.run_until_complete(asyncio.Task(coro, loop=loop))
+
+
+async def _within(coro: Coroutine[Any, Any, T], limit: float) -> T | None:
+    """What ``coro`` returns if it does within ``limit`` s; else (or if it
+    fails: a shard too busy to answer) None. (Not ``asyncio.wait_for``: the
+    runtime's own waits must not depend on ``asyncio.current_task``, which
+    code may replace.)"""
+    task = asyncio.ensure_future(coro)
+    done, _ = await asyncio.wait({task}, timeout=limit)
+    if not done:
+        task.cancel()
+        return None
+    return None if task.cancelled() or task.exception() is not None else task.result()
+
+
 def _cancel_background() -> None:
     """Cancels the tasks of the current shard that serve no call from
     another shard (servers, tasks spawned and left running)."""
@@ -457,7 +467,7 @@ def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
     for task in tasks:
         task.cancel()
     if tasks:
-        loop.run_until_complete(asyncio.wait(tasks, timeout=_CANCEL_WAIT))
+        _run_to_end(loop, asyncio.wait(tasks, timeout=_CANCEL_WAIT))
         for task in tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 loop.call_exception_handler(
