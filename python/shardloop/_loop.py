@@ -255,7 +255,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
             _open_runtimes.discard(self)
             self._state.shard0 = None
         try:
-            runtime.shutdown(_CANCEL_WAIT * 2)
+            runtime.shutdown(_CANCEL_WAIT / 2)
         except BaseException as exc:
             failure = failure or exc
         return failure
@@ -269,22 +269,30 @@ class ShardLoop(asyncio.SelectorEventLoop):
             return
         from .shard import invoke_on_others
 
-        _run_to_end(self, _within(invoke_on_others(_cancel_background), _CANCEL_WAIT))
+        # Sent, not waited for: the wait for quiet below covers these calls.
+        background = self.create_task(invoke_on_others(_cancel_background))
         limit = self._state.shutdown_timeout
-        if _run_to_end(self, self._until_quiet(runtime, limit, ctrl_c)):
+        quiet = _run_to_end(self, self._until_quiet(runtime, limit, ctrl_c))
+        background.cancel()  # done by now, unless a shard is stuck
+        if quiet:
             return
         if ctrl_c.pressed:
             return
         # Past the grace period: cancel what still runs, on every shard.
         cancelled = _run_to_end(self, _within(invoke_on_others(_cancel_tasks), _CANCEL_WAIT))
-        names = [f"shard {i}: {name}" for i, on in enumerate(cancelled or [], 1) for name in on]
+        if cancelled is None:
+            what = "a shard busy in a plain function did not answer"
+        else:
+            what = ", ".join(f"shard {i}: {t}" for i, on in enumerate(cancelled, 1) for t in on)
         warnings.warn(
             f"shardloop: calls still running {limit:g} s after the runtime began to "
-            f"shut down were cancelled: {', '.join(names) or 'none could be named'}",
+            f"shut down were cancelled: {what or 'none'}",
             RuntimeWarning,
             stacklevel=4,
         )
-        if not _run_to_end(self, self._until_quiet(runtime, _CANCEL_WAIT, ctrl_c)):
+        if cancelled is None or not _run_to_end(
+            self, self._until_quiet(runtime, _CANCEL_WAIT, ctrl_c)
+        ):
             runtime.force_stop()
 
     async def _until_quiet(
