@@ -90,13 +90,15 @@ miri:
 	rustup component add --toolchain nightly miri rust-src
 	$(CARGO) +nightly miri test -p shardloop-core --lib ring::
 
-# The core's Rust tests under ThreadSanitizer (nightly). Without the rust-src
-# component std itself is not instrumented, so its own synchronisation is
-# invisible to TSan; the suppressions file names what that makes it report.
+# The core's Rust tests under ThreadSanitizer (nightly, with std rebuilt
+# instrumented from the rust-src component, so that its synchronisation is
+# seen too). Not part of `make test`.
 TSAN_ENV := RUSTFLAGS="-Zsanitizer=thread" RUSTDOCFLAGS="-Zsanitizer=thread" \
-	TSAN_OPTIONS="halt_on_error=1 suppressions=$(abspath scripts/tsan.supp)" CARGO_TARGET_DIR=target/tsan
+	TSAN_OPTIONS="halt_on_error=1" CARGO_TARGET_DIR=target/tsan
 tsan:
-	$(TSAN_ENV) $(CARGO) +nightly test -p shardloop-core --target x86_64-unknown-linux-gnu --lib --tests
+	rustup component add --toolchain nightly rust-src
+	$(TSAN_ENV) $(CARGO) +nightly test -Zbuild-std -p shardloop-core \
+		--target x86_64-unknown-linux-gnu --lib --tests
 
 # Ten minutes of load, resets and Ctrl-C against the lookup and memcached
 # examples, checking that memory and descriptors stay flat (not in `make test`).
