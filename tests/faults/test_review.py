@@ -432,3 +432,137 @@ def test_daemon_runtime_mid_shutdown_when_the_main_thread_exits() -> None:
         assert "main exits" in proc.stdout, describe(proc)
         assert_clean_exit(proc)
         assert "exception not rethrown" not in proc.stderr, describe(proc)
+
+
+# -- Found by hostile use: these fail until fixed ---------------------------
+
+
+def test_idle_poll_out_of_range_is_a_clear_value_error() -> None:
+    """Fault: run(idle_poll=float("inf")) (or 1e300) panicked in Rust
+    ("cannot convert float seconds to Duration", a PanicException with the
+    panic text and backtrace on stderr). Expected: a ValueError naming
+    idle_poll, as shutdown_timeout=-1 gives, and no panic text."""
+    body = """
+    async def main():
+        return 1
+
+    for value in (float("inf"), 1e300):
+        coro = main()
+        try:
+            run2(coro, idle_poll=value)
+            print("idle_poll", value, "no error", flush=True)
+        except BaseException as exc:
+            print("idle_poll", value, type(exc).__name__, exc, flush=True)
+        finally:
+            coro.close()
+    """
+    proc = run_script(scenario(body), timeout=15)
+    assert "panicked" not in proc.stderr, describe(proc)
+    for value in ("inf", "1e+300"):
+        line = next(x for x in proc.stdout.splitlines() if x.startswith(f"idle_poll {value} "))
+        assert line.startswith(f"idle_poll {value} ValueError"), describe(proc)
+        assert "idle_poll" in line.split("ValueError", 1)[1], describe(proc)
+
+
+def test_shard_threads_have_the_stack_of_python_threads() -> None:
+    """Fault: shard threads ran Python on Rust's default 2 MiB stack, where
+    a threading.Thread gets 8 MiB (the ulimit default): with the recursion
+    limit raised, repr() of a 16000-deep nested list worked on a thread but
+    killed the process on shard 1 (segmentation fault, exit -11).
+    Expected: what works on a threading.Thread works on a shard."""
+    body = """
+    sys.setrecursionlimit(100000)
+
+    def deep(n):
+        x = None
+        for _ in range(n):
+            x = [x]
+        return len(repr(x))
+
+    out = []
+    t = threading.Thread(target=lambda: out.append(deep(16000)))
+    t.start()
+    t.join()
+    print("thread", out[0], flush=True)
+
+    async def main():
+        return await shard.submit_to(1, deep, 16000)
+
+    print("shard 1", run2(main()), flush=True)
+    """
+    proc = run_script(scenario(body), timeout=20)
+    assert "thread 32004" in proc.stdout, describe(proc)
+    assert "shard 1 32004" in proc.stdout, describe(proc)
+    assert_clean_exit(proc)
+
+
+def test_concurrent_sharded_starts_do_not_lose_instances() -> None:
+    """Fault: two Sharded.start() calls on one service at once both
+    succeeded: every shard's instance was built twice, and the first ones
+    were dropped without their stop() (built [0, 0, 1, 1], stopped [0, 1]).
+    Expected: the second start() raises RuntimeError (or waits for the
+    first); every instance built is stopped by svc.stop()."""
+    body = """
+    BUILT, STOPPED = [], []
+
+    class Service:
+        async def start(self):
+            BUILT.append(shard.id())
+            await asyncio.sleep(0.2)
+
+        async def stop(self):
+            STOPPED.append(shard.id())
+
+    async def main():
+        svc = shardloop.Sharded(Service)
+        results = await asyncio.gather(svc.start(), svc.start(), return_exceptions=True)
+        print("results", [type(r).__name__ for r in results], flush=True)
+        await svc.stop()
+        print("built", sorted(BUILT), "stopped", sorted(STOPPED), flush=True)
+
+    run2(main())
+    """
+    proc = run_script(scenario(body), timeout=15)
+    assert_clean_exit(proc)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("built"))
+    built, stopped = line.removeprefix("built ").split(" stopped ")
+    assert built == stopped, describe(proc)
+
+
+def test_handler_that_raises_before_awaiting_is_logged_and_counted() -> None:
+    """Fault: a connection handler that raises when called (a plain
+    function, or a coroutine function's wrapper that fails) escaped the
+    server's bookkeeping: logged as "Task exception was never retrieved"
+    without the shard or the client, and not counted (stats show 0
+    connections, 0 failures). Expected: as for any failing handler: only
+    its connection is closed, the error is logged as "handler failed on
+    shard N (client ...)", and stats count the connection and the failure."""
+    body = """
+    import socket
+
+    def handler(conn):
+        raise ValueError("handler refused")
+
+    def client(port):
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
+            s.settimeout(3)
+            return s.recv(10)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await shardloop.serve_connections(handler, "127.0.0.1", 0)
+        got = await loop.run_in_executor(None, client, server.port)
+        print("client got", got, flush=True)
+        stats = await server.stats()
+        print("connections", sum(s["connections"] for s in stats), flush=True)
+        print("failures", sum(s["failures"] for s in stats), flush=True)
+        await server.close()
+
+    run2(main())
+    """
+    proc = run_script(scenario(body), timeout=15)
+    assert_clean_exit(proc)
+    assert "client got b''" in proc.stdout, describe(proc)
+    assert "handler failed on shard" in proc.stderr, describe(proc)
+    assert "never retrieved" not in proc.stderr, describe(proc)
+    assert "connections 1" in proc.stdout and "failures 1" in proc.stdout, describe(proc)
