@@ -3,6 +3,7 @@ and what bad peers and bad calls get."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import logging
 import os
@@ -349,15 +350,16 @@ def test_write_takes_any_bytes_like_object() -> None:
         with pytest.raises(TypeError):
             conn.write("text")  # type: ignore[arg-type]
         conn.write(b"d")
+        conn.write(array.array("H", [0x6665]))  # items wider than a byte: b"ef"
 
     async def client(port: int) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"!")
-        data = await reader.readexactly(4)
+        data = await reader.readexactly(6)
         writer.close()
         return data
 
-    assert run2(with_server(handler, client)) == b"abcd"
+    assert run2(with_server(handler, client)) == b"abcd" + array.array("H", [0x6665]).tobytes()
 
 
 def test_what_is_written_just_before_the_loop_stops_still_goes_out() -> None:

@@ -378,6 +378,9 @@ class _RuntimeState:
                 pass
 
 
+# An idle shard polls at most this long (seconds) before it sleeps.
+_MAX_IDLE_POLL = 60.0
+
 # How often a draining shard 0 looks whether calls are still in flight, and
 # how long it waits for cancelled calls to end.
 _QUIET_POLL = 0.001
@@ -522,8 +525,12 @@ def new_event_loop(
     """
     if overprovisioned is None:
         overprovisioned = os.environ.get("SHARDLOOP_OVERPROVISIONED", "") not in ("", "0")
-    if shutdown_timeout < 0:
+    if not 0 <= shutdown_timeout:  # (NaN too)
         raise ValueError(f"shutdown_timeout must be at least 0, not {shutdown_timeout!r}")
+    if not 0 <= idle_poll <= _MAX_IDLE_POLL:
+        raise ValueError(
+            f"idle_poll must be between 0 and {_MAX_IDLE_POLL:g} seconds, not {idle_poll!r}"
+        )
     if threading.current_thread() is not threading.main_thread() and pin:
         # Pinning shard 0 pins the calling thread; that is only expected of
         # the main thread.

@@ -90,10 +90,14 @@ class ShardedServer:
         return state
 
     async def _serve(
-        self, handling: Awaitable[None], peer: Callable[[], object], close: Callable[[], None]
+        self,
+        handling: Callable[[], Awaitable[None]],
+        peer: Callable[[], object],
+        close: Callable[[], None],
     ) -> None:
-        """Runs one connection's handler and counts it; a failure is logged
-        and closes only this connection."""
+        """Runs one connection's handler and counts it; a failure (raised by
+        the call or by what it returns) is logged and closes only this
+        connection."""
         state = self._local()
         state.connections += 1
         state.active += 1
@@ -101,7 +105,7 @@ class ShardedServer:
         if task is not None:
             state.clients.add(task)
         try:
-            await handling
+            await handling()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away: only its connection is affected
         except Exception:
@@ -118,12 +122,14 @@ class ShardedServer:
     ) -> None:
         handler = cast(Handler, self._handler)
         await self._serve(
-            handler(reader, writer), lambda: writer.get_extra_info("peername"), writer.close
+            lambda: handler(reader, writer),
+            lambda: writer.get_extra_info("peername"),
+            writer.close,
         )
 
     async def _serve_connection(self, conn: Connection) -> None:
         handler = cast(ConnectionHandler, self._handler)
-        await self._serve(handler(conn), lambda: conn.peername, conn.close)
+        await self._serve(lambda: handler(conn), lambda: conn.peername, conn.close)
 
     def _listening_socket(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -303,6 +309,8 @@ async def _start(
     limit: int,
     native: bool,
 ) -> ShardedServer:
+    if not callable(handler):
+        raise TypeError(f"the handler must be callable, not {type(handler).__name__}")
     if balance not in ("reuseport", "round_robin"):
         raise ValueError(f"balance must be 'reuseport' or 'round_robin', not {balance!r}")
     port = _reserve_port(host, port)

@@ -40,6 +40,7 @@ class Sharded(Generic[T]):
         self._factory = functools.partial(cls, *args, **kwargs)
         self._instances: list[T | None] = []
         self._started = False
+        self._busy: str | None = None  # "starting" or "stopping" while one runs
 
     async def _build(self) -> None:
         instance = self._factory()
@@ -56,14 +57,27 @@ class Sharded(Generic[T]):
         stopped (each ``stop()`` on its shard), and the first failure, in
         shard order, is raised (as Seastar's ``sharded::start`` does).
         """
-        if self._started:
-            raise RuntimeError("this Sharded service is already started")
+        if self._started or self._busy is not None:
+            raise RuntimeError(f"this Sharded service is already {self._busy or 'started'}")
+        self._busy = "starting"
+        try:
+            return await self._start()
+        finally:
+            self._busy = None
+
+    async def _start(self) -> Sharded[T]:
         self._instances = [None] * shard.count()
         calls = _calls_in_shard_order(self._build)
         try:
             results = await asyncio.gather(*calls, return_exceptions=True)
         except BaseException:  # cancelled while building: roll back too
             await asyncio.gather(*calls, return_exceptions=True)
+            # The cancels went out before these: once each shard has run
+            # one more turn, the builds cancelled there have ended.
+            await asyncio.gather(
+                *(shard.submit_to(i, _one_turn) for i in range(len(calls))),
+                return_exceptions=True,
+            )
             await self._roll_back()
             raise
         failures = [r for r in results if isinstance(r, BaseException)]
@@ -129,11 +143,22 @@ class Sharded(Generic[T]):
             await _resolve(stop())
 
     async def stop(self) -> None:
-        """Calls every instance's ``stop()`` on its own shard and drops them."""
+        """Calls every instance's ``stop()`` on its own shard and drops them.
+        While ``start()`` or another ``stop()`` runs: ``RuntimeError``."""
+        if self._busy is not None:
+            raise RuntimeError(f"this Sharded service is {self._busy}; await that first")
         if not self._started:
             return
-        await shard.invoke_on_all(self._stop_local)
-        self._started = False
+        self._busy = "stopping"
+        try:
+            await shard.invoke_on_all(self._stop_local)
+            self._started = False
+        finally:
+            self._busy = None
+
+
+async def _one_turn() -> None:
+    await asyncio.sleep(0)
 
 
 def _calls_in_shard_order(fn: Callable[[], Any]) -> list[asyncio.Future[Any]]:

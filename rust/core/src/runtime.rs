@@ -30,6 +30,7 @@ pub(crate) struct Config {
     pub(crate) idle_poll: Duration,
     pub(crate) batch: usize,
     pub(crate) ring_capacity: usize,
+    pub(crate) stack_size: Option<usize>,
 }
 
 /// Configures and builds a [`Runtime`].
@@ -48,6 +49,7 @@ impl Default for Builder {
                 idle_poll: Duration::from_micros(200),
                 batch: 16,
                 ring_capacity: 1024,
+                stack_size: None,
             },
         }
     }
@@ -97,6 +99,14 @@ impl Builder {
     /// Capacity of each ring, rounded up to a power of two (default 1024).
     pub fn ring_capacity(mut self, capacity: usize) -> Self {
         self.config.ring_capacity = capacity;
+        self
+    }
+
+    /// The stack size of the threads of shards 1..N, in bytes (default:
+    /// Rust's, 2 MiB; shard 0 is the calling thread). Code that recurses
+    /// deeply, an interpreter running on the shard say, may need more.
+    pub fn stack_size(mut self, bytes: usize) -> Self {
+        self.config.stack_size = Some(bytes);
         self
     }
 
@@ -252,8 +262,11 @@ impl Runtime {
             let shared = shared.clone();
             let main = main.clone();
             let core = pinned.then(|| cores[parts.id]);
-            let thread = thread::Builder::new()
-                .name(format!("shard-{}", parts.id))
+            let mut thread = thread::Builder::new().name(format!("shard-{}", parts.id));
+            if let Some(bytes) = config.stack_size {
+                thread = thread.stack_size(bytes);
+            }
+            let thread = thread
                 .spawn(move || {
                     if let Some(core) = core {
                         core_affinity::set_for_current(core);

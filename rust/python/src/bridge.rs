@@ -15,7 +15,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
 
 use pyo3::exceptions::asyncio::CancelledError;
 use pyo3::intern;
@@ -123,7 +122,7 @@ impl OnDone {
 #[pyo3(signature = (delay, /))]
 fn sleep(py: Python<'_>, delay: f64) -> PyResult<Bound<'_, PyAny>> {
     let event_loop = running_shard_loop(py)?;
-    let delay = Duration::from_secs_f64(delay.max(0.0));
+    let delay = crate::errors::duration("the delay", delay.max(0.0))?;
     spawn_for_python(py, &event_loop, async move {
         shardloop_core::sleep(delay).await;
         Box::new(|py: Python<'_>| Ok(py.None())) as Produce

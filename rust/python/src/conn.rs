@@ -580,8 +580,20 @@ impl Connection {
                 .data
                 .extend_from_slice(bytes.as_bytes());
         } else {
-            // Any other bytes-like object (bytearray, memoryview, array).
-            let buffer = PyBuffer::<u8>::get(data)?;
+            // Any other bytes-like object (bytearray, memoryview, array),
+            // seen as bytes whatever its item type (as socket.send sees it).
+            let buffer = match PyBuffer::<u8>::get(data) {
+                Ok(buffer) => buffer,
+                Err(_) => {
+                    let bytes = data
+                        .py()
+                        .import(intern!(data.py(), "builtins"))?
+                        .getattr(intern!(data.py(), "memoryview"))?
+                        .call1((data,))?
+                        .call_method1(intern!(data.py(), "cast"), ("B",))?;
+                    PyBuffer::<u8>::get(&bytes)?
+                }
+            };
             let mut output = inner.output.borrow_mut();
             let start = output.data.len();
             output.data.resize(start + buffer.len_bytes(), 0);

@@ -192,7 +192,10 @@ impl Driver {
         event_loop: &Bound<'_, PyAny>,
         timeout: Option<f64>,
     ) -> PyResult<bool> {
-        let until = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        // A timeout too long for a Duration waits without one.
+        let until = timeout
+            .and_then(|t| Duration::try_from_secs_f64(t.max(0.0)).ok())
+            .and_then(|t| Instant::now().checked_add(t));
         let shard = self.shard_id;
         let timers = loop_queue_len(event_loop, intern!(py, "_scheduled"));
         let current = self.current()?;

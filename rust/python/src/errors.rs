@@ -30,6 +30,18 @@ pub(crate) fn no_such_shard(shard: impl std::fmt::Display, count: usize) -> PyEr
     ))
 }
 
+/// `seconds` as a `Duration`: `ValueError` naming `what` for a negative,
+/// NaN or too large number (a Rust `Duration` would panic on it).
+pub(crate) fn duration(what: &str, seconds: f64) -> PyResult<std::time::Duration> {
+    if seconds < 0.0 {
+        return Err(PyValueError::new_err(format!(
+            "{what} must be at least 0 seconds, not {seconds}"
+        )));
+    }
+    std::time::Duration::try_from_secs_f64(seconds)
+        .map_err(|_| PyValueError::new_err(format!("{what} is out of range: {seconds} seconds")))
+}
+
 /// The error for calls made outside a running runtime.
 pub(crate) fn not_on_shard() -> PyErr {
     PyRuntimeError::new_err(

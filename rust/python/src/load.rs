@@ -2,7 +2,6 @@
 //! the GIL released (the `shardloop-load` crate does the work).
 
 use std::net::ToSocketAddrs;
-use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -58,7 +57,7 @@ fn load<'py>(
         addr,
         protocol,
         connections,
-        duration: Duration::from_secs_f64(seconds),
+        duration: crate::errors::duration("seconds", seconds)?,
         pipeline,
         progress,
     };

@@ -67,6 +67,11 @@ fn worker_main(worker: &Py<PyAny>, driver: shardloop_core::Driver) {
     });
 }
 
+/// The stack of shard threads 1..N: what CPython's own threads get on
+/// Linux by default (the usual `ulimit -s`), so that Python code that runs
+/// on a `threading.Thread` runs on a shard too (Rust's default is 2 MiB).
+const SHARD_STACK_SIZE: usize = 8 << 20;
+
 /// How long `shutdown` keeps waiting for shard threads once it stopped
 /// them without waiting for their calls.
 const STUCK_THREAD_LIMIT: Duration = Duration::from_secs(1);
@@ -94,7 +99,8 @@ impl Runtime {
         let mut builder = shardloop_core::Runtime::builder()
             .pin(pin)
             .overprovisioned(overprovisioned)
-            .idle_poll(Duration::from_secs_f64(idle_poll.max(0.0)))
+            .idle_poll(crate::errors::duration("idle_poll", idle_poll)?)
+            .stack_size(SHARD_STACK_SIZE)
             .batch(batch)
             .ring_capacity(ring_capacity);
         if let Some(shards) = shards {
@@ -164,7 +170,7 @@ impl Runtime {
         };
         runtime.begin_shutdown();
         let started = Instant::now();
-        let limit = limit.map(|l| Duration::from_secs_f64(l.max(0.0)));
+        let limit = limit.map(|l| Duration::try_from_secs_f64(l.max(0.0)).unwrap_or(Duration::MAX));
         let mut interrupted: Option<PyErr> = None;
         let mut forced_at: Option<Instant> = None;
         loop {
@@ -224,7 +230,7 @@ impl Runtime {
 #[pyfunction]
 #[pyo3(signature = (limit = 10.0, /))]
 fn prepare_exit(py: Python<'_>, limit: f64) -> PyResult<()> {
-    gil::prepare_exit(py, Duration::from_secs_f64(limit.max(0.0)))
+    gil::prepare_exit(py, crate::errors::duration("limit", limit)?)
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
