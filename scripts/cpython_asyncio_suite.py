@@ -11,6 +11,7 @@ own skips.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import sys
 import unittest
 
@@ -44,6 +45,23 @@ class Policy(shardloop.EventLoopPolicy):
         return shardloop.new_event_loop(2, pin=False)
 
 
+# No test may hang the run: past this, every thread's stack is dumped and
+# the process ends (the suite's own slowest tests take a few seconds).
+TEST_LIMIT = 120
+
+
+class BoundedResult(unittest.TextTestResult):
+    """Re-arms a watchdog for every test."""
+
+    def startTest(self, test: unittest.TestCase) -> None:
+        faulthandler.dump_traceback_later(TEST_LIMIT, exit=True, file=sys.__stderr__)
+        super().startTest(test)
+
+    def stopTest(self, test: unittest.TestCase) -> None:
+        super().stopTest(test)
+        faulthandler.cancel_dump_traceback_later()
+
+
 def main() -> int:
     modules = sys.argv[1:] or DEFAULT_MODULES
     original = asyncio.DefaultEventLoopPolicy
@@ -51,7 +69,8 @@ def main() -> int:
     asyncio.DefaultEventLoopPolicy = Policy  # type: ignore[misc]
     asyncio.set_event_loop_policy(Policy())
     suite = unittest.defaultTestLoader.loadTestsFromNames(f"test.test_asyncio.{m}" for m in modules)
-    result = unittest.TextTestRunner(verbosity=1, stream=sys.stdout).run(suite)
+    runner = unittest.TextTestRunner(verbosity=1, stream=sys.stdout, resultclass=BoundedResult)
+    result = runner.run(suite)
     asyncio.DefaultEventLoopPolicy = original  # type: ignore[misc]
     print(
         f"\nran {result.testsRun}, failures {len(result.failures)}, errors {len(result.errors)}, "

@@ -4,11 +4,27 @@ shard loop, so that "asyncio-compatible" is a measured claim."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import faulthandler
+import sys
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
 import shardloop
+
+# No test may hang the suite: past this, every thread's stack is dumped and
+# the test process ends (tests/faults/ sets its own, scaled, limit).
+TEST_LIMIT = 120
+
+
+@pytest.fixture(autouse=True)
+def bounded_in_time() -> Iterator[None]:
+    faulthandler.dump_traceback_later(TEST_LIMIT, exit=True, file=sys.__stderr__)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,

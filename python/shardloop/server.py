@@ -27,7 +27,7 @@ from typing import Any, Literal, cast
 
 from . import shard
 from ._loop import current_loop
-from ._shardloop import Connection
+from ._shardloop import Connection, ShutdownError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 ConnectionHandler = Callable[[Connection], Awaitable[None]]
@@ -108,6 +108,8 @@ class ShardedServer:
             await handling()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away: only its connection is affected
+        except ShutdownError:
+            pass  # the runtime is stopping: not this handler's failure
         except Exception:
             state.failures += 1
             logger.exception("handler failed on shard %d (client %s)", shard.id(), _peer(peer))
