@@ -477,23 +477,27 @@ def test_shard_threads_have_the_stack_of_python_threads() -> None:
         x = None
         for _ in range(n):
             x = [x]
-        return len(repr(x))
+        try:
+            return f"ok {len(repr(x))}"
+        except RecursionError:  # 3.13 bounds C recursion on every thread
+            return "RecursionError"
 
     out = []
     t = threading.Thread(target=lambda: out.append(deep(16000)))
     t.start()
     t.join()
-    print("thread", out[0], flush=True)
+    print("thread:", out[0], flush=True)
 
     async def main():
         return await shard.submit_to(1, deep, 16000)
 
-    print("shard 1", run2(main()), flush=True)
+    print("shard 1:", run2(main()), flush=True)
     """
     proc = run_script(scenario(body), timeout=20)
-    assert "thread 32004" in proc.stdout, describe(proc)
-    assert "shard 1 32004" in proc.stdout, describe(proc)
     assert_clean_exit(proc)
+    thread = next(x for x in proc.stdout.splitlines() if x.startswith("thread:"))
+    on_shard = next(x for x in proc.stdout.splitlines() if x.startswith("shard 1:"))
+    assert thread.split(":")[1] == on_shard.split(":")[1], describe(proc)
 
 
 def test_concurrent_sharded_starts_do_not_lose_instances() -> None:

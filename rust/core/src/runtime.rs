@@ -401,12 +401,18 @@ impl Runtime {
         self.begin_shutdown();
         if !self.shard0.is_closing() || !self.shard0.may_stop() {
             // While the owning thread exits, shard 0 can no longer run.
-            let drained = Enter::try_new(self.shard0.clone()).is_some_and(|_enter| {
-                let until = limit.map(|limit| Instant::now() + limit);
-                let drained = self.shard0.run_until(until, |_| self.shard0.may_stop());
-                self.shard0.exec.clear();
-                drained
-            });
+            let Some(enter) = Enter::try_new(self.shard0.clone()) else {
+                eprintln!(
+                    "shardloop: a runtime was dropped by its thread as the thread exited, \
+                     without a shutdown; its shard threads are left running"
+                );
+                self.threads.clear();
+                return;
+            };
+            let until = limit.map(|limit| Instant::now() + limit);
+            let drained = self.shard0.run_until(until, |_| self.shard0.may_stop());
+            self.shard0.exec.clear();
+            drop(enter);
             if !drained {
                 let waiting: Vec<usize> = (0..self.shared.count)
                     .filter(|&i| !self.shared.drained[i].load(Ordering::SeqCst))
