@@ -413,3 +413,21 @@ def test_closed_connections_leave_no_descriptor_behind() -> None:
 
     before, after = run2(with_server(echo, client))
     assert after <= before
+
+
+def test_a_descriptor_that_is_not_a_stream_socket_is_refused_and_left_open() -> None:
+    async def main() -> None:
+        read_end, write_end = os.pipe()
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for fd in (read_end, udp.fileno(), -1):
+                with pytest.raises(ValueError, match="descriptor"):
+                    shardloop.Connection(fd)
+            os.write(write_end, b"still open")  # the caller still owns it
+            assert os.read(read_end, 10) == b"still open"
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+            udp.close()
+
+    run2(main())

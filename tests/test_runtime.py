@@ -68,6 +68,11 @@ def test_zero_shards_is_an_error() -> None:
         shardloop.new_event_loop(0)
 
 
+def test_more_shards_than_the_most_is_an_error() -> None:
+    with pytest.raises(ValueError, match="at most 256"):
+        shardloop.new_event_loop(257)
+
+
 class Counter:
     def __init__(self, start: int) -> None:
         self.value = start

@@ -39,6 +39,6 @@ pub use driver::{Activation, Driver};
 pub use error::{Error, Result};
 pub use executor::JoinHandle;
 pub use io::Async;
-pub use runtime::{Builder, Runtime};
+pub use runtime::{Builder, Runtime, MAX_SHARDS};
 pub use stats::{QueueStats, ShardStats, Stats};
 pub use timer::{sleep, Sleep};

@@ -56,8 +56,8 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// The number of shards; by default one per available core. Zero is an
-    /// error at [`build`](Self::build).
+    /// The number of shards; by default one per available core. Zero, or
+    /// more than [`MAX_SHARDS`], is an error at [`build`](Self::build).
     pub fn shards(mut self, shards: usize) -> Self {
         self.config.shards = Some(shards);
         self
@@ -175,6 +175,9 @@ impl Drop for AffinityGuard {
 /// What a driven runtime runs on shards 1..N.
 type ThreadMain = Arc<dyn Fn(Driver) + Send + Sync>;
 
+/// The most shards a runtime may have (Seastar's `max_cpus` is the same).
+pub const MAX_SHARDS: usize = 256;
+
 /// Numbers the runtimes of the process (see [`crate::runtime_id`]).
 static SERIALS: AtomicU64 = AtomicU64::new(1);
 
@@ -198,6 +201,12 @@ impl Runtime {
         let count = config.shards.unwrap_or(cores.len().max(1));
         if count == 0 {
             return Err(Error::Build("a runtime needs at least one shard".into()));
+        }
+        if count > MAX_SHARDS {
+            return Err(Error::Build(format!(
+                "{count} shards: a runtime has at most {MAX_SHARDS} (every ordered pair of \
+                 shards has two rings, so their number grows with the square of the shards)"
+            )));
         }
         let pinned = config.pin && !config.overprovisioned && count <= cores.len();
         if config.pin && !config.overprovisioned && !pinned {

@@ -118,6 +118,17 @@ fn futures_lite_block_on<F: std::future::Future>(future: F) -> F::Output {
 }
 
 #[test]
+fn more_shards_than_the_most_is_an_error() {
+    let err = Runtime::builder()
+        .shards(shardloop_core::MAX_SHARDS + 1)
+        .pin(false)
+        .build()
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("at most 256"), "{err}");
+}
+
+#[test]
 fn zero_shards_is_an_error() {
     let err = Runtime::builder().shards(0).build().err().unwrap();
     assert!(matches!(err, Error::Build(_)), "{err}");

@@ -70,6 +70,9 @@ const READ_CHUNK: usize = 16 * 1024;
 /// `drain()` waits while more than this is buffered for sending.
 const HIGH_WATER: usize = 64 * 1024;
 
+/// An emptied read buffer larger than this goes back to `READ_CHUNK`.
+const SHRINK_ABOVE: usize = 4 * READ_CHUNK;
+
 /// What a waiting read needs before it can finish.
 #[derive(Clone)]
 enum Want {
@@ -134,6 +137,11 @@ impl ReadBuffer {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
+            if self.data.len() > SHRINK_ABOVE {
+                // One large message must not hold its buffer for the rest
+                // of the connection's life.
+                self.data = vec![0; READ_CHUNK];
+            }
         }
     }
 
@@ -434,6 +442,25 @@ impl Inner {
     }
 }
 
+/// Whether `fd` is a socket of type `SOCK_STREAM` (not a pipe, a file, a
+/// datagram socket).
+fn is_stream_socket(fd: RawFd) -> bool {
+    let mut kind: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `kind` and `len` are valid for writes of the sizes given;
+    // getsockopt only reads the descriptor's state (a bad one fails).
+    let read = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            std::ptr::from_mut(&mut kind).cast(),
+            &mut len,
+        )
+    };
+    read == 0 && kind == libc::SOCK_STREAM
+}
+
 /// Resolves a waiter's future (a wake-up only: the awaitable then takes
 /// its answer from the buffers) from the shard's loop.
 fn wake(future: Py<PyAny>) {
@@ -501,6 +528,11 @@ impl Connection {
         running_shard_loop(py)?;
         if fd < 0 {
             return Err(PyValueError::new_err(format!("not a descriptor: {fd}")));
+        }
+        if !is_stream_socket(fd) {
+            return Err(PyValueError::new_err(format!(
+                "descriptor {fd} is not a connected stream socket"
+            )));
         }
         // SAFETY: the caller hands the descriptor over (documented above);
         // from here this stream alone closes it.
@@ -758,4 +790,38 @@ impl Waiting {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Connection>()?;
     m.add_class::<Waiting>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ReadBuffer, READ_CHUNK, SHRINK_ABOVE};
+
+    fn fill(buffer: &mut ReadBuffer, bytes: &[u8]) {
+        let spare = buffer.spare(bytes.len());
+        spare[..bytes.len()].copy_from_slice(bytes);
+        buffer.end += bytes.len();
+    }
+
+    #[test]
+    fn a_large_message_does_not_keep_its_buffer() {
+        let mut buffer = ReadBuffer::new();
+        let large = vec![7u8; 1 << 20];
+        fill(&mut buffer, &large);
+        assert!(buffer.data.len() >= 1 << 20);
+        buffer.consume(large.len() - 1);
+        assert!(buffer.data.len() > SHRINK_ABOVE, "kept while bytes remain");
+        buffer.consume(1);
+        assert_eq!(buffer.data.len(), READ_CHUNK);
+        fill(&mut buffer, b"next");
+        assert_eq!(buffer.buffered(), b"next");
+    }
+
+    #[test]
+    fn a_separator_split_over_two_reads_is_found() {
+        let mut buffer = ReadBuffer::new();
+        fill(&mut buffer, b"abc\r");
+        assert_eq!(buffer.find(b"\r\n"), None);
+        fill(&mut buffer, b"\ndef");
+        assert_eq!(buffer.find(b"\r\n"), Some(3));
+    }
 }
