@@ -46,6 +46,29 @@ impl Runtime {
     }
 }
 
+impl Drop for Runtime {
+    /// A runtime whose Python object goes before `shutdown` (Ctrl-C landing
+    /// just after it was built, say) is stopped without waiting for its
+    /// calls, and its threads are joined, so that nothing is left running.
+    fn drop(&mut self) {
+        let runtime = OWNED
+            .try_with(|owned| {
+                let mut owned = owned.borrow_mut();
+                let index = owned.iter().position(|(token, _)| *token == self.token)?;
+                Some(owned.remove(index).1)
+            })
+            .ok()
+            .flatten();
+        if let Some(runtime) = runtime {
+            runtime.force_stop();
+            let runtime = OnThisThread(runtime);
+            Python::attach(|py| {
+                gil::detached_exit_aware(py, move || runtime.into_inner().shutdown());
+            });
+        }
+    }
+}
+
 /// What shards 1..N run: `worker(driver)` with the GIL, then the driver is
 /// closed on this thread whatever `worker` did. A thread that starts while
 /// the interpreter exits does not enter Python at all.
