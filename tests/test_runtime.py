@@ -7,6 +7,7 @@ import asyncio
 import gc
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -228,3 +229,21 @@ def test_examples_of_the_readme_run() -> None:
         check=True,
     ).stdout
     assert "submit_to" in out and "invoke_on_all" in out
+
+
+def test_the_signal_wakeup_descriptor_is_given_back_after_run() -> None:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    previous = signal.set_wakeup_fd(a.fileno())
+    try:
+
+        async def main() -> None:
+            # asyncio clears the wakeup descriptor when its last handler
+            # goes at close; it must still end up as it was before run().
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, lambda: None)
+
+        run2(main())
+        assert signal.set_wakeup_fd(previous) == a.fileno()
+    finally:
+        a.close()
+        b.close()

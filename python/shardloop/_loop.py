@@ -251,6 +251,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
             self._release_foreign()
             super().close()
             self._restore_wakeup_fd()  # asyncio's close may have cleared it
+            self._old_wakeup_fd = None
             self._driver.close()
             _open_runtimes.discard(self)
             self._state.shard0 = None
@@ -315,13 +316,13 @@ class ShardLoop(asyncio.SelectorEventLoop):
         return bool(done)
 
     def _restore_wakeup_fd(self) -> None:
+        """Gives the signal wakeup descriptor back to what had it before."""
         if self._old_wakeup_fd is None:
             return
         try:
             signal.set_wakeup_fd(self._old_wakeup_fd)
         except (OSError, ValueError):  # that descriptor was closed since
             signal.set_wakeup_fd(-1)
-        self._old_wakeup_fd = None
 
     def _release_foreign(self) -> None:
         """Drops the objects this shard owned through ForeignRefs."""
