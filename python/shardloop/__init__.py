@@ -21,7 +21,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from . import shard
-from ._loop import EventLoopPolicy, ShardLoop, current_loop, new_event_loop
+from ._loop import EventLoopPolicy, ShardLoop, _CtrlCStops, current_loop, new_event_loop
 from ._shardloop import Connection, ShutdownError
 from .connection import connect
 from .server import ShardedServer, serve, serve_connections
@@ -87,11 +87,14 @@ def run(
         overprovisioned=overprovisioned,
         shutdown_timeout=shutdown_timeout,
     )
-    with asyncio.Runner(loop_factory=factory) as runner:
-        loop = runner.get_loop()
-        assert isinstance(loop, ShardLoop)
+    runner = asyncio.Runner(loop_factory=factory)
+    loop: ShardLoop | None = None
+    try:
+        made = runner.get_loop()
+        assert isinstance(made, ShardLoop)
+        loop = made
         try:
-            result = runner.run(main)
+            return runner.run(main)
         except BaseException as exc:
             if isinstance(exc, Exception):
                 raise
@@ -106,7 +109,16 @@ def run(
                     # loses track of it (as it installs its handler).
                     raise KeyboardInterrupt from None
             raise
-    return result
+    finally:
+        if loop is None or loop._runtime is None:
+            runner.close()
+        else:
+            # From here Ctrl-C stops the shards at once and is raised at
+            # the end, wherever in asyncio's clean-up it lands.
+            with _CtrlCStops(loop._runtime) as ctrl_c:
+                runner.close()
+            if ctrl_c.pressed:
+                raise KeyboardInterrupt
 
 
 def stats() -> dict[str, Any]:

@@ -265,7 +265,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
         """Cancels the tasks that serve no call, on every shard, then waits
         (serving this shard) until no call is in flight between shards, for
         at most the grace period; then cancels what still runs."""
-        if self._cancel_on_close or self._state.fatal is not None:
+        if self._cancel_on_close or self._state.fatal is not None or ctrl_c.pressed:
             runtime.force_stop()
             return
         from .shard import invoke_on_others
@@ -338,18 +338,31 @@ class _CtrlCStops:
 
     def __init__(self, runtime: _shardloop.Runtime) -> None:
         self._runtime = runtime
-        self.pressed = False
+        self._pressed = False
+        self._outer: _CtrlCStops | None = None
         self._previous: Any = None
 
+    @property
+    def pressed(self) -> bool:
+        """Whether Ctrl-C came while this guard (or the one around it) was
+        in place."""
+        return self._pressed or (self._outer is not None and self._outer.pressed)
+
     def _handler(self, signum: int, frame: Any) -> None:
-        self.pressed = True
-        self._runtime.force_stop()
+        self._pressed = True
+        try:
+            self._runtime.force_stop()
+        except RuntimeError:
+            pass  # already shut down: nothing left to stop
 
     def __enter__(self) -> _CtrlCStops:
-        if (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        ):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        current = signal.getsignal(signal.SIGINT)
+        outer = getattr(current, "__self__", None)
+        if isinstance(outer, _CtrlCStops):
+            self._outer = outer  # run() guards the whole close
+        elif current is signal.default_int_handler:
             self._previous = signal.signal(signal.SIGINT, self._handler)
         return self
 
@@ -433,7 +446,15 @@ def _run_to_end(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -
     """Runs the runtime's own coroutine on ``loop`` as a plain task: not
     through the user's task factory (an eager one would start it before the
     loop runs)."""
-    return loop.run_until_complete(asyncio.Task(coro, loop=loop))
+    task = asyncio.Task(coro, loop=loop)
+    try:
+        return loop.run_until_complete(task)
+    except RuntimeError:
+        if task.done():
+            raise
+        # A stop left over from an interrupted run_until_complete (Ctrl-C
+        # landing after main() finished) ended this run early: run again.
+        return loop.run_until_complete(task)
 
 
 async def _within(coro: Coroutine[Any, Any, T], limit: float) -> T | None:

@@ -240,6 +240,12 @@ class ForeignRef(Generic[T]):
         return await _resolve(fn(obj, *args, **kwargs))
 
     def __del__(self) -> None:
+        try:
+            self._let_go()
+        except Exception:
+            pass  # the interpreter is finalizing: modules are half gone
+
+    def _let_go(self) -> None:
         owner = self._owner_loop()
         if owner is not None:
             owner._foreign.pop(self._key, None)

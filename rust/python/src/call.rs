@@ -289,7 +289,7 @@ fn start_task(
     let responder = Bound::new(
         py,
         Responder {
-            call: RefCell::new(Some(call)),
+            call: std::sync::Mutex::new(Some(call)),
         },
     )?;
     task.call_method1(intern!(py, "add_done_callback"), (responder,))?;
@@ -404,16 +404,23 @@ pub(crate) fn is_coroutine(py: Python<'_>, value: &Bound<'_, PyAny>) -> bool {
 }
 
 /// Done-callback of a task that runs a call for another shard: sends its
-/// outcome back.
-#[pyclass(unsendable)]
+/// outcome back. Runs on its shard; may be dropped anywhere (a task that
+/// never finished is collected wherever its loop goes), so it holds the call
+/// behind a lock rather than being tied to its thread.
+#[pyclass(frozen)]
 struct Responder {
-    call: RefCell<Option<Box<PyCall>>>,
+    call: std::sync::Mutex<Option<Box<PyCall>>>,
 }
 
 #[pymethods]
 impl Responder {
     fn __call__(&self, py: Python<'_>, task: &Bound<'_, PyAny>) -> PyResult<()> {
-        let Some(mut call) = self.call.borrow_mut().take() else {
+        let taken = self
+            .call
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(mut call) = taken else {
             return Ok(());
         };
         let key = call_key(call.origin, call.id);
