@@ -12,14 +12,19 @@ from typing import Any
 import pytest
 import shardloop
 
-# No test may hang the suite: past this, every thread's stack is dumped and
-# the test process ends (tests/faults/ sets its own, scaled, limit).
-TEST_LIMIT = 120
+
+@pytest.fixture
+def test_limit() -> float:
+    """Seconds a test may run; a folder or module with slower tests
+    overrides this fixture."""
+    return 120
 
 
 @pytest.fixture(autouse=True)
-def bounded_in_time() -> Iterator[None]:
-    faulthandler.dump_traceback_later(TEST_LIMIT, exit=True, file=sys.__stderr__)
+def bounded_in_time(test_limit: float) -> Iterator[None]:
+    """No test may hang the suite: past its limit, every thread's stack is
+    dumped and the test process ends."""
+    faulthandler.dump_traceback_later(test_limit, exit=True, file=sys.__stderr__)
     try:
         yield
     finally:

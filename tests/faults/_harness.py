@@ -258,6 +258,25 @@ BASE_THREADS = os_threads()
 """
 
 
+# From another shard: returns once shard 0's main() has returned and the
+# runtime is shutting down (a scenario appends main()'s task to MAIN).
+SHUTDOWN_PROBE = """
+MAIN = []
+
+def main_finished():
+    return bool(MAIN) and MAIN[0].done()
+
+async def wait_for_shutdown():
+    while True:
+        try:
+            if await shard.submit_to(0, main_finished):
+                return
+        except shardloop.ShutdownError:
+            return
+        await asyncio.sleep(0.001)
+"""
+
+
 def scenario(*parts: str) -> str:
     """PREAMBLE followed by ``parts``, each dedented on its own."""
     return PREAMBLE + "\n".join(textwrap.dedent(part) for part in parts)

@@ -1,12 +1,9 @@
-"""Every fault test is bounded: a test that runs longer than its limit dumps
-every thread's stack and stops the test process (scenarios that run in a
-child process are bounded there too, see _harness.py)."""
+"""Every fault test is bounded (tests/conftest.py): a test that runs longer
+than this folder's limit dumps every thread's stack and stops the test
+process (scenarios that run in a child process are bounded there too, see
+_harness.py)."""
 
 from __future__ import annotations
-
-import faulthandler
-import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,10 +14,6 @@ from ._harness import SCALE
 TEST_LIMIT = 150 * SCALE
 
 
-@pytest.fixture(autouse=True)
-def bounded_in_time() -> Iterator[None]:
-    faulthandler.dump_traceback_later(TEST_LIMIT, exit=True, file=sys.__stderr__)
-    try:
-        yield
-    finally:
-        faulthandler.cancel_dump_traceback_later()
+@pytest.fixture
+def test_limit() -> float:
+    return TEST_LIMIT

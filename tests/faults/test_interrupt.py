@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ._harness import Child, describe, run_script, scenario
+from ._harness import SHUTDOWN_PROBE, Child, describe, run_script, scenario
 
 # Every interrupted child ends through this: "interrupted" and exit code 3
 # prove that run() raised KeyboardInterrupt.
@@ -20,22 +20,6 @@ def interruptible(fn):
         print("interrupted", flush=True)
         sys.exit(3)
     print("not interrupted", flush=True)
-
-MAIN = []
-
-def main_finished():
-    return bool(MAIN) and MAIN[0].done()
-
-async def wait_for_shutdown():
-    # On another shard: returns once shard 0's main() has returned and the
-    # runtime is shutting down.
-    while True:
-        try:
-            if await shard.submit_to(0, main_finished):
-                return
-        except shardloop.ShutdownError:
-            return
-        await asyncio.sleep(0.001)
 """
 
 # Within a second; the assertion allows slack for a loaded 2-core machine.
@@ -46,7 +30,7 @@ def interrupt(body: str, timeout: float = 20) -> tuple[float, str]:
     """Runs ``body``, sends SIGINT once it printed "ready", and checks that
     it stopped with KeyboardInterrupt in time, cleanly; returns the seconds
     from the signal to the exit, and stderr."""
-    with Child(scenario(INTERRUPTIBLE, body), timeout=timeout) as child:
+    with Child(scenario(INTERRUPTIBLE, SHUTDOWN_PROBE, body), timeout=timeout) as child:
         child.wait_for_line("ready")
         sent = child.signal(signal.SIGINT)
         proc = child.finish(timeout=STOP_LIMIT + 3)

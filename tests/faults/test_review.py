@@ -10,25 +10,7 @@ import signal
 import socket
 import time
 
-from ._harness import Child, assert_clean_exit, describe, run_script, scenario
-
-# From another shard: returns once shard 0's main() has returned and the
-# runtime is shutting down.
-SHUTDOWN_PROBE = """
-MAIN = []
-
-def main_finished():
-    return bool(MAIN) and MAIN[0].done()
-
-async def wait_for_shutdown():
-    while True:
-        try:
-            if await shard.submit_to(0, main_finished):
-                return
-        except shardloop.ShutdownError:
-            return
-        await asyncio.sleep(0.001)
-"""
+from ._harness import SHUTDOWN_PROBE, Child, assert_clean_exit, describe, run_script, scenario
 
 
 def seconds_after(stdout: str, label: str) -> float:

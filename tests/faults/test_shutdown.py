@@ -3,24 +3,7 @@ of admitted work still run, and the shard API after its runtime."""
 
 from __future__ import annotations
 
-from ._harness import SCALE, assert_clean_exit, describe, run_script, scenario
-
-# Shard 0's wait for main() to have returned, seen from another shard.
-SHUTDOWN_PROBE = """
-MAIN = []
-
-def main_finished():
-    return bool(MAIN) and MAIN[0].done()
-
-async def wait_for_shutdown():
-    while True:
-        try:
-            if await shard.submit_to(0, main_finished):
-                return
-        except shardloop.ShutdownError:
-            return
-        await asyncio.sleep(0.001)
-"""
+from ._harness import SCALE, SHUTDOWN_PROBE, assert_clean_exit, describe, run_script, scenario
 
 
 def test_follow_up_calls_made_during_the_drain_succeed() -> None:
