@@ -55,7 +55,7 @@ test-rust:
 
 # The sleep/wake handshake and the ring, model-checked with loom.
 loom:
-	$(LOOM_ENV) $(CARGO) test --release -p shardloop-core --test loom_wake
+	$(LOOM_ENV) $(CARGO) test --release -p shardloop-core --lib loom_tests
 
 test-python: develop
 	$(PY) -m pytest -q tests

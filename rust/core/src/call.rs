@@ -1,5 +1,6 @@
-//! Cross-shard calls: the work item that travels to the target shard and back,
-//! the origin's table of calls awaiting completion, and the [`Submit`] future.
+//! A cross-shard call's whole life: [`submit_to`] sends it, the target
+//! serves it ([`Message::run`] of [`Call`]), and the [`Submit`] future
+//! settles it on the origin.
 //!
 //! A call is one allocation. On the origin it gets a slot in the shard's call
 //! table and is boxed as a [`Message`]; the box crosses the request ring, runs on
@@ -14,30 +15,99 @@ use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
+use crate::context::with_shard;
 use crate::error::{Error, Result};
 use crate::executor::CatchUnwind;
-use crate::shard::{with_shard, Shard};
+use crate::message::Message;
+use crate::shard::Shard;
 
-/// A unit of work one shard hands another. The runtime moves the box
-/// through the rings; its two methods say what happens at each end. Calls made
-/// with [`submit_to`](crate::submit_to) are messages; other layers (such as
-/// language bindings) define their own.
-pub trait Message: Send + 'static {
-    /// Runs on the target shard, inside its poll loop. It must hand `self`
-    /// back to its origin with [`respond`](crate::respond), at once or later
-    /// from a task of the target shard: the origin counts it as in flight,
-    /// and shutdown waits for it, until it is back.
-    fn run(self: Box<Self>);
-
-    /// Runs on the origin shard, inside its poll loop, once the message is
-    /// back. The box is freed here, on the shard that allocated it.
-    fn complete(self: Box<Self>);
+/// Runs `func` on shard `shard` and resolves to its result. The call is sent
+/// at once (the returned future only waits for the answer), so make it on a
+/// shard, inside the future given to [`Runtime::block_on`](crate::Runtime::block_on)
+/// or a task. On the current shard `func` runs at once (inline, like
+/// Seastar's `submit_to`).
+///
+/// Fails, without sending anything, with [`Error::NoSuchShard`] for an index
+/// out of range, [`Error::Closed`] once shutdown has begun, and
+/// [`Error::NotOnShard`] off a shard. A panic in `func` comes back as
+/// [`Error::Panicked`].
+pub fn submit_to<F, R>(shard: usize, func: F) -> Submit<R>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    let submitted = with_shard(|current| {
+        current.check_target(shard)?;
+        if shard == current.id {
+            // What this turn already sent goes out before the call runs: it
+            // may run long, and the other shards should not wait for it.
+            current.flush_all();
+            let result =
+                catch_unwind(AssertUnwindSafe(func)).map_err(|p| Error::from_panic(shard, p));
+            return Ok(Submit::ready(result));
+        }
+        let slot = current.calls.borrow_mut().open();
+        current.send_request(
+            shard,
+            Box::new(Call::<F, R, Value>::new(current.id, slot, func)),
+        );
+        Ok(Submit::remote::<F, Value>(current.clone(), slot))
+    });
+    submitted
+        .and_then(|s| s)
+        .unwrap_or_else(|e| Submit::ready(Err(e)))
 }
 
-/// What travels the rings.
-pub(crate) type Envelope = Box<dyn Message>;
+/// Like [`submit_to`], for a closure that returns a future: the closure is
+/// sent to `shard`, and the future it returns runs there as a local task (so
+/// it need not be `Send`) until it completes.
+pub fn submit_to_async<F, Fut>(shard: usize, func: F) -> Submit<Fut::Output>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future + 'static,
+    Fut::Output: Send + 'static,
+{
+    let submitted = with_shard(|current| {
+        current.check_target(shard)?;
+        if shard == current.id {
+            let id = current.id;
+            return Ok(Submit::local(Box::pin(async move {
+                let future =
+                    catch_unwind(AssertUnwindSafe(func)).map_err(|p| Error::from_panic(id, p))?;
+                CatchUnwind::new(future, id).await
+            })));
+        }
+        let slot = current.calls.borrow_mut().open();
+        let call = Call::<F, Fut::Output, Deferred>::new(current.id, slot, func);
+        current.send_request(shard, Box::new(call));
+        Ok(Submit::remote::<F, Deferred>(current.clone(), slot))
+    });
+    submitted
+        .and_then(|s| s)
+        .unwrap_or_else(|e| Submit::ready(Err(e)))
+}
+
+/// Runs `func` on every shard and returns the results in shard order.
+pub async fn invoke_on_all<F, R>(func: F) -> Result<Vec<R>>
+where
+    F: FnOnce() -> R + Clone + Send + 'static,
+    R: Send + 'static,
+{
+    let (count, me) = with_shard(|shard| (shard.shared.count, shard.id))?;
+    // The other shards get their calls first: this shard's own call runs
+    // inline, and would otherwise hold the others back.
+    let mut calls: Vec<Option<Submit<R>>> = (0..count)
+        .map(|shard| (shard != me).then(|| submit_to(shard, func.clone())))
+        .collect();
+    calls[me] = Some(submit_to(me, func));
+    let mut results = Vec::with_capacity(count);
+    for call in calls.into_iter().flatten() {
+        results.push(call.await?);
+    }
+    Ok(results)
+}
 
 /// Marker: the closure returns the value.
 pub(crate) struct Value;
@@ -144,106 +214,6 @@ fn complete_call(slot: usize, call: Box<dyn Any>) {
         Ok(Some(waker)) => waker.wake(),
         Ok(None) => {}
         Err(abandoned) => drop(abandoned),
-    }
-}
-
-enum Slot {
-    Free { next: usize },
-    Waiting(Option<Waker>),
-    Done(Box<dyn Any>),
-    Abandoned,
-}
-
-/// The origin's table of calls in flight, indexed by slot.
-#[derive(Default)]
-pub(crate) struct Calls {
-    slots: Vec<Slot>,
-    free_head: Option<usize>,
-}
-
-impl Calls {
-    pub(crate) fn open(&mut self) -> usize {
-        match self.free_head {
-            Some(index) => {
-                let Slot::Free { next } = self.slots[index] else {
-                    unreachable!("the free list only holds free slots")
-                };
-                self.free_head = (next != usize::MAX).then_some(next);
-                self.slots[index] = Slot::Waiting(None);
-                index
-            }
-            None => {
-                self.slots.push(Slot::Waiting(None));
-                self.slots.len() - 1
-            }
-        }
-    }
-
-    fn release(&mut self, index: usize) {
-        self.slots[index] = Slot::Free {
-            next: self.free_head.unwrap_or(usize::MAX),
-        };
-        self.free_head = Some(index);
-    }
-
-    /// The call came back. Returns the waker to wake if someone awaits it, or
-    /// gives the call back for the caller to drop (outside this table's
-    /// borrow) when nobody does any more.
-    pub(crate) fn complete(
-        &mut self,
-        index: usize,
-        message: Box<dyn Any>,
-    ) -> Result<Option<Waker>, Box<dyn Any>> {
-        match &mut self.slots[index] {
-            Slot::Waiting(waker) => {
-                let waker = waker.take();
-                self.slots[index] = Slot::Done(message);
-                Ok(waker)
-            }
-            Slot::Abandoned => {
-                self.release(index);
-                Err(message)
-            }
-            Slot::Free { .. } | Slot::Done(_) => unreachable!("a call completes once"),
-        }
-    }
-
-    fn poll(&mut self, index: usize, cx: &mut Context<'_>) -> Option<Box<dyn Any>> {
-        match &mut self.slots[index] {
-            Slot::Waiting(waker) => {
-                match waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => *waker = Some(cx.waker().clone()),
-                }
-                None
-            }
-            Slot::Done(_) => {
-                let Slot::Done(message) =
-                    std::mem::replace(&mut self.slots[index], Slot::Abandoned)
-                else {
-                    unreachable!()
-                };
-                self.release(index);
-                Some(message)
-            }
-            Slot::Free { .. } | Slot::Abandoned => unreachable!("only the owner polls a slot"),
-        }
-    }
-
-    /// The awaiting side went away. Returns the finished call, if it already
-    /// came back, for the caller to drop outside this table's borrow.
-    fn abandon(&mut self, index: usize) -> Option<Box<dyn Any>> {
-        match std::mem::replace(&mut self.slots[index], Slot::Abandoned) {
-            Slot::Waiting(_) => None,
-            Slot::Done(message) => {
-                self.release(index);
-                Some(message)
-            }
-            other => {
-                self.slots[index] = other;
-                None
-            }
-        }
     }
 }
 

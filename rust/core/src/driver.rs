@@ -1,12 +1,11 @@
 //! Driving a shard from another event loop (such as Python's asyncio).
 
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::stats::Stats;
-use std::os::fd::RawFd;
-
-use crate::shard::{Enter, Shard};
+use crate::context::Enter;
+use crate::shard::Shard;
 
 /// Lets another event loop drive a shard: while that loop runs it keeps the
 /// driver [activated](Self::activate), and calls [`poll`](Self::poll) or
@@ -94,10 +93,5 @@ impl Driver {
     /// the driving loop may stop.
     pub fn may_stop(&self) -> bool {
         self.shard.may_stop()
-    }
-
-    /// A snapshot of the runtime's counters.
-    pub fn stats(&self) -> Stats {
-        self.shard.shared.stats()
     }
 }

@@ -1,9 +1,12 @@
-//! The errors a caller of the runtime can see.
+//! The errors a caller of the runtime can see, one type per operation:
+//! [`Error`] for a call between shards, [`BuildError`] for building a
+//! runtime.
 
 use std::any::Any;
 use std::fmt;
+use std::io;
 
-/// Why a cross-shard call, or building a runtime, failed.
+/// Why a cross-shard call failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Error {
@@ -26,8 +29,6 @@ pub enum Error {
         /// The panic payload, if it was a string.
         message: String,
     },
-    /// The runtime could not be built.
-    Build(String),
 }
 
 impl Error {
@@ -61,12 +62,63 @@ impl fmt::Display for Error {
                     "the submitted closure panicked on shard {shard}: {message}"
                 )
             }
-            Error::Build(why) => write!(f, "cannot build the runtime: {why}"),
         }
     }
 }
 
 impl std::error::Error for Error {}
+
+/// Why a runtime could not be built.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// Zero shards were asked for.
+    NoShards,
+    /// More shards than [`MAX_SHARDS`](crate::MAX_SHARDS) were asked for.
+    TooManyShards {
+        /// The number asked for.
+        shards: usize,
+        /// The most a runtime may have.
+        max: usize,
+    },
+    /// The operating system refused a resource a shard needs.
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// What the system said.
+        source: io::Error,
+    },
+}
+
+impl BuildError {
+    /// For `map_err`: an [`Io`](Self::Io) error while doing `what`.
+    pub(crate) fn io(what: &'static str) -> impl FnOnce(io::Error) -> Self {
+        move |source| BuildError::Io { what, source }
+    }
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BuildError::NoShards => f.write_str("a runtime needs at least one shard"),
+            BuildError::TooManyShards { shards, max } => write!(
+                f,
+                "{shards} shards: a runtime has at most {max} (every ordered pair of shards has \
+                 two rings, so their number grows with the square of the shards)"
+            ),
+            BuildError::Io { what, source } => write!(f, "{what}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BuildError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
 
 /// The result type of cross-shard calls.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -86,7 +86,6 @@ pub(crate) struct Executor {
     slots: RefCell<Vec<Slot>>,
     free: RefCell<Vec<u32>>,
     ready: RefCell<VecDeque<TaskId>>,
-    live: Cell<usize>,
 }
 
 fn split(id: TaskId) -> (usize, u32) {
@@ -116,7 +115,6 @@ impl Executor {
         slot.waker = Some(make_waker(id));
         slot.queued = true;
         self.ready.borrow_mut().push_back(id);
-        self.live.set(self.live.get() + 1);
     }
 
     /// Queues the task `id` if it is alive and not queued yet.
@@ -181,7 +179,6 @@ impl Executor {
                 slot.queued = false;
                 slot.generation = slot.generation.wrapping_add(1);
                 self.free.borrow_mut().push(index as u32);
-                self.live.set(self.live.get() - 1);
                 drop(slots);
                 drop(future);
             } else {
@@ -205,7 +202,6 @@ impl Executor {
             .filter_map(|slot| slot.future.take())
             .collect();
         self.ready.borrow_mut().clear();
-        self.live.set(0);
         drop(futures);
     }
 }

@@ -15,30 +15,34 @@
 //! ```
 #![warn(missing_docs)]
 
-mod api;
 mod call;
+mod calls;
+mod config;
+mod context;
 mod driver;
+pub mod embed;
 mod error;
 mod executor;
 mod io;
-pub mod matrix;
+#[cfg(all(test, loom))]
+mod loom_tests;
+mod matrix;
+mod message;
+mod reactor;
 pub mod ring;
 mod runtime;
 mod shard;
+mod sleep;
 mod stats;
 mod sync;
 mod timer;
-pub mod wake;
+mod wake;
 
-pub use api::{
-    check_target, count_tasks, flush, invoke_on_all, respond, runtime_id, send, shard_count,
-    shard_id, spawn_local, stats, submit_to, submit_to_async, wake_driver,
-};
-pub use call::{Message, Submit};
-pub use driver::{Activation, Driver};
-pub use error::{Error, Result};
+pub use call::{invoke_on_all, submit_to, submit_to_async, Submit};
+pub use context::{runtime_id, shard_count, shard_id, spawn_local, stats};
+pub use error::{BuildError, Error, Result};
 pub use executor::JoinHandle;
 pub use io::Async;
 pub use runtime::{Builder, Runtime, MAX_SHARDS};
+pub use sleep::{sleep, Sleep};
 pub use stats::{QueueStats, ShardStats, Stats};
-pub use timer::{sleep, Sleep};

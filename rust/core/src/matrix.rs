@@ -19,16 +19,16 @@ use crate::ring::{self, Consumer, Producer};
 use crate::stats::QueueCounters;
 
 /// The two halves of every ring of an N-shard matrix, handed out per shard.
-pub struct Matrix<T> {
+pub(crate) struct Matrix<T> {
     /// `outgoing[from][to]`: the producer of ring `from -> to`.
-    pub outgoing: Vec<Vec<Option<Producer<T>>>>,
+    pub(crate) outgoing: Vec<Vec<Option<Producer<T>>>>,
     /// `incoming[to][from]`: the consumer of ring `from -> to`.
-    pub incoming: Vec<Vec<Option<Consumer<T>>>>,
+    pub(crate) incoming: Vec<Vec<Option<Consumer<T>>>>,
 }
 
 impl<T: Send> Matrix<T> {
     /// Creates N*(N-1) rings of `capacity` items each.
-    pub fn new(shards: usize, capacity: usize) -> Self {
+    pub(crate) fn new(shards: usize, capacity: usize) -> Self {
         let mut outgoing: Vec<Vec<Option<Producer<T>>>> = (0..shards)
             .map(|_| (0..shards).map(|_| None).collect())
             .collect();
@@ -46,31 +46,41 @@ impl<T: Send> Matrix<T> {
     }
 }
 
+/// Which of the two matrices a ring belongs to. It selects the counters
+/// an end feeds: a request outbox counts `sent` and `batches`, a request
+/// inbox `received`; a response inbox counts `completed` on the pair's
+/// sender counters, and a response outbox counts nothing (the completion is
+/// counted by the shard that receives it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// Calls on their way to their target.
+    Requests,
+    /// Finished calls on their way back to their origin.
+    Responses,
+}
+
 /// The sending end of one ring with its batching FIFO.
 pub(crate) struct Outbox<T> {
     ring: Producer<T>,
     pending: VecDeque<T>,
     batch: usize,
     counters: Arc<QueueCounters>,
-    count_requests: bool,
+    direction: Direction,
 }
 
 impl<T: Send> Outbox<T> {
-    /// `count_requests` selects which counters this outbox feeds: request
-    /// outboxes count `sent`/`batches`, response outboxes count nothing here
-    /// (completions are counted by the shard that receives them).
     pub(crate) fn new(
         ring: Producer<T>,
         batch: usize,
         counters: Arc<QueueCounters>,
-        count_requests: bool,
+        direction: Direction,
     ) -> Self {
         Self {
             ring,
             pending: VecDeque::with_capacity(batch),
             batch: batch.max(1),
             counters,
-            count_requests,
+            direction,
         }
     }
 
@@ -79,7 +89,7 @@ impl<T: Send> Outbox<T> {
     #[inline]
     pub(crate) fn send(&mut self, item: T) -> bool {
         self.pending.push_back(item);
-        if self.count_requests {
+        if self.direction == Direction::Requests {
             self.counters.sender.sent.add(1);
         }
         self.pending.len() >= self.batch
@@ -89,7 +99,7 @@ impl<T: Send> Outbox<T> {
     /// Returns how many items moved.
     pub(crate) fn flush(&mut self) -> usize {
         let moved = self.ring.push_from(&mut self.pending);
-        if self.count_requests {
+        if self.direction == Direction::Requests {
             if moved > 0 {
                 self.counters.sender.batches.add(1);
             }
@@ -111,19 +121,19 @@ impl<T: Send> Outbox<T> {
 pub(crate) struct Inbox<T> {
     ring: Consumer<T>,
     counters: Arc<QueueCounters>,
-    count_requests: bool,
+    direction: Direction,
 }
 
 impl<T: Send> Inbox<T> {
     pub(crate) fn new(
         ring: Consumer<T>,
         counters: Arc<QueueCounters>,
-        count_requests: bool,
+        direction: Direction,
     ) -> Self {
         Self {
             ring,
             counters,
-            count_requests,
+            direction,
         }
     }
 
@@ -133,7 +143,7 @@ impl<T: Send> Inbox<T> {
     pub(crate) fn drain_into(&mut self, out: &mut Vec<T>) -> usize {
         let moved = self.ring.pop_into(out, usize::MAX);
         if moved > 0 {
-            if self.count_requests {
+            if self.direction == Direction::Requests {
                 self.counters.receiver.received.add(moved as u64);
                 self.counters.receiver.max_depth.max(moved as u64);
             } else {
@@ -149,7 +159,7 @@ impl<T: Send> Inbox<T> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 
@@ -192,8 +202,8 @@ mod tests {
     fn outbox_batches_and_keeps_overflow() {
         let (producer, consumer) = ring::channel(4);
         let counters = Arc::new(QueueCounters::default());
-        let mut outbox = Outbox::new(producer, 3, counters.clone(), true);
-        let mut inbox = Inbox::new(consumer, counters.clone(), true);
+        let mut outbox = Outbox::new(producer, 3, counters.clone(), Direction::Requests);
+        let mut inbox = Inbox::new(consumer, counters.clone(), Direction::Requests);
         assert!(!outbox.send(0));
         assert!(!outbox.send(1));
         assert!(outbox.send(2), "the third item completes a batch");

@@ -10,49 +10,22 @@ use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 
-use crate::call::Envelope;
-use crate::error::{Error, Result};
+use crate::config::Config;
+use crate::context::Enter;
+use crate::driver::Driver;
+use crate::error::BuildError;
 use crate::executor::RemoteWakes;
-use crate::io::WAKE_TOKEN;
 use crate::matrix::Matrix;
+use crate::message::Envelope;
+use crate::reactor::WAKE_TOKEN;
+use crate::shard::{Parts, Shard, ShardHandle, Shared};
 use crate::stats::Stats;
 use crate::wake::SleepFlag;
 
-use crate::driver::Driver;
-use crate::shard::{Enter, Parts, Shard, ShardHandle, Shared};
-
-/// Settings of a runtime; see [`Builder`].
-#[derive(Debug, Clone)]
-pub(crate) struct Config {
-    pub(crate) shards: Option<usize>,
-    pub(crate) pin: bool,
-    pub(crate) overprovisioned: bool,
-    pub(crate) idle_poll: Duration,
-    pub(crate) batch: usize,
-    pub(crate) ring_capacity: usize,
-    pub(crate) stack_size: Option<usize>,
-}
-
 /// Configures and builds a [`Runtime`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Builder {
     config: Config,
-}
-
-impl Default for Builder {
-    fn default() -> Self {
-        Self {
-            config: Config {
-                shards: None,
-                pin: true,
-                overprovisioned: false,
-                idle_poll: Duration::from_micros(200),
-                batch: 16,
-                ring_capacity: 1024,
-                stack_size: None,
-            },
-        }
-    }
 }
 
 impl Builder {
@@ -112,7 +85,7 @@ impl Builder {
 
     /// Starts shards 1..N on their own threads and makes the calling thread
     /// shard 0.
-    pub fn build(self) -> Result<Runtime> {
+    pub fn build(self) -> Result<Runtime, BuildError> {
         Runtime::start(self.config, None)
     }
 
@@ -122,7 +95,7 @@ impl Builder {
     /// Python's, runs on a shard). Shard 0's driver comes from
     /// [`Runtime::enter`]. `main` should return once [`Driver::may_stop`]
     /// says so.
-    pub fn build_driven<M>(self, main: M) -> Result<Runtime>
+    pub fn build_driven<M>(self, main: M) -> Result<Runtime, BuildError>
     where
         M: Fn(Driver) + Send + Sync + 'static,
     {
@@ -196,17 +169,17 @@ impl Runtime {
         Builder::default()
     }
 
-    fn start(config: Config, main: Option<ThreadMain>) -> Result<Self> {
+    fn start(config: Config, main: Option<ThreadMain>) -> Result<Self, BuildError> {
         let cores = available_cores();
         let count = config.shards.unwrap_or(cores.len().max(1));
         if count == 0 {
-            return Err(Error::Build("a runtime needs at least one shard".into()));
+            return Err(BuildError::NoShards);
         }
         if count > MAX_SHARDS {
-            return Err(Error::Build(format!(
-                "{count} shards: a runtime has at most {MAX_SHARDS} (every ordered pair of \
-                 shards has two rings, so their number grows with the square of the shards)"
-            )));
+            return Err(BuildError::TooManyShards {
+                shards: count,
+                max: MAX_SHARDS,
+            });
         }
         let pinned = config.pin && !config.overprovisioned && count <= cores.len();
         if config.pin && !config.overprovisioned && !pinned {
@@ -221,9 +194,10 @@ impl Runtime {
         let mut polls = Vec::with_capacity(count);
         let mut handles = Vec::with_capacity(count);
         for _ in 0..count {
-            let poll = mio::Poll::new().map_err(|e| Error::Build(format!("epoll: {e}")))?;
+            let poll =
+                mio::Poll::new().map_err(BuildError::io("creating a shard's epoll instance"))?;
             let waker = mio::Waker::new(poll.registry(), WAKE_TOKEN)
-                .map_err(|e| Error::Build(format!("eventfd: {e}")))?;
+                .map_err(BuildError::io("creating a shard's eventfd"))?;
             handles.push(Arc::new(ShardHandle {
                 flag: SleepFlag::new(),
                 waker,
@@ -298,7 +272,7 @@ impl Runtime {
                         }
                     }
                 })
-                .map_err(|e| Error::Build(format!("spawning a shard thread: {e}")))?;
+                .map_err(BuildError::io("spawning a shard thread"))?;
             threads.push(thread);
         }
         let affinity = pinned.then(AffinityGuard::save).flatten();
@@ -348,7 +322,7 @@ impl Runtime {
         }
     }
 
-    /// Stops accepting calls (they fail with [`Error::Closed`]) and tells
+    /// Stops accepting calls (they fail with [`Error::Closed`](crate::Error::Closed)) and tells
     /// every shard to finish what was submitted and stop. Driven shards see
     /// it through [`Driver::may_stop`]; [`shutdown`](Self::shutdown) then
     /// joins them.

@@ -8,7 +8,6 @@
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::{pin, Pin};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -16,12 +15,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 
-use crate::call::{Calls, Envelope};
+use crate::calls::Calls;
+use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::executor::{Executor, RemoteWakes, TaskId, TaskWaker, WakeTarget, MAIN_TASK};
-use crate::io::Reactor;
-use crate::matrix::{Inbox, Outbox};
-use crate::runtime::Config;
+use crate::executor::{Executor, RemoteWakes, TaskId, TaskWaker, MAIN_TASK};
+use crate::matrix::{Direction, Inbox, Outbox};
+use crate::message::Envelope;
+use crate::reactor::Reactor;
 use crate::stats::{self, QueueCounters, ShardCounters, Stats};
 use crate::timer::Timers;
 use crate::wake::SleepFlag;
@@ -39,28 +39,6 @@ pub(crate) struct ShardHandle {
     pub(crate) flag: SleepFlag,
     pub(crate) waker: mio::Waker,
     pub(crate) remote: RemoteWakes,
-}
-
-impl WakeTarget for ShardHandle {
-    fn wake_task(self: &Arc<Self>, id: TaskId) {
-        let woke_locally = with_shard(|shard| {
-            if !Arc::ptr_eq(&shard.handle, self) {
-                return false;
-            }
-            if id == MAIN_TASK {
-                shard.main_woken.set(true);
-            } else {
-                shard.exec.schedule(id);
-            }
-            true
-        });
-        if woke_locally != Ok(true) {
-            self.remote.post(id);
-            if self.flag.must_notify(&mut 0) {
-                let _ = self.waker.wake();
-            }
-        }
-    }
 }
 
 /// Runtime-wide state, shared by all shards.
@@ -158,100 +136,50 @@ pub(crate) struct Parts {
     pub(crate) responses_in: Vec<Option<crate::ring::Consumer<Envelope>>>,
 }
 
-thread_local! {
-    static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
-}
-
-/// Runs `f` with the shard of the calling thread.
-pub(crate) fn with_shard<R>(f: impl FnOnce(&Rc<Shard>) -> R) -> Result<R> {
-    CURRENT.with(|current| current.borrow().as_ref().map(f).ok_or(Error::NotOnShard))
-}
-
-/// Makes `shard` the current thread's shard until dropped, then restores
-/// the one that was current before (a thread may own several runtimes, one
-/// running at a time).
-pub(crate) struct Enter {
-    previous: Option<Rc<Shard>>,
-}
-
-impl Enter {
-    pub(crate) fn new(shard: Rc<Shard>) -> Self {
-        Self::try_new(shard).expect("the thread's shard slot is gone: the thread is exiting")
-    }
-
-    /// Like [`new`](Self::new), or `None` while the thread's locals are
-    /// being destroyed (a runtime dropped as its owning thread exits).
-    pub(crate) fn try_new(shard: Rc<Shard>) -> Option<Self> {
-        let previous = CURRENT.try_with(|current| {
-            let mut current = current.borrow_mut();
-            assert!(
-                !current.as_ref().is_some_and(|c| Rc::ptr_eq(c, &shard)),
-                "this thread is already running this shard; block_on cannot be nested"
-            );
-            current.replace(shard)
-        });
-        previous.ok().map(|previous| Enter { previous })
-    }
-}
-
-impl Drop for Enter {
-    fn drop(&mut self) {
-        let previous = self.previous.take();
-        let shard =
-            CURRENT.try_with(|current| std::mem::replace(&mut *current.borrow_mut(), previous));
-        drop(shard);
-    }
-}
-
 impl Shard {
     pub(crate) fn new(parts: Parts, shared: Arc<Shared>) -> Self {
         let id = parts.id;
         let count = shared.count;
-        shared.counters[id].tid.set(stats::this_tid());
-        let outbox =
-            |peer: usize, ring: Option<crate::ring::Producer<Envelope>>, requests: bool| {
-                let counters = if requests {
-                    shared.queues[id * count + peer].clone()
-                } else {
-                    shared.queues[peer * count + id].clone()
-                };
-                ring.map(|ring| {
-                    RefCell::new(Outbox::new(ring, shared.config.batch, counters, requests))
-                })
+        shared.counters[id]
+            .tid
+            .store(stats::this_tid(), Ordering::Release);
+        // The counters of the pair (from, to) live at from * count + to.
+        let pair = |peer: usize, outgoing: bool, direction: Direction| {
+            let (from, to) = match (direction, outgoing) {
+                (Direction::Requests, true) | (Direction::Responses, false) => (id, peer),
+                (Direction::Requests, false) | (Direction::Responses, true) => (peer, id),
             };
-        let requests_out = parts
-            .requests_out
-            .into_iter()
-            .enumerate()
-            .map(|(peer, ring)| outbox(peer, ring, true))
-            .collect();
-        let responses_out = parts
-            .responses_out
-            .into_iter()
-            .enumerate()
-            .map(|(peer, ring)| outbox(peer, ring, false))
-            .collect();
-        let inboxes = |rings: Vec<Option<crate::ring::Consumer<Envelope>>>, requests: bool| {
+            shared.queues[from * count + to].clone()
+        };
+        let outboxes = |rings: Vec<Option<crate::ring::Producer<Envelope>>>, direction| {
+            rings
+                .into_iter()
+                .enumerate()
+                .map(|(peer, ring)| {
+                    let counters = pair(peer, true, direction);
+                    ring.map(|ring| {
+                        RefCell::new(Outbox::new(ring, shared.config.batch, counters, direction))
+                    })
+                })
+                .collect()
+        };
+        let inboxes = |rings: Vec<Option<crate::ring::Consumer<Envelope>>>, direction| {
             rings
                 .into_iter()
                 .enumerate()
                 .filter_map(|(peer, ring)| {
-                    let counters = if requests {
-                        shared.queues[peer * count + id].clone()
-                    } else {
-                        shared.queues[id * count + peer].clone()
-                    };
-                    ring.map(|ring| Inbox::new(ring, counters, requests))
+                    let counters = pair(peer, false, direction);
+                    ring.map(|ring| Inbox::new(ring, counters, direction))
                 })
                 .collect()
         };
         Self {
             id,
             handle: shared.handles[id].clone(),
-            requests_out,
-            responses_out,
-            requests_in: RefCell::new(inboxes(parts.requests_in, true)),
-            responses_in: RefCell::new(inboxes(parts.responses_in, false)),
+            requests_out: outboxes(parts.requests_out, Direction::Requests),
+            responses_out: outboxes(parts.responses_out, Direction::Responses),
+            requests_in: RefCell::new(inboxes(parts.requests_in, Direction::Requests)),
+            responses_in: RefCell::new(inboxes(parts.responses_in, Direction::Responses)),
             notified: RefCell::new(vec![0; count]),
             messages: RefCell::default(),
             remote_ids: RefCell::default(),

@@ -40,10 +40,6 @@ impl Counter {
     pub(crate) fn get_acquire(&self) -> u64 {
         self.0.load(Ordering::Acquire)
     }
-
-    pub(crate) fn set(&self, n: u64) {
-        self.0.store(n, Ordering::Relaxed);
-    }
 }
 
 /// Counters written by the sending shard of one ordered pair.
@@ -77,8 +73,9 @@ pub(crate) struct ShardCounters {
     pub(crate) tasks_run: Counter,
     pub(crate) sleeps: Counter,
     pub(crate) wakeups: Counter,
-    /// The shard thread's OS thread id (written once, when it starts).
-    pub(crate) tid: Counter,
+    /// The shard thread's OS thread id (written once, when it starts; 0
+    /// until then).
+    pub(crate) tid: AtomicU64,
 }
 
 /// A snapshot of one request queue, from shard `from` to shard `to`.
@@ -164,7 +161,7 @@ pub(crate) fn snapshot_from(
             tasks_run: c.tasks_run.get(),
             sleeps: c.sleeps.get(),
             wakeups: c.wakeups.get(),
-            preempted: preemptions(c.tid.get()),
+            preempted: preemptions(c.tid.load(Ordering::Acquire)),
         })
         .collect();
     Stats { queues, shards }

@@ -29,15 +29,15 @@
 //! of `SeqCst` operations. If the sleeper's fence comes first, the sender's
 //! load sees `sleeping == true` and notifies; if the sender's fence comes
 //! first, the sleeper's re-check sees the new tail and does not block. Either
-//! way the item is found. `tests/loom_wake.rs` checks this exhaustively with
-//! loom against the real ring.
+//! way the item is found. `loom_tests.rs` checks this exhaustively with loom
+//! against the real ring.
 
 use crate::sync::{fence, AtomicUsize, Ordering};
 
 /// Whether a shard is (about to be) asleep. One per shard, shared with all
 /// peers.
 #[derive(Debug, Default)]
-pub struct SleepFlag {
+pub(crate) struct SleepFlag {
     /// A sleep counter: odd while the shard has announced a sleep, even while
     /// it is awake. Written only by the shard itself; the count lets each
     /// sender notify a given sleep at most once without a read-modify-write.
@@ -46,7 +46,7 @@ pub struct SleepFlag {
 
 impl SleepFlag {
     /// Creates a flag for an awake shard.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
@@ -54,7 +54,7 @@ impl SleepFlag {
     /// `has_work`, and calls `block` only if there is none. `block` must return
     /// once notified (a notification that arrives before `block` starts must
     /// not be lost, as with an eventfd). Returns whether it blocked.
-    pub fn sleep(&self, has_work: impl FnOnce() -> bool, block: impl FnOnce()) -> bool {
+    pub(crate) fn sleep(&self, has_work: impl FnOnce() -> bool, block: impl FnOnce()) -> bool {
         let awake = self.state.load(Ordering::Relaxed);
         debug_assert!(awake % 2 == 0, "sleep() is only called by the awake shard");
         self.state.store(awake.wrapping_add(1), Ordering::Relaxed);
@@ -72,7 +72,7 @@ impl SleepFlag {
     /// caller's own record of the last sleep it notified (start at 0); a sleep
     /// is notified at most once by each sender.
     #[inline]
-    pub fn must_notify(&self, notified: &mut usize) -> bool {
+    pub(crate) fn must_notify(&self, notified: &mut usize) -> bool {
         fence(Ordering::SeqCst);
         let state = self.state.load(Ordering::Relaxed);
         if state % 2 == 1 && state != *notified {
@@ -80,10 +80,5 @@ impl SleepFlag {
             return true;
         }
         false
-    }
-
-    /// Whether the shard has announced a sleep (for statistics and tests).
-    pub fn is_sleeping(&self) -> bool {
-        self.state.load(Ordering::Relaxed) % 2 == 1
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use shardloop_core::{
     invoke_on_all, shard_count, shard_id, sleep, spawn_local, submit_to, submit_to_async, Async,
-    Error, Runtime,
+    BuildError, Error, Runtime,
 };
 
 fn runtime(shards: usize) -> Runtime {
@@ -125,13 +125,23 @@ fn more_shards_than_the_most_is_an_error() {
         .build()
         .err()
         .expect("refused");
+    assert!(
+        matches!(
+            err,
+            BuildError::TooManyShards {
+                shards: 257,
+                max: 256
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("at most 256"), "{err}");
 }
 
 #[test]
 fn zero_shards_is_an_error() {
     let err = Runtime::builder().shards(0).build().err().unwrap();
-    assert!(matches!(err, Error::Build(_)), "{err}");
+    assert!(matches!(err, BuildError::NoShards), "{err}");
 }
 
 #[test]
@@ -354,12 +364,12 @@ struct Probe {
     done: Trail,
 }
 
-impl shardloop_core::Message for Probe {
+impl shardloop_core::embed::Message for Probe {
     fn run(mut self: Box<Self>) {
         self.ran_on = shard_id();
-        shardloop_core::wake_driver();
+        shardloop_core::embed::wake_driver();
         let origin = self.origin;
-        shardloop_core::respond(origin, self);
+        shardloop_core::embed::respond(origin, self);
     }
 
     fn complete(self: Box<Self>) {
@@ -367,7 +377,7 @@ impl shardloop_core::Message for Probe {
             .lock()
             .unwrap()
             .push((shard_id().unwrap(), self.ran_on));
-        shardloop_core::wake_driver();
+        shardloop_core::embed::wake_driver();
     }
 }
 
@@ -397,9 +407,9 @@ fn driven_shards_carry_custom_messages_and_stop_together() {
                 ran_on: None,
                 done: done.clone(),
             };
-            shardloop_core::send(target, Box::new(probe)).unwrap();
+            shardloop_core::embed::send(target, Box::new(probe)).unwrap();
         }
-        let err = shardloop_core::send(
+        let err = shardloop_core::embed::send(
             3,
             Box::new(Probe {
                 origin: 0,
@@ -413,7 +423,7 @@ fn driven_shards_carry_custom_messages_and_stop_together() {
             driver.wait(Some(Duration::from_millis(10)));
         }
         rt.begin_shutdown();
-        assert_eq!(shardloop_core::check_target(1), Err(Error::Closed));
+        assert_eq!(shardloop_core::embed::check_target(1), Err(Error::Closed));
         while !driver.may_stop() {
             driver.wait(None);
         }

@@ -1,13 +1,14 @@
-//! Model checks of the lock-free protocols, run with
-//! `RUSTFLAGS="--cfg loom" cargo test -p shardloop-core --test loom_wake --release`.
-#![cfg(loom)]
+//! Model checks of the lock-free protocols (the ring and the sleep/wake
+//! handshake), run with `make loom`:
+//! `RUSTFLAGS="--cfg loom" cargo test --release -p shardloop-core --lib loom_tests`.
 
 use std::collections::VecDeque;
 
 use loom::sync::{Arc, Condvar, Mutex};
 use loom::thread;
-use shardloop_core::ring;
-use shardloop_core::wake::SleepFlag;
+
+use crate::ring;
+use crate::wake::SleepFlag;
 
 /// An eventfd: a notification posted before the wait is not lost.
 #[derive(Default)]
