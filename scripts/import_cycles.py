@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RUST_CRATES = [ROOT / "rust" / "core" / "src", ROOT / "rust" / "bindings" / "src"]
 PYTHON_PACKAGE = ROOT / "python" / "shardloop"
 
-RUST_PATH = re.compile(r"\b(?:crate|super)::([a-z_][a-z0-9_]*(?:::[a-z_][a-z0-9_]*)*)")
+RUST_PATH = re.compile(r"\b(crate|super|self)::([a-z_][a-z0-9_]*(?:::[a-z_][a-z0-9_]*)*)")
+# `use child::item;` in a folder module, naming a child module directly.
+RUST_CHILD = re.compile(r"^\s*(?:pub(?:\([a-z]+\))? )?use ([a-z_][a-z0-9_]*)::", re.M)
 RUST_GROUP = re.compile(r"\buse crate::\{([^;]*)\};", re.S)
 PY_IMPORT = re.compile(r"^\s*from \.([a-z_][a-z0-9_]*)? import (\([^)]*\)|[^\n]+)", re.M)
 
@@ -44,16 +46,15 @@ def rust_graph(src: Path) -> dict[str, set[str]]:
         text = strip_tests(file.read_text())
         # Comments (doc links among them) are not imports.
         text = re.sub(r"//[^\n]*", "", text)
-        paths = [m.group(1) for m in RUST_PATH.finditer(text)]
+        here = name.split("/")
+        bases = {"crate": [], "super": here[:-1], "self": here}
+        paths = [(bases[m.group(1)], m.group(2)) for m in RUST_PATH.finditer(text)]
+        paths += [(here, m.group(1)) for m in RUST_CHILD.finditer(text)]
         for group in RUST_GROUP.finditer(text):
-            paths += [p.strip() for p in group.group(1).split(",")]
+            paths += [([], p.strip()) for p in group.group(1).split(",")]
         edges = set()
-        for path in paths:
+        for base, path in paths:
             segments = path.split("::")
-            if text[: text.find(path)].endswith("super::"):
-                base = name.split("/")[:-1]
-            else:
-                base = []
             # The longest prefix that names a module of the crate.
             for n in range(len(segments), 0, -1):
                 target = "/".join(base + segments[:n])

@@ -139,6 +139,14 @@ class ShardLoop(asyncio.SelectorEventLoop):
         """The number of shards of this loop's runtime."""
         return self._driver.shard_count
 
+    async def _invoke_on_others(self, fn: Any, /, *args: Any, **kwargs: Any) -> list[Any]:
+        """``shard.invoke_on_others`` from this loop's shard."""
+        me = self.shard_id
+        calls = [
+            _shardloop.submit_to(i, fn, *args, **kwargs) for i in range(self.shard_count) if i != me
+        ]
+        return list(await asyncio.gather(*calls))
+
     def _process_events(self, event_list: list[Any]) -> None:
         # (_process_events is the selector loop's hook for the events of one
         # select(); typeshed does not list it.) Most turns have no I/O event.
@@ -268,10 +276,8 @@ class ShardLoop(asyncio.SelectorEventLoop):
         if self._cancel_on_close or self._state.fatal is not None or ctrl_c.pressed:
             runtime.force_stop()
             return
-        from .shard import invoke_on_others
-
         # Sent, not waited for: the wait for quiet below covers these calls.
-        background = self.create_task(invoke_on_others(_cancel_background))
+        background = self.create_task(self._invoke_on_others(_cancel_background))
         limit = self._state.shutdown_timeout
         quiet = _run_to_end(self, self._until_quiet(runtime, limit, ctrl_c))
         background.cancel()  # done by now, unless a shard is stuck
@@ -280,7 +286,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
         if ctrl_c.pressed:
             return
         # Past the grace period: cancel what still runs, on every shard.
-        cancelled = _run_to_end(self, _within(invoke_on_others(_cancel_tasks), _CANCEL_WAIT))
+        cancelled = _run_to_end(self, _within(self._invoke_on_others(_cancel_tasks), _CANCEL_WAIT))
         if cancelled is None:
             what = "a shard busy in a plain function did not answer"
         else:
@@ -591,8 +597,4 @@ def current_loop() -> ShardLoop:
     loop = _running_loop()
     if isinstance(loop, ShardLoop):
         return loop
-    raise RuntimeError(
-        "not running on a shard: start a runtime with shardloop.run(main()) "
-        "(or asyncio.run(main(), loop_factory=shardloop.new_event_loop)) and call "
-        "this from code running on it"
-    )
+    raise RuntimeError(_shardloop.NOT_ON_SHARD)

@@ -8,13 +8,13 @@ from typing import Any, Generic, TypeVar, final
 _T = TypeVar("_T")
 
 __all__ = [
+    "NOT_ON_SHARD",
     "Connection",
     "Driver",
     "Runtime",
     "ShutdownError",
     "Waiting",
     "call_tasks",
-    "load",
     "prepare_exit",
     "relay",
     "sleep",
@@ -23,6 +23,9 @@ __all__ = [
 
 class ShutdownError(RuntimeError):
     """The runtime is shutting down: the call was not sent."""
+
+NOT_ON_SHARD: str
+"""What a call made off a shard is told."""
 
 @final
 class Driver:
@@ -47,8 +50,6 @@ class Driver:
         watched descriptors signalled new readiness."""
     def watch_fd(self, fd: int) -> None:
         """Makes ``wait`` return when ``fd`` becomes readable."""
-    def is_closing(self) -> bool:
-        """Whether shutdown has begun."""
     def may_stop(self) -> bool:
         """Whether shutdown has begun and every shard has finished its calls."""
     def stats(self) -> dict[str, Any]:
@@ -71,20 +72,12 @@ class Runtime:
         shards: int | None = None,
         pin: bool = True,
         idle_poll: float = 0.0002,
-        batch: int = 16,
-        ring_capacity: int = 1024,
         overprovisioned: bool = False,
     ) -> Runtime:
         """Starts the shards; shards 1..N run ``worker(driver)`` on their own
         threads."""
     def enter(self) -> Driver:
         """The driver of shard 0, for the calling thread's event loop."""
-    @property
-    def shard_count(self) -> int:
-        """The number of shards."""
-    @property
-    def pinned(self) -> bool:
-        """Whether the shards are pinned to cores."""
     def begin_shutdown(self) -> None:
         """Refuses new calls and tells every shard to finish and stop."""
     def force_stop(self) -> None:
@@ -94,8 +87,6 @@ class Runtime:
     def shutdown(self, limit: float | None = None) -> None:
         """Finishes submitted work and joins the shard threads; past
         ``limit`` seconds, or on Ctrl-C, the shards stop at once."""
-    def stats(self) -> dict[str, Any]:
-        """The runtime's counters as plain dicts."""
 
 @final
 class Connection:
@@ -129,20 +120,6 @@ def call_tasks() -> list[asyncio.Task[Any]]:
 def prepare_exit(limit: float = 10.0, /) -> None:
     """At interpreter exit: shard threads stop entering Python; waits up to
     ``limit`` seconds for those inside it to leave."""
-
-def load(
-    host: str,
-    port: int,
-    protocol: str = "lookup",
-    connections: int = 64,
-    seconds: float = 5.0,
-    size: int = 64,
-    keys: int = 100000,
-    progress: bool = True,
-    pipeline: int = 1,
-) -> dict[str, Any]:
-    """Drives an echo, lookup or memcached server; returns requests/s and
-    latencies."""
 
 def sleep(delay: float, /) -> asyncio.Future[None]:
     """Waits ``delay`` seconds on the shard's Rust timers: a Rust future

@@ -48,10 +48,7 @@ async def invoke_on_all(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) ->
 
 async def invoke_on_others(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> list[Any]:
     """Runs ``fn`` on every shard but this one; results in shard order."""
-    loop = current_loop()
-    me = loop.shard_id
-    calls = [submit_to(i, fn, *args, **kwargs) for i in range(loop.shard_count) if i != me]
-    return list(await asyncio.gather(*calls))
+    return await current_loop()._invoke_on_others(fn, *args, **kwargs)
 
 
 def id() -> int:

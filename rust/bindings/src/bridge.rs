@@ -4,7 +4,7 @@
 //!   executor and gives Python an asyncio future of its output. The task is
 //!   woken through the shard's executor (a waker used on another thread goes
 //!   through the shard's remote-wake queue), and the asyncio future is
-//!   resolved on the shard's loop thread through the inbox: nothing goes
+//!   settled on the shard's loop thread through the inbox: nothing goes
 //!   through `call_soon_threadsafe`.
 //! * [`PyAwait`] is a Rust future that completes when an asyncio future of
 //!   this shard does: its done-callback stores the outcome and wakes the
@@ -20,8 +20,9 @@ use pyo3::exceptions::asyncio::CancelledError;
 use pyo3::intern;
 use pyo3::prelude::*;
 
-use crate::call::{self, Produce};
-use crate::driver::running_shard_loop;
+use crate::call::settle::settle_later;
+use crate::call::Produce;
+use crate::context;
 
 /// Runs `future` on the current shard's executor; returns an asyncio future
 /// on `event_loop` that resolves with what its output produces.
@@ -37,7 +38,7 @@ where
     let target = py_future.clone().unbind();
     drop(shardloop_core::spawn_local(async move {
         let produce = future.await;
-        call::resolve_later(target, produce);
+        settle_later(target, produce);
     }));
     Ok(py_future)
 }
@@ -121,7 +122,7 @@ impl OnDone {
 #[pyfunction]
 #[pyo3(signature = (delay, /))]
 fn sleep(py: Python<'_>, delay: f64) -> PyResult<Bound<'_, PyAny>> {
-    let event_loop = running_shard_loop(py)?;
+    let event_loop = context::running_loop(py)?;
     let delay = crate::errors::duration("the delay", delay.max(0.0))?;
     spawn_for_python(py, &event_loop, async move {
         shardloop_core::sleep(delay).await;
@@ -138,7 +139,7 @@ fn sleep(py: Python<'_>, delay: f64) -> PyResult<Bound<'_, PyAny>> {
 #[pyfunction]
 #[pyo3(signature = (awaitable, /))]
 fn relay<'py>(py: Python<'py>, awaitable: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-    let event_loop = running_shard_loop(py)?;
+    let event_loop = context::running_loop(py)?;
     static ENSURE_FUTURE: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
     let future = ENSURE_FUTURE
         .import(py, "asyncio", "ensure_future")?

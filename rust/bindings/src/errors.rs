@@ -1,9 +1,12 @@
-//! How the runtime's errors look from Python.
+//! How errors look from Python: the one place where the core's typed
+//! errors, and the binding's own, become Python exceptions.
 
 use pyo3::create_exception;
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyConnectionAbortedError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use shardloop_core::Error;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyTuple};
+use shardloop_core::{BuildError, Error};
 
 create_exception!(
     shardloop._shardloop,
@@ -12,8 +15,14 @@ create_exception!(
     "The runtime is shutting down: the call was not sent."
 );
 
-/// The Python exception for a runtime error.
-pub(crate) fn to_py(error: Error) -> PyErr {
+/// What a call made off a shard is told (the package's Python code raises
+/// it too, as `_shardloop.NOT_ON_SHARD`).
+const NOT_ON_SHARD: &str = "not running on a shard: start a runtime with \
+     shardloop.run(main()) (or asyncio.run(main(), loop_factory=shardloop.new_event_loop)) \
+     and call this from code running on it";
+
+/// The Python exception for a failed call between shards.
+pub(crate) fn call_error(error: Error) -> PyErr {
     match error {
         Error::NoSuchShard { shard, count } => no_such_shard(shard, count),
         Error::Closed => ShutdownError::new_err(error.to_string()),
@@ -22,12 +31,29 @@ pub(crate) fn to_py(error: Error) -> PyErr {
     }
 }
 
+/// The Python exception for a runtime that could not be built: a bad
+/// argument is a `ValueError`, a refusal of the system an `OSError`.
+pub(crate) fn build_error(error: BuildError) -> PyErr {
+    match error {
+        BuildError::Io { what, source } => {
+            let err = PyErr::from(std::io::Error::new(
+                source.kind(),
+                format!("{what}: {source}"),
+            ));
+            err
+        }
+        other => PyValueError::new_err(other.to_string()),
+    }
+}
+
 /// The error for a shard index outside `0..count`, naming the index given.
 pub(crate) fn no_such_shard(shard: impl std::fmt::Display, count: usize) -> PyErr {
-    PyValueError::new_err(format!(
-        "shard {shard} does not exist: valid shards are 0..{count} (0 to {})",
-        count.saturating_sub(1)
-    ))
+    PyValueError::new_err(Error::no_such_shard_message(shard, count))
+}
+
+/// The error for calls made outside a running runtime.
+pub(crate) fn not_on_shard() -> PyErr {
+    PyRuntimeError::new_err(NOT_ON_SHARD)
 }
 
 /// `seconds` as a `Duration`: `ValueError` naming `what` for a negative,
@@ -42,14 +68,46 @@ pub(crate) fn duration(what: &str, seconds: f64) -> PyResult<std::time::Duration
         .map_err(|_| PyValueError::new_err(format!("{what} is out of range: {seconds} seconds")))
 }
 
-/// The error for calls made outside a running runtime.
-pub(crate) fn not_on_shard() -> PyErr {
-    PyRuntimeError::new_err(
-        "not running on a shard: start a runtime with shardloop.run(main()) and call this \
-         from main() or from code it runs on a shard",
-    )
+/// A connection used after this side closed it.
+pub(crate) fn closed_here() -> PyErr {
+    PyConnectionAbortedError::new_err("the connection was closed on this side")
+}
+
+/// `asyncio.IncompleteReadError(partial, expected)`: the peer closed before
+/// a read had its answer.
+pub(crate) fn incomplete_read(
+    py: Python<'_>,
+    partial: Bound<'_, PyBytes>,
+    expected: Option<usize>,
+) -> PyErr {
+    match (partial, expected).into_pyobject(py) {
+        Ok(args) => asyncio_error(py, "IncompleteReadError", args),
+        Err(err) => err,
+    }
+}
+
+/// `asyncio.LimitOverrunError`: a separator not found within `limit` bytes.
+pub(crate) fn limit_overrun(py: Python<'_>, limit: usize) -> PyErr {
+    let message = format!("the separator was not found within {limit} bytes");
+    match (message, limit).into_pyobject(py) {
+        Ok(args) => asyncio_error(py, "LimitOverrunError", args),
+        Err(err) => err,
+    }
+}
+
+fn asyncio_error(py: Python<'_>, name: &'static str, args: Bound<'_, PyTuple>) -> PyErr {
+    static ASYNCIO: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+    let made = ASYNCIO
+        .get_or_try_init(py, || py.import("asyncio").map(Bound::unbind))
+        .and_then(|asyncio| asyncio.bind(py).getattr(name))
+        .and_then(|class| class.call1(args));
+    match made {
+        Ok(err) => PyErr::from_value(err),
+        Err(err) => err,
+    }
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("ShutdownError", m.py().get_type::<ShutdownError>())
+    m.add("ShutdownError", m.py().get_type::<ShutdownError>())?;
+    m.add("NOT_ON_SHARD", NOT_ON_SHARD)
 }

@@ -16,13 +16,14 @@
 //! during finalization with `pthread_exit`, whose forced unwinding through
 //! Rust frames aborts the process; a shard thread parks there instead.
 
-use std::cell::Cell;
 use std::hint::spin_loop;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
+
+use crate::context;
 
 /// The shard (plus one) that last attached through [`detached`], or 0.
 static HOLDER: AtomicUsize = AtomicUsize::new(0);
@@ -36,50 +37,51 @@ const SPINS_BEFORE_YIELD: u32 = 64;
 /// Set by [`prepare_exit`]: shard threads no longer enter Python.
 static EXITING: AtomicBool = AtomicBool::new(false);
 
-/// Every shard thread's [`PRESENCE`] flag.
+/// Every shard thread's presence flag (see [`presence`]).
 static PRESENT: Mutex<Vec<Weak<AtomicBool>>> = Mutex::new(Vec::new());
 
-thread_local! {
-    /// Set while this thread runs a shard and is (or is about to be)
-    /// attached to Python; read by [`prepare_exit`] on another thread.
-    /// Written by this thread only, on its own cache line.
-    static PRESENCE: Arc<AtomicBool> = {
-        let flag = Arc::new(AtomicBool::new(false));
-        PRESENT
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(Arc::downgrade(&flag));
-        flag
-    };
-    /// Set on the thread that ran [`prepare_exit`]: it finalizes the
-    /// interpreter itself, so it never parks.
-    static FINALIZER: Cell<bool> = const { Cell::new(false) };
-    /// How many shard drivers this thread holds (see [`enter_shard`]).
-    static SHARDS_HERE: Cell<usize> = const { Cell::new(0) };
-    /// Whether this thread's shard shares its core with other busy threads:
-    /// it then yields the core while it waits for the GIL (the holder may be
-    /// waiting for a core itself).
-    static YIELD: Cell<bool> = const { Cell::new(false) };
+/// This thread's presence flag (see [`crate::context::Context::presence`]),
+/// made and registered with [`PRESENT`] on first use.
+fn presence() -> Arc<AtomicBool> {
+    context::with(|c| {
+        c.presence
+            .get_or_init(|| {
+                let flag = Arc::new(AtomicBool::new(false));
+                PRESENT
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(Arc::downgrade(&flag));
+                flag
+            })
+            .clone()
+    })
+}
+
+fn set_present(present: bool) {
+    presence().store(present, Ordering::SeqCst);
 }
 
 /// Makes this thread yield its core while it waits for the GIL (see
 /// `Builder::overprovisioned`).
 pub(crate) fn set_overprovisioned(overprovisioned: bool) {
-    YIELD.with(|y| y.set(overprovisioned));
+    context::with(|c| c.overprovisioned.set(overprovisioned));
 }
 
 /// Counts a shard driver installed on this (attached) thread.
 pub(crate) fn enter_shard() {
-    if SHARDS_HERE.with(|n| n.replace(n.get() + 1)) == 0 {
-        PRESENCE.with(|p| p.store(true, Ordering::SeqCst));
+    if context::with(|c| c.shards_here.replace(c.shards_here.get() + 1)) == 0 {
+        set_present(true);
     }
 }
 
-/// Undoes [`enter_shard`] when the driver is closed.
-pub(crate) fn leave_shard() {
-    if SHARDS_HERE.with(|n| n.replace(n.get().saturating_sub(1))) == 1 {
-        PRESENCE.with(|p| p.store(false, Ordering::SeqCst));
+/// Undoes [`enter_shard`] when the driver is closed; returns whether it was
+/// this thread's last shard.
+pub(crate) fn leave_shard() -> bool {
+    let before = context::with(|c| c.shards_here.replace(c.shards_here.get().saturating_sub(1)));
+    if before == 1 {
+        set_present(false);
     }
+    before <= 1
 }
 
 /// Announces that this thread is about to attach to Python; `false` (and
@@ -88,15 +90,14 @@ pub(crate) fn leave_shard() {
 /// thread sees `EXITING`, or `prepare_exit` sees the thread present and
 /// waits for it to leave.
 pub(crate) fn may_enter() -> bool {
-    PRESENCE.with(|p| {
-        p.store(true, Ordering::SeqCst);
-        if EXITING.load(Ordering::SeqCst) && !FINALIZER.with(Cell::get) {
-            p.store(false, Ordering::SeqCst);
-            false
-        } else {
-            true
-        }
-    })
+    let presence = presence();
+    presence.store(true, Ordering::SeqCst);
+    if EXITING.load(Ordering::SeqCst) && !context::with(|c| c.finalizer.get()) {
+        presence.store(false, Ordering::SeqCst);
+        false
+    } else {
+        true
+    }
 }
 
 /// Blocks this thread for good, outside Python: the interpreter is exiting
@@ -107,15 +108,36 @@ fn park_for_good() -> ! {
     }
 }
 
+/// Carries a closure of this thread (one that holds a shard's `!Send`
+/// state) across `Python::detach`.
+struct OnThisThread<F>(F);
+
+// SAFETY: `Python::detach` runs its closure synchronously on the calling
+// thread and returns before the caller continues, so the wrapped closure
+// (and the `!Send` state it holds) never reaches another thread.
+unsafe impl<F> Send for OnThisThread<F> {}
+
+impl<F> OnThisThread<F> {
+    /// The wrapped closure. (A method, so the `detach` closure captures the
+    /// whole wrapper, not the `!Send` field.)
+    fn into_inner(self) -> F {
+        self.0
+    }
+}
+
 /// Runs `f` with the GIL released, as shard `shard`, and takes the GIL back
 /// when the shards that hold it let go of it. If the interpreter started
 /// exiting meanwhile, the thread parks instead of taking it back.
-pub(crate) fn detached<T: Send>(py: Python<'_>, shard: usize, f: impl FnOnce() -> T + Send) -> T {
+///
+/// `f` runs on this thread and may hold the shard's `!Send` state; it must
+/// not touch Python objects (it runs without the GIL).
+pub(crate) fn detached<T: Send>(py: Python<'_>, shard: usize, f: impl FnOnce() -> T) -> T {
     let me = shard + 1;
     HOLDER.store(0, Ordering::Release);
-    PRESENCE.with(|p| p.store(false, Ordering::SeqCst));
+    set_present(false);
+    let f = OnThisThread(f);
     let result = py.detach(move || {
-        let result = f();
+        let result = f.into_inner()();
         if !may_enter() {
             park_for_good();
         }
@@ -130,16 +152,18 @@ pub(crate) fn detached<T: Send>(py: Python<'_>, shard: usize, f: impl FnOnce() -
 /// parks instead of taking the GIL back if the interpreter started exiting
 /// meanwhile (see [`detached`]; this one takes no part in the shards' GIL
 /// hand-off).
-pub(crate) fn detached_exit_aware<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
-    let was_present = PRESENCE.with(|p| p.swap(false, Ordering::SeqCst));
+pub(crate) fn detached_exit_aware<T: Send>(py: Python<'_>, f: impl FnOnce() -> T) -> T {
+    let presence = presence();
+    let was_present = presence.swap(false, Ordering::SeqCst);
+    let f = OnThisThread(f);
     let result = py.detach(move || {
-        let result = f();
+        let result = f.into_inner()();
         if !may_enter() {
             park_for_good();
         }
         result
     });
-    PRESENCE.with(|p| p.store(was_present, Ordering::SeqCst));
+    presence.store(was_present, Ordering::SeqCst);
     result
 }
 
@@ -155,9 +179,9 @@ pub(crate) fn exiting() -> bool {
 /// to `limit`; Ctrl-C ends the wait too. A shard still inside Python when
 /// the interpreter finalizes would be ended by CPython mid-call.
 pub(crate) fn prepare_exit(py: Python<'_>, limit: Duration) -> PyResult<()> {
-    FINALIZER.with(|f| f.set(true));
+    context::with(|c| c.finalizer.set(true));
     EXITING.store(true, Ordering::SeqCst);
-    let me = PRESENCE.with(Arc::as_ptr);
+    let me = Arc::as_ptr(&presence());
     let others: Vec<Arc<AtomicBool>> = PRESENT
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -188,7 +212,7 @@ pub(crate) fn prepare_exit(py: Python<'_>, limit: Duration) -> PyResult<()> {
 }
 
 fn claim(me: usize) {
-    let polite = YIELD.with(Cell::get);
+    let polite = context::with(|c| c.overprovisioned.get());
     let mut started: Option<Instant> = None;
     let mut spins = 0u32;
     loop {

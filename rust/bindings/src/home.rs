@@ -13,13 +13,11 @@ use std::rc::Rc;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::PyResult;
 
-thread_local! {
-    /// A marker whose address tells the threads apart.
-    static THREAD_MARK: u8 = const { 0 };
-}
-
+/// Tells the threads apart without a thread-local, so that it also works
+/// while a thread's locals are being destroyed.
 fn this_thread() -> usize {
-    THREAD_MARK.with(|mark| std::ptr::from_ref(mark) as usize)
+    // SAFETY: `pthread_self` has no preconditions and cannot fail.
+    unsafe { libc::pthread_self() as usize }
 }
 
 /// An `Rc<T>` usable only on the thread of the shard that made it; when it
@@ -108,7 +106,7 @@ impl<T> Drop for Home<T> {
         // runtime, or once the runtime is closing, the value is left behind
         // (see `Release`'s `Drop`).
         if shardloop_core::runtime_id().is_some() && shardloop_core::runtime_id() == self.runtime {
-            let _ = shardloop_core::send(self.shard, Box::new(going));
+            let _ = shardloop_core::embed::send(self.shard, Box::new(going));
         }
     }
 }
@@ -140,7 +138,7 @@ impl<T> Drop for Release<T> {
     }
 }
 
-impl<T> shardloop_core::Message for Release<T> {
+impl<T> shardloop_core::embed::Message for Release<T> {
     fn run(mut self: Box<Self>) {
         if this_thread() == self.thread {
             if let Some(value) = self.value.take() {
@@ -150,7 +148,7 @@ impl<T> shardloop_core::Message for Release<T> {
         // Elsewhere (which the runtime check in `Drop` rules out) the value
         // stays in `self` and is left behind by its `Drop`.
         let origin = self.origin;
-        shardloop_core::respond(origin, self);
+        shardloop_core::embed::respond(origin, self);
     }
 
     fn complete(self: Box<Self>) {}

@@ -6,27 +6,27 @@ use pyo3::prelude::*;
 mod bridge;
 mod call;
 mod conn;
+mod context;
 mod driver;
 mod errors;
 mod gil;
 mod home;
-mod load;
 mod runtime;
 mod stats;
 
 /// The native module. It is safe without the GIL (free-threaded CPython):
-/// `Driver` and `Runtime` are frozen tokens whose state stays in the owning
-/// thread's locals; the done-callback classes are `unsendable` and run on
-/// their own shard; shared Rust state is atomic or behind a lock; Python
-/// objects cross shards only as owned references inside messages.
+/// `Driver`, `Runtime` and `Connection` hold their `!Send` state through
+/// `Home`, which checks the thread on every use; per-thread state lives in
+/// the thread's `context`; shared Rust state is atomic or behind a lock;
+/// Python objects cross shards only as owned references inside messages.
 #[pymodule(gil_used = false)]
 fn _shardloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     bridge::register(m)?;
-    call::register(m)?;
+    call::send::register(m)?;
+    call::serve::register(m)?;
     conn::register(m)?;
     driver::register(m)?;
-    load::register(m)?;
     runtime::register(m)?;
     Ok(())
 }

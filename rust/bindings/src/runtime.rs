@@ -2,77 +2,57 @@
 //! drives them, and stops them.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 
-use crate::driver::{Driver, OnThisThread};
-use crate::errors::to_py;
+use crate::driver::Driver;
+use crate::errors;
 use crate::gil;
-use crate::stats;
+use crate::home::Home;
 
-thread_local! {
-    /// The runtime whose shard 0 is this thread. The Python `Runtime` object
-    /// is only a token for it, so the `!Send` runtime never leaves the
-    /// thread while the Python object may be dropped anywhere.
-    static OWNED: RefCell<Vec<(u64, shardloop_core::Runtime)>> = const { RefCell::new(Vec::new()) };
-}
+/// The core's runtime; taken out by `shutdown`.
+type Owned = RefCell<Option<shardloop_core::Runtime>>;
 
-static TOKENS: AtomicU64 = AtomicU64::new(1);
-
-/// A running set of shards; the thread that builds it is shard 0.
+/// A running set of shards; the thread that builds it is shard 0. The
+/// `!Send` runtime stays on that thread; the Python object may go anywhere
+/// (see `Home`).
 #[pyclass(frozen, module = "shardloop._shardloop")]
 pub(crate) struct Runtime {
-    token: u64,
+    owned: Home<Owned>,
 }
 
 impl Runtime {
     fn with<R>(&self, f: impl FnOnce(&shardloop_core::Runtime) -> R) -> PyResult<R> {
-        OWNED.with(|owned| {
-            match owned
-                .borrow()
-                .iter()
-                .find(|(token, _)| *token == self.token)
-            {
-                Some((_, runtime)) => Ok(f(runtime)),
-                None => Err(PyRuntimeError::new_err(
-                    "the runtime has been shut down, or is used off the thread that started it",
-                )),
-            }
-        })
+        let owned = self.owned.local()?;
+        let runtime = owned.borrow();
+        match runtime.as_ref() {
+            Some(runtime) => Ok(f(runtime)),
+            None => Err(PyRuntimeError::new_err("the runtime has been shut down")),
+        }
     }
 }
 
-impl Drop for Runtime {
-    /// A runtime whose Python object goes before `shutdown` (Ctrl-C landing
-    /// just after it was built, say) is stopped without waiting for its
-    /// calls, and its threads are joined, so that nothing is left running.
-    fn drop(&mut self) {
-        let runtime = OWNED
-            .try_with(|owned| {
-                let mut owned = owned.borrow_mut();
-                let index = owned.iter().position(|(token, _)| *token == self.token)?;
-                Some(owned.remove(index).1)
-            })
-            .ok()
-            .flatten();
-        if let Some(runtime) = runtime {
-            runtime.force_stop();
-            let runtime = OnThisThread(runtime);
-            Python::attach(|py| {
-                gil::detached_exit_aware(py, move || runtime.into_inner().shutdown());
-            });
-        }
+/// What a `Runtime` object does when it goes: one whose Python object goes
+/// before `shutdown` (Ctrl-C landing just after it was built, say) is
+/// stopped without waiting for its calls, and its threads are joined, so
+/// that nothing is left running.
+fn stop_now(owned: Rc<Owned>) {
+    let runtime = owned.borrow_mut().take();
+    if let Some(runtime) = runtime {
+        runtime.force_stop();
+        Python::attach(|py| {
+            gil::detached_exit_aware(py, move || runtime.shutdown());
+        });
     }
 }
 
 /// What shards 1..N run: `worker(driver)` with the GIL, then the driver is
 /// closed on this thread whatever `worker` did. A thread that starts while
 /// the interpreter exits does not enter Python at all.
-fn worker_main(worker: &Py<PyAny>, driver: shardloop_core::Driver) {
+fn worker_main(worker: &Py<PyAny>, driver: shardloop_core::embed::Driver) {
     if !gil::may_enter() {
         return;
     }
@@ -104,14 +84,12 @@ impl Runtime {
     /// Starts `shards` shards (None: one per available core). Shards 1..N
     /// run `worker(driver)` on their own threads.
     #[new]
-    #[pyo3(signature = (worker, shards=None, pin=true, idle_poll=0.0002, batch=16, ring_capacity=1024, overprovisioned=false))]
+    #[pyo3(signature = (worker, shards=None, pin=true, idle_poll=0.0002, overprovisioned=false))]
     fn new(
         worker: Py<PyAny>,
         shards: Option<usize>,
         pin: bool,
         idle_poll: f64,
-        batch: usize,
-        ring_capacity: usize,
         overprovisioned: bool,
     ) -> PyResult<Self> {
         if gil::exiting() {
@@ -122,42 +100,24 @@ impl Runtime {
         let mut builder = shardloop_core::Runtime::builder()
             .pin(pin)
             .overprovisioned(overprovisioned)
-            .idle_poll(crate::errors::duration("idle_poll", idle_poll)?)
-            .stack_size(SHARD_STACK_SIZE)
-            .batch(batch)
-            .ring_capacity(ring_capacity);
+            .idle_poll(errors::duration("idle_poll", idle_poll)?)
+            .stack_size(SHARD_STACK_SIZE);
         if let Some(shards) = shards {
             builder = builder.shards(shards);
         }
         let runtime = builder
             .build_driven(move |driver| worker_main(&worker, driver))
-            .map_err(|e| match e {
-                shardloop_core::Error::Build(_) => {
-                    pyo3::exceptions::PyValueError::new_err(e.to_string())
-                }
-                other => to_py(other),
-            })?;
-        let token = TOKENS.fetch_add(1, Ordering::Relaxed);
-        OWNED.with(|owned| owned.borrow_mut().push((token, runtime)));
-        Ok(Self { token })
+            .map_err(errors::build_error)?;
+        let owned = Rc::new(RefCell::new(Some(runtime)));
+        Ok(Self {
+            owned: Home::new(owned, 0, stop_now, "a runtime"),
+        })
     }
 
     /// The driver of shard 0, for the calling thread's event loop.
     fn enter(&self, py: Python<'_>) -> PyResult<Py<Driver>> {
         let driver = self.with(|rt| rt.driver())?;
         Py::new(py, Driver::install(driver))
-    }
-
-    /// The number of shards.
-    #[getter]
-    fn shard_count(&self) -> PyResult<usize> {
-        self.with(|rt| rt.shard_count())
-    }
-
-    /// Whether the shards are pinned to cores.
-    #[getter]
-    fn pinned(&self) -> PyResult<bool> {
-        self.with(|rt| rt.is_pinned())
     }
 
     /// Refuses new calls and tells every shard to finish and stop.
@@ -183,11 +143,7 @@ impl Runtime {
     /// second after that are left running, with a `RuntimeWarning`.
     #[pyo3(signature = (limit=None))]
     fn shutdown(&self, py: Python<'_>, limit: Option<f64>) -> PyResult<()> {
-        let runtime = OWNED.with(|owned| {
-            let mut owned = owned.borrow_mut();
-            let index = owned.iter().position(|(token, _)| *token == self.token)?;
-            Some(owned.remove(index).1)
-        });
+        let runtime = self.owned.local()?.borrow_mut().take();
         let Some(runtime) = runtime else {
             return Ok(());
         };
@@ -197,11 +153,8 @@ impl Runtime {
         let mut interrupted: Option<PyErr> = None;
         let mut forced_at: Option<Instant> = None;
         loop {
-            let waiting = OnThisThread(&runtime);
-            let stopped = gil::detached_exit_aware(py, move || {
-                waiting
-                    .into_inner()
-                    .serve_until_stopped(Duration::from_millis(2))
+            let stopped = gil::detached_exit_aware(py, || {
+                runtime.serve_until_stopped(Duration::from_millis(2))
             });
             if stopped {
                 break;
@@ -231,15 +184,8 @@ impl Runtime {
                 );
             }
         }
-        let runtime = OnThisThread(runtime);
-        gil::detached_exit_aware(py, move || runtime.into_inner().shutdown());
+        gil::detached_exit_aware(py, move || runtime.shutdown());
         interrupted.map_or(Ok(()), Err)
-    }
-
-    /// The runtime's counters as plain dicts.
-    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let snapshot = self.with(|rt| rt.stats())?;
-        stats::to_dict(py, &snapshot)
     }
 }
 
@@ -253,7 +199,7 @@ impl Runtime {
 #[pyfunction]
 #[pyo3(signature = (limit = 10.0, /))]
 fn prepare_exit(py: Python<'_>, limit: f64) -> PyResult<()> {
-    gil::prepare_exit(py, crate::errors::duration("limit", limit)?)
+    gil::prepare_exit(py, errors::duration("limit", limit)?)
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::context::Enter;
 use crate::shard::Shard;
+use crate::stats::Stats;
 
 /// Lets another event loop drive a shard: while that loop runs it keeps the
 /// driver [activated](Self::activate), and calls [`poll`](Self::poll) or
@@ -93,5 +94,10 @@ impl Driver {
     /// the driving loop may stop.
     pub fn may_stop(&self) -> bool {
         self.shard.may_stop()
+    }
+
+    /// A snapshot of the runtime's counters.
+    pub fn stats(&self) -> Stats {
+        self.shard.shared.stats()
     }
 }

@@ -32,6 +32,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// The wording of [`Error::NoSuchShard`] for a shard named any way (an
+    /// embedder's index may be negative, or too large for a `usize`).
+    pub fn no_such_shard_message(shard: impl fmt::Display, count: usize) -> String {
+        format!(
+            "shard {shard} does not exist: valid shards are 0..{count} (0 to {})",
+            count.saturating_sub(1)
+        )
+    }
+
     pub(crate) fn from_panic(shard: usize, payload: Box<dyn Any + Send>) -> Self {
         let message = if let Some(s) = payload.downcast_ref::<&str>() {
             (*s).to_owned()
@@ -47,11 +56,9 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::NoSuchShard { shard, count } => write!(
-                f,
-                "shard {shard} does not exist: valid shards are 0..{count} (0 to {})",
-                count.saturating_sub(1)
-            ),
+            Error::NoSuchShard { shard, count } => {
+                f.write_str(&Error::no_such_shard_message(shard, *count))
+            }
             Error::Closed => f.write_str("the runtime is shutting down; the call was not sent"),
             Error::NotOnShard => f.write_str(
                 "not on a shard: call this from a future run by Runtime::block_on or on a shard",

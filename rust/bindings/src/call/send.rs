@@ -1,0 +1,152 @@
+//! Step 1 of a call: `submit_to` on the origin shard.
+
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+use super::serve::{invoke, Served};
+use super::settle::settle;
+use super::{PyCall, Request};
+use crate::context;
+use crate::errors;
+
+/// submit_to(shard_id, fn, /, *args, **kwargs)
+/// --
+///
+/// Runs `fn(*args, **kwargs)` on shard `shard_id`; await the result.
+///
+/// A coroutine function runs as a task on the target shard and finishes
+/// there. The call is sent at once; the returned future resolves on the
+/// calling shard. An exception raised by `fn` is raised here, with its
+/// traceback and a note naming the shard. Cancelling the future cancels a
+/// remote coroutine on its shard (a plain function already running
+/// finishes; its result is dropped).
+///
+/// Raises ValueError for a shard outside range(count()), ShutdownError once
+/// shutdown began, and RuntimeError off a shard; nothing is sent then.
+#[pyfunction]
+#[pyo3(signature = (shard_id, func, /, *args, **kwargs))]
+fn submit_to<'py>(
+    py: Python<'py>,
+    shard_id: &Bound<'py, PyAny>,
+    func: Bound<'py, PyAny>,
+    args: Bound<'py, PyTuple>,
+    kwargs: Option<Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let shard = context::active().ok_or_else(errors::not_on_shard)?;
+    let event_loop = shard.event_loop(py).ok_or_else(errors::not_on_shard)?;
+    let target = target_index(shard_id, shard.count)?;
+    shardloop_core::embed::check_target(target).map_err(errors::call_error)?;
+    if target == shard.id {
+        return serve_here(py, &event_loop, shard.id, &func, &args, kwargs.as_ref());
+    }
+    let id = shard.next_call();
+    let future = event_loop.call_method0(intern!(py, "create_future"))?;
+    // Whatever the call starts as a task there (a coroutine function's
+    // coroutine, or one a plain function returns) is cancelled with the
+    // caller's future.
+    let hook = Bound::new(
+        py,
+        CancelOnDone {
+            origin: shard.id,
+            target,
+            id,
+        },
+    )?
+    .into_any();
+    let message = PyCall {
+        origin: shard.id,
+        target,
+        id,
+        request: Some(Request::Call {
+            func: func.unbind(),
+            args: args.unbind(),
+            kwargs: kwargs.map(Bound::unbind),
+        }),
+        future: Some(future.clone().unbind()),
+        hook: Some(hook.clone().unbind()),
+        outcome: None,
+    };
+    shardloop_core::embed::send(target, Box::new(message)).map_err(errors::call_error)?;
+    future.call_method1(intern!(py, "add_done_callback"), (hook,))?;
+    Ok(future)
+}
+
+/// A call to the calling shard is served at once, like Seastar's, through
+/// the same steps as a remote one: a coroutine becomes a task, anything
+/// else settles a future.
+fn serve_here<'py>(
+    py: Python<'py>,
+    event_loop: &Bound<'py, PyAny>,
+    here: usize,
+    func: &Bound<'py, PyAny>,
+    args: &Bound<'py, PyTuple>,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    // The calls already sent this turn go out before this one runs here: it
+    // may run long (invoke_on_all's own part, say).
+    shardloop_core::embed::flush();
+    match invoke(func, args, kwargs) {
+        Served::Coroutine(coroutine) => {
+            event_loop.call_method1(intern!(py, "create_task"), (coroutine,))
+        }
+        Served::Outcome(outcome) => {
+            let future = event_loop.call_method0(intern!(py, "create_future"))?;
+            settle(py, &future, outcome, Some(here))?;
+            Ok(future)
+        }
+    }
+}
+
+/// The index `shard_id` names among `count` shards: `TypeError` for what is
+/// not an integer, `ValueError` naming it for one out of range.
+fn target_index(shard_id: &Bound<'_, PyAny>, count: usize) -> PyResult<usize> {
+    let index: Option<i128> = match shard_id.extract::<i128>() {
+        Ok(index) => Some(index),
+        Err(err) if err.is_instance_of::<pyo3::exceptions::PyOverflowError>(shard_id.py()) => None,
+        Err(_) => {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "the shard must be an int, not {}",
+                shard_id.get_type().name()?
+            )))
+        }
+    };
+    match index.and_then(|i| usize::try_from(i).ok()) {
+        Some(index) if index < count => Ok(index),
+        _ => Err(errors::no_such_shard(shard_id, count)),
+    }
+}
+
+/// Done-callback of a caller's future for a cancellable call: when the
+/// caller cancels, the task running the call on its shard is cancelled too.
+#[pyclass(frozen)]
+pub(crate) struct CancelOnDone {
+    origin: usize,
+    target: usize,
+    id: u64,
+}
+
+#[pymethods]
+impl CancelOnDone {
+    fn __call__(&self, py: Python<'_>, future: &Bound<'_, PyAny>) -> PyResult<()> {
+        if !future.call_method0(intern!(py, "cancelled"))?.is_truthy()? {
+            return Ok(());
+        }
+        let cancel = PyCall {
+            origin: self.origin,
+            target: self.target,
+            id: self.id,
+            request: Some(Request::Cancel { id: self.id }),
+            future: None,
+            hook: None,
+            outcome: None,
+        };
+        // A cancel during shutdown cannot be sent; the call then finishes.
+        let _ = shardloop_core::embed::send(self.target, Box::new(cancel));
+        Ok(())
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(submit_to, m)?)
+}

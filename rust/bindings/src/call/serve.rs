@@ -1,0 +1,304 @@
+//! Step 2 of a call: serving it on its target. The core runs a [`PyCall`]
+//! message without the GIL, so running it only parks it in the thread's
+//! inbox; the driver then runs the inbox with the GIL ([`run_arrived`]).
+//! Answered calls arrive the same way, and are settled from there.
+
+use pyo3::exceptions::asyncio::CancelledError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+use super::settle::{exception_with_traceback, settle, settle_answered};
+use super::{CallKey, Incoming, PyCall, Request};
+use crate::context;
+
+impl shardloop_core::embed::Message for PyCall {
+    fn run(self: Box<Self>) {
+        arrive(Incoming::Request(self));
+    }
+
+    fn complete(self: Box<Self>) {
+        arrive(Incoming::Answered(self));
+    }
+}
+
+/// Parks `incoming` for the driver, and makes its wait return.
+fn arrive(incoming: Incoming) {
+    context::with(|c| c.inbox.borrow_mut().push(incoming));
+    shardloop_core::embed::wake_driver();
+}
+
+/// Whether messages wait for [`run_arrived`].
+pub(crate) fn has_arrived() -> bool {
+    context::with(|c| !c.inbox.borrow().is_empty())
+}
+
+fn call_key(origin: usize, id: u64) -> CallKey {
+    (shardloop_core::runtime_id().unwrap_or(0), origin, id)
+}
+
+/// Sends the call back to its origin.
+fn answer(call: Box<PyCall>) {
+    let origin = call.origin;
+    shardloop_core::embed::respond(origin, call);
+}
+
+/// Serves every request and settles every answered call that arrived on
+/// this shard; `event_loop` is the shard's asyncio loop. Returns how many
+/// there were, and whether any of them left work for the event loop (a task
+/// started or a future settled) rather than only answering plain calls.
+///
+/// Nothing a user's code raises escapes from here but what stops a loop: a
+/// call's exception goes to its caller, and a failure to deliver one (a
+/// future that refuses its outcome, say) goes to the loop's exception
+/// handler, as asyncio reports errors of callbacks. A `SystemExit` or
+/// `KeyboardInterrupt` (raised by a served function, or Ctrl-C landing
+/// here) goes to its caller too, and is raised once the whole batch is
+/// done, so that it stops this shard's loop as it would in asyncio.
+pub(crate) fn run_arrived(
+    py: Python<'_>,
+    event_loop: &Bound<'_, PyAny>,
+) -> PyResult<(usize, bool)> {
+    let mut count = 0;
+    let mut scheduled = false;
+    let mut fatal: Option<PyErr> = None;
+    loop {
+        let batch = context::with(|c| std::mem::take(&mut *c.inbox.borrow_mut()));
+        if batch.is_empty() {
+            break;
+        }
+        count += batch.len();
+        for item in batch {
+            let handled = match item {
+                Incoming::Request(call) => serve(py, event_loop, call, &mut fatal),
+                Incoming::Answered(call) => settle_answered(py, *call).map(|()| true),
+                Incoming::Settle { future, produce } => {
+                    settle(py, future.bind(py), produce(py), None).map(|()| true)
+                }
+            };
+            match handled {
+                Ok(started) => scheduled |= started,
+                Err(err) if stops_a_loop(py, &err) => {
+                    fatal.get_or_insert(err);
+                    scheduled = true;
+                }
+                Err(err) => {
+                    report(py, event_loop, err);
+                    scheduled = true;
+                }
+            }
+        }
+    }
+    if count > 0 {
+        shardloop_core::embed::count_tasks(count as u64);
+    }
+    match fatal {
+        Some(err) => Err(err),
+        None => Ok((count, scheduled)),
+    }
+}
+
+/// Whether `err` is one that stops an event loop rather than a callback
+/// (asyncio lets `SystemExit` and `KeyboardInterrupt` through).
+fn stops_a_loop(py: Python<'_>, err: &PyErr) -> bool {
+    err.is_instance_of::<pyo3::exceptions::PySystemExit>(py)
+        || err.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py)
+}
+
+/// Hands an error that has no caller to the loop's exception handler.
+fn report(py: Python<'_>, event_loop: &Bound<'_, PyAny>, err: PyErr) {
+    let context = PyDict::new(py);
+    let _ = context.set_item(
+        "message",
+        "shardloop: a cross-shard call could not be completed",
+    );
+    let _ = context.set_item("exception", exception_with_traceback(py, err));
+    if let Err(err) = event_loop.call_method1(intern!(py, "call_exception_handler"), (context,)) {
+        err.write_unraisable(py, Some(event_loop));
+    }
+}
+
+/// What calling a function gave: its outcome, or a coroutine to run as a
+/// task.
+pub(crate) enum Served<'py> {
+    Outcome(PyResult<Py<PyAny>>),
+    Coroutine(Bound<'py, PyAny>),
+}
+
+/// Calls `func(*args, **kwargs)`: the part of serving a call that is the
+/// same on the target and, for a call to the caller's own shard, here.
+pub(crate) fn invoke<'py>(
+    func: &Bound<'py, PyAny>,
+    args: &Bound<'py, PyTuple>,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> Served<'py> {
+    match func.call(args, kwargs) {
+        Ok(value) if is_coroutine(func.py(), &value) => Served::Coroutine(value),
+        other => Served::Outcome(other.map(Bound::unbind)),
+    }
+}
+
+/// Serves one request; returns whether it started a task on the event loop.
+fn serve(
+    py: Python<'_>,
+    event_loop: &Bound<'_, PyAny>,
+    mut call: Box<PyCall>,
+    fatal: &mut Option<PyErr>,
+) -> PyResult<bool> {
+    match call.request.take() {
+        Some(Request::Call { func, args, kwargs }) => {
+            let served = invoke(
+                func.bind(py),
+                args.bind(py),
+                kwargs.as_ref().map(|k| k.bind(py)),
+            );
+            // The callable and its arguments are released here, on the
+            // target, where they were used.
+            drop((func, args, kwargs));
+            match served {
+                Served::Coroutine(coroutine) => return start_task(py, event_loop, call, coroutine),
+                Served::Outcome(Err(err)) if stops_a_loop(py, &err) => {
+                    // The caller gets it, and it stops this loop too.
+                    fatal.get_or_insert_with(|| err.clone_ref(py));
+                    call.outcome = Some(Err(err));
+                    answer(call);
+                }
+                Served::Outcome(outcome) => {
+                    call.outcome = Some(outcome);
+                    answer(call);
+                }
+            }
+        }
+        Some(Request::Cancel { id }) => {
+            let task = context::with(|c| {
+                c.running
+                    .borrow()
+                    .get(&call_key(call.origin, id))
+                    .map(|t| t.clone_ref(py))
+            });
+            answer(call);
+            if let Some(task) = task {
+                task.bind(py).call_method0(intern!(py, "cancel"))?;
+            }
+        }
+        None => answer(call),
+    }
+    Ok(false)
+}
+
+/// Runs the coroutine a call produced as a task of this shard, which
+/// answers the call when it is done; cancellable from the caller.
+fn start_task(
+    py: Python<'_>,
+    event_loop: &Bound<'_, PyAny>,
+    mut call: Box<PyCall>,
+    coroutine: Bound<'_, PyAny>,
+) -> PyResult<bool> {
+    let task = match event_loop.call_method1(intern!(py, "create_task"), (&coroutine,)) {
+        Ok(task) => task,
+        Err(err) => {
+            // The loop refused it (closed, say): the caller gets the error,
+            // and the coroutine is closed rather than never awaited.
+            let _ = coroutine.call_method0(intern!(py, "close"));
+            call.outcome = Some(Err(err));
+            answer(call);
+            return Ok(false);
+        }
+    };
+    let key = call_key(call.origin, call.id);
+    let responder = Bound::new(
+        py,
+        Responder {
+            call: std::sync::Mutex::new(Some(call)),
+        },
+    )?;
+    task.call_method1(intern!(py, "add_done_callback"), (responder,))?;
+    let replaced = context::with(|c| c.running.borrow_mut().insert(key, task.unbind()));
+    drop(replaced);
+    Ok(true)
+}
+
+/// Whether a call's result is a coroutine, to be run as a task. Only real
+/// coroutines are: a generator or another awaitable a plain function
+/// returns comes back as it is. Most results have no `__await__` at all,
+/// which one look at their type tells.
+fn is_coroutine(py: Python<'_>, value: &Bound<'_, PyAny>) -> bool {
+    // SAFETY: `value` is a live object (we hold a reference), so its type
+    // object is too; the checks read type fields only.
+    unsafe {
+        let object = value.as_ptr();
+        if pyo3::ffi::PyCoro_CheckExact(object) != 0 {
+            return true;
+        }
+        let async_slots = (*pyo3::ffi::Py_TYPE(object)).tp_as_async;
+        if async_slots.is_null() || (*async_slots).am_await.is_none() {
+            return false;
+        }
+    }
+    static COROUTINE: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+    COROUTINE
+        .import(py, "collections.abc", "Coroutine")
+        .and_then(|coroutine| value.is_instance(coroutine))
+        .unwrap_or(false)
+}
+
+/// Done-callback of a task that runs a call for another shard: answers the
+/// call with the task's outcome. Runs on its shard; may be dropped anywhere
+/// (a task that never finished is collected wherever its loop goes), so it
+/// holds the call behind a lock rather than being tied to its thread.
+#[pyclass(frozen)]
+struct Responder {
+    call: std::sync::Mutex<Option<Box<PyCall>>>,
+}
+
+#[pymethods]
+impl Responder {
+    fn __call__(&self, py: Python<'_>, task: &Bound<'_, PyAny>) -> PyResult<()> {
+        let taken = self
+            .call
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(mut call) = taken else {
+            return Ok(());
+        };
+        let key = call_key(call.origin, call.id);
+        let finished = context::with(|c| c.running.borrow_mut().remove(&key));
+        drop(finished);
+        let outcome = if task.call_method0(intern!(py, "cancelled"))?.is_truthy()? {
+            Err(CancelledError::new_err(
+                "the call was cancelled on its shard",
+            ))
+        } else {
+            match task.call_method0(intern!(py, "exception"))? {
+                exc if exc.is_none() => Ok(task.call_method0(intern!(py, "result"))?.unbind()),
+                exc => Err(PyErr::from_value(exc)),
+            }
+        };
+        call.outcome = Some(outcome);
+        answer(call);
+        Ok(())
+    }
+}
+
+/// call_tasks()
+/// --
+///
+/// The tasks of this shard that run calls from other shards (a
+/// shutting-down runtime gives them a grace period, and cancels the rest).
+#[pyfunction]
+fn call_tasks(py: Python<'_>) -> Vec<Py<PyAny>> {
+    let runtime = shardloop_core::runtime_id().unwrap_or(0);
+    context::with(|c| {
+        c.running
+            .borrow()
+            .iter()
+            .filter(|(key, _)| key.0 == runtime)
+            .map(|(_, task)| task.clone_ref(py))
+            .collect()
+    })
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(call_tasks, m)?)
+}
