@@ -7,12 +7,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LOOM_ENV := RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR=target/loom
 
-.PHONY: run test test-ft develop-ft tools develop lint lint-rust lint-python test-rust loom test-python test-asyncio-suite miri tsan soak bench bench-rust bench-python bench-net clean
+.PHONY: run test test-ft develop-ft tools develop load-bin lint lint-rust lint-python test-rust loom test-python test-asyncio-suite miri tsan soak bench bench-rust bench-python bench-scaling bench-net clean
 
 # The main job: the lookup server on one shard per core, driven for a few
 # seconds by the load generator, with throughput, latency and per-shard
 # counters.
-run: develop
+run: develop load-bin
 	$(PY) examples/lookup_server.py --demo --seconds 5
 
 test: tools lint-rust test-rust loom develop lint-python test-python test-asyncio-suite
@@ -38,6 +38,12 @@ $(VENV)/.installed: pyproject.toml
 develop: $(VENV)/.installed
 	$(VENV)/bin/maturin develop --release -q
 
+# The load generator, target/release/shardloop-load (rust/load), which
+# tools/loadgen.py runs for the examples, tests, benchmarks and scripts (it
+# also builds it on first use).
+load-bin:
+	$(CARGO) build --release -q -p shardloop-load
+
 lint: lint-rust lint-python
 
 lint-rust:
@@ -45,10 +51,11 @@ lint-rust:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 lint-python: develop
-	$(VENV)/bin/ruff check python tests scripts examples benches
-	$(VENV)/bin/ruff format --check python tests scripts examples benches
+	$(VENV)/bin/ruff check python tests scripts examples benches tools
+	$(VENV)/bin/ruff format --check python tests scripts examples benches tools
 	$(VENV)/bin/mypy python/shardloop
 	$(PY) -m mypy.stubtest shardloop._shardloop
+	$(PY) scripts/import_cycles.py
 
 test-rust:
 	$(CARGO) test --workspace
@@ -57,7 +64,7 @@ test-rust:
 loom:
 	$(LOOM_ENV) $(CARGO) test --release -p shardloop-core --lib loom_tests
 
-test-python: develop
+test-python: develop load-bin
 	$(PY) -m pytest -q tests
 
 # CPython's own asyncio test suite (Lib/test/test_asyncio), every loop a
@@ -79,7 +86,7 @@ $(FT_VENV)/.installed: pyproject.toml scripts/free-threaded-python.sh
 develop-ft: $(FT_VENV)/.installed
 	$(FT_ENV) $(FT_VENV)/bin/maturin develop --release -q
 
-test-ft: tools develop-ft
+test-ft: tools develop-ft load-bin
 	$(FT_VENV)/bin/python -c 'import sys, shardloop; assert not sys._is_gil_enabled()'
 	$(FT_VENV)/bin/python -m pytest -q tests
 	$(FT_VENV)/bin/python scripts/cpython_asyncio_suite.py
@@ -103,7 +110,7 @@ tsan:
 # Ten minutes of load, resets and Ctrl-C against the lookup and memcached
 # examples, checking that memory and descriptors stay flat (not in `make test`).
 SOAK_MINUTES ?= 10
-soak: develop
+soak: develop load-bin
 	$(PY) scripts/soak.py --minutes $(SOAK_MINUTES)
 
 bench: bench-rust bench-python bench-net
@@ -112,9 +119,14 @@ bench-rust:
 	$(CARGO) bench -p shardloop-core --bench ring --bench submit_to
 
 bench-python: develop
-	$(PY) -m shardloop bench
+	$(PY) benches/calls.py
 
-bench-net: tools develop
+# CPU-bound Python and the lookup server on 1 and 2 shards, on this
+# interpreter (for the free-threaded one: $(FT_VENV)/bin/python benches/scaling.py).
+bench-scaling: develop load-bin
+	$(PY) benches/scaling.py
+
+bench-net: tools develop load-bin
 	$(PY) benches/net/run.py
 	$(PY) benches/net/memcached.py
 	$(PY) benches/net/memcached.py --client shardloop

@@ -5,6 +5,9 @@ the bytes. Each shard owns its slice of the data; nothing is shared.
 
     python examples/lookup_server.py --port 7000            # serve until Ctrl-C
     python examples/lookup_server.py --demo --seconds 5     # serve, load, report
+
+The demo drives the server with the load generator of this repository
+(``tools/loadgen.py``, which builds and runs the ``shardloop-load`` binary).
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ import asyncio
 import struct
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import shardloop
 from shardloop import shard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import loadgen  # tools/, put on the path above
 
 KEYS = 100_000
 
@@ -153,22 +160,15 @@ async def demo(args: argparse.Namespace) -> None:
         f"{args.seconds:g}s with {args.connections} connections",
         flush=True,
     )
-    load = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "shardloop",
-        "load",
-        "--protocol",
+    command = loadgen.command(
+        args.host,
+        server.port,
         "lookup",
-        "--port",
-        str(server.port),
-        "--connections",
-        str(args.connections),
-        "--seconds",
-        str(args.seconds),
-        "--keys",
-        str(args.keys),
+        connections=args.connections,
+        seconds=args.seconds,
+        keys=args.keys,
     )
+    load = await asyncio.create_subprocess_exec(*command)
     await load.wait()
     per_shard = await shard.invoke_on_all(counters)
     connections = {s["shard"]: s["connections"] for s in await server.stats()}
@@ -217,6 +217,8 @@ def main() -> None:
     job: Callable[[argparse.Namespace], Awaitable[None]] = (
         demo if args.demo else serve_until_interrupted
     )
+    if args.demo:
+        loadgen.binary()  # built (if it is not yet) before the shards start
     try:
         # The demo's load generator shares the machine's cores with the shards.
         overprovisioned = True if args.demo else None

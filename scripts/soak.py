@@ -28,9 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-from shardloop._load import drive, free_port, wait_for_port
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from loadgen import drive, free_port, wait_for_port  # noqa: E402  (tools/, put on the path above)
+
 SERVERS = {
     "lookup": ROOT / "examples" / "lookup_server.py",
     "memcached": ROOT / "examples" / "memcached_server.py",

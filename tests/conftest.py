@@ -7,6 +7,7 @@ import asyncio
 import faulthandler
 import sys
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,3 +53,10 @@ def run_on(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, Any]
 def run2(coro: Coroutine[Any, Any, Any], shards: int = 2, **kwargs: Any) -> Any:
     """shardloop.run on unpinned shards, bounded in time."""
     return shardloop.run(asyncio.wait_for(coro, timeout=30), shards=shards, pin=False, **kwargs)
+
+
+# The load generator's helpers (tools/loadgen.py: drive, free_port, ...) are
+# not part of the package; the tests import them as `loadgen`.
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))

@@ -8,13 +8,14 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 
 import pytest
 import shardloop
 from conftest import run2
+from loadgen import drive, free_port
 from shardloop import shard
-from shardloop._load import drive, free_port
 
 Handler = Callable[[shardloop.Connection], Awaitable[None]]
 
@@ -234,6 +235,22 @@ def test_the_load_generator_drives_a_server_and_counts() -> None:
         drive("127.0.0.1", 1, "gopher", progress=False)
     with pytest.raises(ConnectionRefusedError):
         drive("127.0.0.1", free_port(), "echo", 1, 0.1, progress=False)
+
+
+def test_the_load_generator_reports_no_latency_when_nothing_was_answered() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def close_each() -> None:
+            for _ in range(2):
+                listener.accept()[0].close()
+
+        closer = threading.Thread(target=close_each)
+        closer.start()
+        report = drive("127.0.0.1", listener.getsockname()[1], "echo", 2, 30, progress=False)
+        closer.join()
+    assert report["requests"] == 0 and report["errors"] == 2
+    assert report["p50_us"] is None and report["p999_us"] is None
+    assert report["seconds"] < 30, "the run ends once no connection is left"
 
 
 def test_shards_see_their_own_connections() -> None:

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from loadgen import drive, free_port
 from pymemcache.client.base import Client
-from shardloop._load import drive, free_port
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "memcached_server.py"
 MB = 1 << 20

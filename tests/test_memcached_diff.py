@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from shardloop._load import free_port
+from loadgen import free_port
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "memcached_server.py"
 MEMCACHED = shutil.which("memcached")

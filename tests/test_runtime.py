@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,12 +14,16 @@ import sys
 import textwrap
 import time
 import weakref
+from pathlib import Path
 from typing import Any
 
 import pytest
 import shardloop
 from conftest import run2
 from shardloop import shard
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 
 
 def test_every_shard_has_its_own_running_loop() -> None:
@@ -218,17 +223,58 @@ def test_keyboard_interrupt_stops_all_shards_cleanly() -> None:
     assert "interrupted" in out
 
 
-def test_examples_of_the_readme_run() -> None:
+def readme_programs() -> list[str]:
+    """The README's ```python blocks that are whole programs: those that
+    start a runtime (``shardloop.run(``); the others are fragments."""
+    blocks = re.findall(r"^```python\n(.*?)^```$", README.read_text(), re.MULTILINE | re.DOTALL)
+    return [block for block in blocks if "shardloop.run(" in block]
+
+
+def test_examples_of_the_readme_run(tmp_path: Path) -> None:
+    programs = readme_programs()
+    assert programs, "the README shows no complete program"
+    # Two shards, whatever the machine: the examples call shard 1.
     env = dict(os.environ, SHARDLOOP_SHARDS="2")
+    for index, program in enumerate(programs):
+        script = tmp_path / f"readme_{index}.py"
+        script.write_text(program)
+        proc = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 0, f"{program}\n{proc.stderr}"
+        assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+        if "print(" in program:
+            assert proc.stdout.strip(), f"printed nothing:\n{program}"
+
+
+def test_the_demo_example_shows_calls_crossing_shards() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "shardloop", "demo", "--shards", "2"],
+        [sys.executable, str(ROOT / "examples" / "demo.py"), "--shards", "2"],
         capture_output=True,
         text=True,
         timeout=120,
-        env=env,
         check=True,
     ).stdout
-    assert "submit_to" in out and "invoke_on_all" in out
+    assert "2 shards, this is shard 0" in out
+    # invoke_on_all ran once on each shard, each on a thread of its own.
+    ran = re.findall(r"shard (\d+) runs on thread '([^']*)'", out)
+    assert [shard_id for shard_id, _ in ran] == ["0", "1"], out
+    assert len({thread for _, thread in ran}) == 2, out
+    assert re.search(r"submit_to\(1, square, 12\) +-> 144\n", out), out
+    assert re.search(r"submit_to\(1, slow_square, 12\) +-> 144\n", out), out
+    rates = re.findall(r"(?:one at a time|1,000 in flight): +([\d,]+) calls/s", out)
+    assert len(rates) == 2 and all(int(rate.replace(",", "")) > 0 for rate in rates), out
+    # The queue 0 -> 1 carried the demo's 2 x 20,000 timed calls, and every
+    # call it carried came back.
+    queue = re.search(r"queue 0 -> 1: sent ([\d,]+), completed ([\d,]+)", out)
+    assert queue, out
+    sent, completed = (int(n.replace(",", "")) for n in queue.groups())
+    assert sent == completed >= 40_000, out
 
 
 def test_the_signal_wakeup_descriptor_is_given_back_after_run() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import logging
+import re
 import socket
 import struct
 import subprocess
@@ -195,13 +197,41 @@ def test_lookup_demo_runs_end_to_end() -> None:
     assert "errors 0" in out
 
 
-@pytest.mark.parametrize("name", ["echo_server.py", "lookup_server.py", "memcached_server.py"])
+def argparse_options(source: str) -> list[str]:
+    """The option strings (``--port``, ``-m``, ...) of every
+    ``add_argument`` call in a script's `source`."""
+    return [
+        arg.value
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "add_argument"
+        for arg in node.args
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value[:1] == "-"
+    ]
+
+
+# The examples that are programs with a command line.
+SCRIPTS = sorted(path.name for path in EXAMPLES.glob("*.py") if "argparse" in path.read_text())
+
+
+def test_the_examples_with_a_command_line_are_found() -> None:
+    expected = {"demo.py", "echo_server.py", "lookup_server.py", "memcached_server.py"}
+    assert expected <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_examples_have_help(name: str) -> None:
-    out = subprocess.run(
+    options = argparse_options((EXAMPLES / name).read_text())
+    assert options, f"{name} defines no option"
+    proc = subprocess.run(
         [sys.executable, str(EXAMPLES / name), "--help"],
         capture_output=True,
         text=True,
         timeout=60,
-        check=True,
-    ).stdout
-    assert "--port" in out
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage:"), proc.stdout
+    for option in options:
+        named = re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", proc.stdout)
+        assert named, f"{name} --help does not name {option}:\n{proc.stdout}"

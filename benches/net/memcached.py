@@ -1,7 +1,7 @@
 """shardloop's memcached-protocol example against the real memcached, both
 driven by the same client with the same settings, in one run, on loopback:
 memcaslap (libmemcached-tools), or shardloop's own load generator
-(``python -m shardloop load --protocol memcached``: 9 gets to 1 set).
+(``python tools/loadgen.py --protocol memcached``: 9 gets to 1 set).
 
     python benches/net/memcached.py [--seconds 5] [--concurrency 64]
                                     [--client memcaslap|shardloop] [--client-cpu N]
@@ -15,10 +15,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from run import run_client, shardloop_load  # this folder's runner
-from shardloop._load import free_port, serving
-
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+from loadgen import binary, free_port, serving  # noqa: E402  (tools/, put on the path above)
+from run import run_client, shardloop_load  # noqa: E402  (this folder's runner)
 
 
 def memcaslap(port: int, args: argparse.Namespace) -> dict[str, float]:
@@ -32,7 +32,7 @@ def memcaslap(port: int, args: argparse.Namespace) -> dict[str, float]:
 
 
 def memcached_load(port: int, args: argparse.Namespace) -> dict[str, float]:
-    """The same load from ``python -m shardloop load`` (1,024-byte values,
+    """The same load from shardloop's load generator (1,024-byte values,
     10,000 keys, as memcaslap's defaults)."""
     summary = shardloop_load(
         "memcached",
@@ -61,6 +61,8 @@ def main() -> None:
     )
     parser.add_argument("--client", choices=("memcaslap", "shardloop"), default="memcaslap")
     args = parser.parse_args()
+    if args.client == "shardloop":
+        binary()  # the load generator, built before any server starts
     servers = {
         "memcached -t 2": lambda port: [
             shutil.which("memcached") or "memcached",

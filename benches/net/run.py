@@ -4,8 +4,9 @@ shardloop on 1 and 2 shards, the same server on stock asyncio and on uvloop
 
     python benches/net/run.py [--seconds 5] [--connections 64] [--json]
 
-Every server is started, given the same load by ``python -m shardloop load``
-(in its own process) for a fixed time, and stopped.
+Every server is started, given the same load by the ``shardloop-load``
+binary (``tools/loadgen.py`` builds and runs it; its own process) for a fixed
+time, and stopped.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shardloop._load import free_port, serving
-
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "tools"))
+from loadgen import binary, command, free_port, serving  # noqa: E402  (tools/, put on the path above)
 
 
 def run_client(command: list[str], seconds: float, cpu: int | None) -> str:
@@ -40,11 +41,10 @@ def run_client(command: list[str], seconds: float, cpu: int | None) -> str:
 def shardloop_load(
     protocol: str, port: int, connections: int, seconds: float, cpu: int | None, *extra: str
 ) -> dict:
-    """The summary of ``python -m shardloop load`` against 127.0.0.1:`port`."""
-    command = [sys.executable, "-m", "shardloop", "load", "--protocol", protocol]
-    command += ["--port", str(port), "--connections", str(connections)]
-    command += ["--seconds", str(seconds), *extra, "--json"]
-    result: dict = json.loads(run_client(command, seconds, cpu).strip().splitlines()[-1])
+    """The summary of the load generator (``shardloop-load --json``) against
+    127.0.0.1:`port`."""
+    cmd = [*command("127.0.0.1", port, protocol, connections, seconds), *extra, "--json"]
+    result: dict = json.loads(run_client(cmd, seconds, cpu).strip().splitlines()[-1])
     return result
 
 
@@ -125,6 +125,7 @@ def main() -> None:
         cwd=ROOT,
         check=True,
     )
+    binary()  # the load generator, built before any server starts
     results: dict[str, dict[str, dict]] = {}
     for protocol in args.protocols:
         results[protocol] = {}

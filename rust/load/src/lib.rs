@@ -12,6 +12,9 @@
 //!
 //! It runs on one thread with edge-triggered epoll (mio), so that it takes
 //! as little of the machine as possible from the server it measures.
+//!
+//! The `shardloop-load` binary (`src/main.rs`, its arguments in [`cli`])
+//! runs it from the command line.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -19,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+
+pub mod cli;
 
 /// What the connections speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +35,17 @@ pub enum Protocol {
     /// memcached's text protocol: nine `get`s of a key drawn from `0..keys`
     /// to one `set` of a `size`-byte value.
     Memcached { keys: u32, size: usize },
+}
+
+impl Protocol {
+    /// The protocol's name: `echo`, `lookup` or `memcached`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Protocol::Echo { .. } => "echo",
+            Protocol::Lookup { .. } => "lookup",
+            Protocol::Memcached { .. } => "memcached",
+        }
+    }
 }
 
 /// What to run.

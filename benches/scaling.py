@@ -1,7 +1,9 @@
-"""``python -m shardloop bench --scaling``: CPU-bound pure-Python work spread
-over 1 and 2 shards with ``invoke_on_all``, on the running interpreter; and,
-in a checkout of the repository, the lookup server
-(``examples/lookup_server.py``) on 1 and 2 shards under the load generator.
+"""CPU-bound pure-Python work spread over 1 and 2 shards with
+``invoke_on_all``, on the running interpreter, and the lookup server
+(``examples/lookup_server.py``) on 1 and 2 shards under the load generator
+(``tools/loadgen.py``).
+
+    python benches/scaling.py [--json]        # or: make bench-scaling
 
 With the GIL the shards take turns; on a free-threaded CPython (3.13t) they
 run Python in parallel. Run it under both interpreters to compare.
@@ -9,18 +11,22 @@ run Python in parallel. Run it under both interpreters to compare.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from . import shard
-from ._load import drive, free_port, serving
-from ._loop import new_event_loop
+from shardloop import new_event_loop, shard
 
-LOOKUP_SERVER = Path(__file__).resolve().parents[2] / "examples" / "lookup_server.py"
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from loadgen import drive, free_port, serving  # noqa: E402  (tools/, put on the path above)
+
+LOOKUP_SERVER = ROOT / "examples" / "lookup_server.py"
 LOOKUP_SECONDS = 3.0
 
 UNITS = 16
@@ -77,18 +83,20 @@ def run_scaling() -> dict[str, Any]:
         "units_per_second": {"1 shard": one, "2 shards": two},
         "speedup": two / one,
     }
-    if LOOKUP_SERVER.exists():
-        lookups = {"1 shard": lookup_rate(1), "2 shards": lookup_rate(2)}
-        result["lookup_requests_per_second"] = lookups
-        result["lookup_speedup"] = lookups["2 shards"] / lookups["1 shard"]
+    lookups = {"1 shard": lookup_rate(1), "2 shards": lookup_rate(2)}
+    result["lookup_requests_per_second"] = lookups
+    result["lookup_speedup"] = lookups["2 shards"] / lookups["1 shard"]
     return result
 
 
-def main(as_json: bool) -> None:
-    import json
-
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    args = parser.parse_args()
     result = run_scaling()
-    if as_json:
+    if args.json:
         print(json.dumps(result, indent=2))
         return
     gil = "on" if result["gil"] else "off"
@@ -97,11 +105,14 @@ def main(as_json: bool) -> None:
     for name, rate in rates.items():
         print(f"  {name:10} {rate:8.2f} units/s")
     print(f"  2 shards / 1 shard: {result['speedup']:.2f}x")
-    if "lookup_requests_per_second" in result:
-        print(
-            f"The lookup server under load ({LOOKUP_SECONDS:g}s, 64 connections, "
-            "overprovisioned: the load generator shares the cores)"
-        )
-        for name, rate in result["lookup_requests_per_second"].items():
-            print(f"  {name:10} {rate:10,.0f} requests/s")
-        print(f"  2 shards / 1 shard: {result['lookup_speedup']:.2f}x")
+    print(
+        f"The lookup server under load ({LOOKUP_SECONDS:g}s, 64 connections, "
+        "overprovisioned: the load generator shares the cores)"
+    )
+    for name, rate in result["lookup_requests_per_second"].items():
+        print(f"  {name:10} {rate:10,.0f} requests/s")
+    print(f"  2 shards / 1 shard: {result['lookup_speedup']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,13 +1,19 @@
-"""``python -m shardloop demo``: one shard per core, ``submit_to`` and
-``invoke_on_all`` at work, and the measured round trips."""
+"""shardloop at work: one shard per core (or ``--shards N``), where
+``invoke_on_all`` runs, what ``submit_to`` returns, the measured round trips
+from shard 0 to shard 1, and the queue's counters from ``shardloop.stats()``.
+
+    python examples/demo.py [--shards N]
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import threading
 import time
 
-from . import run, shard, stats
+import shardloop
+from shardloop import shard
 
 CALLS = 20_000
 
@@ -53,12 +59,23 @@ async def _main() -> None:
     print(f"\nround trips shard 0 -> shard {target} (plain function):")
     print(f"  one at a time:    {sequential:>12,.0f} calls/s  ({1e6 / sequential:.1f} us each)")
     print(f"  1,000 in flight:  {in_flight:>12,.0f} calls/s")
-    queue = next(q for q in stats()["queues"] if (q["from"], q["to"]) == (0, target))
+    queue = next(q for q in shardloop.stats()["queues"] if (q["from"], q["to"]) == (0, target))
     print(
         f"\nqueue 0 -> {target}: sent {queue['sent']:,}, completed {queue['completed']:,}, "
         f"batches {queue['batches']:,}, max depth {queue['max_depth']}"
     )
 
 
-def main(shards: int | None) -> None:
-    run(_main(), shards=shards)
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--shards", type=int, default=None, help="number of shards (default: one per core)"
+    )
+    args = parser.parse_args()
+    shardloop.run(_main(), shards=args.shards)
+
+
+if __name__ == "__main__":
+    main()

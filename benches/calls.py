@@ -1,4 +1,6 @@
-"""``python -m shardloop bench``: cross-shard calls against today's ways.
+"""Cross-shard calls against today's ways (``make bench-python``).
+
+    python benches/calls.py [--json]
 
 On 2 shards: ``submit_to`` of a plain function and of a coroutine function,
 one call at a time (round trip) and 1,000 in flight (collected with
@@ -10,6 +12,7 @@ uvloop is installed) on two threads, with ``run_coroutine_threadsafe`` and
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -20,8 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import shard
-from ._loop import new_event_loop
+from shardloop import new_event_loop, shard
 
 ROUNDS = 5
 SEQUENTIAL_CALLS = 5_000
@@ -175,9 +177,14 @@ def run_benchmarks() -> dict[str, Any]:
     return results
 
 
-def main(as_json: bool) -> None:
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    args = parser.parse_args()
     results = run_benchmarks()
-    if as_json:
+    if args.json:
         print(json.dumps(results, indent=2))
         return
     machine = results["machine"]
@@ -190,3 +197,7 @@ def main(as_json: bool) -> None:
     print()
     for name, ratio in results["ratios"].items():
         print(f"  {name:60} {ratio:6.1f}x")
+
+
+if __name__ == "__main__":
+    main()
