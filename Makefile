@@ -49,6 +49,7 @@ lint: lint-rust lint-python
 lint-rust:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --document-private-items -q
 
 lint-python: develop
 	$(VENV)/bin/ruff check python tests scripts examples benches tools

@@ -573,7 +573,7 @@ def new_event_loop(
     )
     driver = None
     try:
-        driver = runtime.enter()
+        driver = runtime.driver()
         return ShardLoop(driver, runtime, state)
     except BaseException:
         # Interrupted while starting (Ctrl-C): nothing is left running.

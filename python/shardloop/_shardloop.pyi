@@ -76,7 +76,7 @@ class Runtime:
     ) -> Runtime:
         """Starts the shards; shards 1..N run ``worker(driver)`` on their own
         threads."""
-    def enter(self) -> Driver:
+    def driver(self) -> Driver:
         """The driver of shard 0, for the calling thread's event loop."""
     def begin_shutdown(self) -> None:
         """Refuses new calls and tells every shard to finish and stop."""

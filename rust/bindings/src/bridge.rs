@@ -20,8 +20,6 @@ use pyo3::exceptions::asyncio::CancelledError;
 use pyo3::intern;
 use pyo3::prelude::*;
 
-use crate::call::settle::settle_later;
-use crate::call::Produce;
 use crate::context;
 
 /// Runs `future` on the current shard's executor; returns an asyncio future
@@ -32,13 +30,13 @@ pub(crate) fn spawn_for_python<'py, F>(
     future: F,
 ) -> PyResult<Bound<'py, PyAny>>
 where
-    F: Future<Output = Produce> + 'static,
+    F: Future<Output = context::Produce> + 'static,
 {
     let py_future = event_loop.call_method0(intern!(py, "create_future"))?;
     let target = py_future.clone().unbind();
     drop(shardloop_core::spawn_local(async move {
         let produce = future.await;
-        settle_later(target, produce);
+        context::settle_later(target, produce);
     }));
     Ok(py_future)
 }
@@ -126,7 +124,7 @@ fn sleep(py: Python<'_>, delay: f64) -> PyResult<Bound<'_, PyAny>> {
     let delay = crate::errors::duration("the delay", delay.max(0.0))?;
     spawn_for_python(py, &event_loop, async move {
         shardloop_core::sleep(delay).await;
-        Box::new(|py: Python<'_>| Ok(py.None())) as Produce
+        Box::new(|py: Python<'_>| Ok(py.None())) as context::Produce
     })
 }
 
@@ -147,7 +145,7 @@ fn relay<'py>(py: Python<'py>, awaitable: &Bound<'py, PyAny>) -> PyResult<Bound<
     let waiting = PyAwait::new(&future)?;
     spawn_for_python(py, &event_loop, async move {
         let outcome = waiting.await;
-        Box::new(move |_: Python<'_>| outcome) as Produce
+        Box::new(move |_: Python<'_>| outcome) as context::Produce
     })
 }
 

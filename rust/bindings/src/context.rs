@@ -16,12 +16,28 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 
-use crate::call::{CallKey, Incoming};
+use crate::call::{CallKey, PyCall};
+
+/// Makes a Python value (or error) from the output of a Rust task.
+pub(crate) type Produce = Box<dyn FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send>;
+
+/// What waits in the thread's inbox for the driver, which handles it with
+/// the GIL after its wait (`Driver::run_arrived`).
+pub(crate) enum Incoming {
+    /// A call to serve here.
+    Request(Box<PyCall>),
+    /// A call of this shard, answered.
+    Answered(Box<PyCall>),
+    /// A Rust task finished: settle `future` with what `produce` makes.
+    Settle { future: Py<PyAny>, produce: Produce },
+}
 
 /// Work that must be done when the shard's turn ends, before it looks for
 /// more: the connection layer registers connections with bytes to send.
 pub(crate) trait EndOfTurn {
-    /// Runs with the GIL released.
+    /// Runs on the shard's thread, without touching Python objects:
+    /// usually with the GIL released (the driver runs it before it waits),
+    /// and with it held for the last turn of a loop that stops.
     fn end_turn(self: Rc<Self>);
 }
 
@@ -50,8 +66,8 @@ pub(crate) struct Context {
     active: RefCell<Option<Rc<Shard>>>,
     /// How many shard drivers this thread holds.
     pub(crate) shards_here: Cell<usize>,
-    /// Messages that arrived while the poll loop ran without the GIL.
-    pub(crate) inbox: RefCell<Vec<Incoming>>,
+    /// What arrived while the poll loop ran without the GIL.
+    inbox: RefCell<Vec<Incoming>>,
     /// Tasks running calls for other shards, so that a caller's
     /// cancellation can reach them.
     pub(crate) running: RefCell<HashMap<CallKey, Py<PyAny>>>,
@@ -107,13 +123,51 @@ pub(crate) fn running_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
         .ok_or_else(crate::errors::not_on_shard)
 }
 
+/// Parks `incoming` for the driver (this runs inside the core's poll
+/// loop, without the GIL) and makes the driver's wait return.
+pub(crate) fn arrive(incoming: Incoming) {
+    with(|c| c.inbox.borrow_mut().push(incoming));
+    shardloop_core::embed::wake_driver();
+}
+
+/// Whether anything waits in the inbox.
+pub(crate) fn has_arrived() -> bool {
+    with(|c| !c.inbox.borrow().is_empty())
+}
+
+/// Takes what waits in the inbox.
+pub(crate) fn take_arrived() -> Vec<Incoming> {
+    with(|c| std::mem::take(&mut *c.inbox.borrow_mut()))
+}
+
+/// Has `future` (an asyncio future of this shard) settled with what
+/// `produce` makes, by the driver at its next look at the inbox: how a
+/// Rust task hands its output to Python.
+pub(crate) fn settle_later(future: Py<PyAny>, produce: Produce) {
+    if shardloop_core::shard_id().is_none() {
+        // No shard runs here any more (a connection closed after its
+        // runtime): nothing will look, and nothing may carry over to the
+        // next runtime of this thread.
+        return;
+    }
+    let parked = try_with(|c| {
+        c.inbox
+            .borrow_mut()
+            .push(Incoming::Settle { future, produce })
+    });
+    if parked.is_some() {
+        shardloop_core::embed::wake_driver();
+    }
+}
+
 /// Has [`EndOfTurn::end_turn`] of `work` run when this turn ends.
 pub(crate) fn at_end_of_turn(work: Rc<dyn EndOfTurn>) {
     with(|c| c.end_of_turn.borrow_mut().push(work));
 }
 
-/// Runs what was registered for the end of this turn; with the GIL
-/// released (the driver calls it before it looks for more work).
+/// Runs what was registered for the end of this turn (the driver calls it
+/// before it looks for more work, with the GIL released; a loop that stops
+/// calls it once more).
 pub(crate) fn end_turn() {
     // Most turns register nothing: look before taking the list out.
     let Some(mut due) = try_with(|c| {

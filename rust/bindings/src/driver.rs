@@ -10,7 +10,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::call::serve;
-use crate::context::{self, Shard};
+use crate::call::settle::{exception_with_traceback, settle, settle_answered};
+use crate::context::{self, Incoming, Shard};
 use crate::gil;
 use crate::home::Home;
 use crate::stats;
@@ -84,7 +85,7 @@ impl Driver {
             driver.poll();
             driver.take_fd_ready()
         });
-        serve::run_arrived(py, event_loop)?;
+        run_arrived(py, event_loop)?;
         Ok(fd_ready)
     }
 
@@ -108,7 +109,7 @@ impl Driver {
         let timers = loop_queue_len(event_loop, intern!(py, "_scheduled"));
         let (shard, driver) = self.open()?;
         loop {
-            let left = if serve::has_arrived() {
+            let left = if context::has_arrived() {
                 Some(Duration::ZERO)
             } else {
                 until.map(|until| until.saturating_duration_since(Instant::now()))
@@ -121,7 +122,7 @@ impl Driver {
             // Signals (Ctrl-C) are handled here, so that a shard that turns
             // without returning to its loop still answers them.
             py.check_signals()?;
-            let (ran, scheduled) = serve::run_arrived(py, event_loop)?;
+            let (ran, scheduled) = run_arrived(py, event_loop)?;
             let timed_out = until.is_some_and(|until| Instant::now() >= until);
             if fd_ready || scheduled || closing || timed_out || ran == 0 {
                 return Ok(fd_ready);
@@ -169,6 +170,71 @@ impl Driver {
     #[pyo3(name = "close")]
     fn py_close(&self) {
         self.close();
+    }
+}
+
+/// Serves every request and settles every answered call (and every Rust
+/// task's future) that arrived on this shard (see `context::Incoming`); `event_loop` is the shard's asyncio loop. Returns how many
+/// there were, and whether any of them left work for the event loop (a task
+/// started or a future settled) rather than only answering plain calls.
+///
+/// Nothing a user's code raises escapes from here but what stops a loop: a
+/// call's exception goes to its caller, and a failure to deliver one (a
+/// future that refuses its outcome, say) goes to the loop's exception
+/// handler, as asyncio reports errors of callbacks. A `SystemExit` or
+/// `KeyboardInterrupt` (raised by a served function, or Ctrl-C landing
+/// here) goes to its caller too, and is raised once the whole batch is
+/// done, so that it stops this shard's loop as it would in asyncio.
+fn run_arrived(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyResult<(usize, bool)> {
+    let mut count = 0;
+    let mut scheduled = false;
+    let mut fatal: Option<PyErr> = None;
+    loop {
+        let batch = context::take_arrived();
+        if batch.is_empty() {
+            break;
+        }
+        count += batch.len();
+        for item in batch {
+            let handled = match item {
+                Incoming::Request(call) => serve::serve(py, event_loop, call, &mut fatal),
+                Incoming::Answered(call) => settle_answered(py, *call).map(|()| true),
+                Incoming::Settle { future, produce } => {
+                    settle(py, future.bind(py), produce(py), None).map(|()| true)
+                }
+            };
+            match handled {
+                Ok(started) => scheduled |= started,
+                Err(err) if serve::stops_a_loop(py, &err) => {
+                    fatal.get_or_insert(err);
+                    scheduled = true;
+                }
+                Err(err) => {
+                    report(py, event_loop, err);
+                    scheduled = true;
+                }
+            }
+        }
+    }
+    if count > 0 {
+        shardloop_core::embed::count_tasks(count as u64);
+    }
+    match fatal {
+        Some(err) => Err(err),
+        None => Ok((count, scheduled)),
+    }
+}
+
+/// Hands an error that has no caller to the loop's exception handler.
+fn report(py: Python<'_>, event_loop: &Bound<'_, PyAny>, err: PyErr) {
+    let context = PyDict::new(py);
+    let _ = context.set_item(
+        "message",
+        "shardloop: a cross-shard call could not be completed",
+    );
+    let _ = context.set_item("exception", exception_with_traceback(py, err));
+    if let Err(err) = event_loop.call_method1(intern!(py, "call_exception_handler"), (context,)) {
+        err.write_unraisable(py, Some(event_loop));
     }
 }
 

@@ -1,5 +1,7 @@
 //! How errors look from Python: the one place where the core's typed
-//! errors, and the binding's own, become Python exceptions.
+//! errors (`Error`, `BuildError`) become Python exceptions, and where the
+//! errors raised in several places are worded once. (An argument refused by
+//! one function is raised there, next to its check.)
 
 use pyo3::create_exception;
 use pyo3::exceptions::{PyConnectionAbortedError, PyRuntimeError, PyValueError};

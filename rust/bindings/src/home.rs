@@ -35,7 +35,8 @@ pub(crate) struct Home<T: 'static> {
 }
 
 // SAFETY: the `Rc` (and the `!Send` state behind it) is only reached through
-// `Home::get`, which checks that the caller is the owning thread, and
+// `Home::local` (and `Home::get`, which calls it), which checks that the
+// caller is the owning thread, and
 // through `Drop`, which on another thread moves the `Rc` untouched to the
 // owning shard to be released there. Its count and contents are therefore
 // only used by that one thread, as `Rc` requires.
@@ -45,6 +46,9 @@ unsafe impl<T> Sync for Home<T> {}
 
 impl<T> Home<T> {
     /// Holds `value`, which belongs to shard `shard`, the current thread's.
+    /// Made while no shard of a runtime is active here (a shard's driver,
+    /// a runtime), it can never be carried home: dropped on another thread,
+    /// it is left there untouched.
     pub(crate) fn new(value: Rc<T>, shard: usize, release: fn(Rc<T>), what: &'static str) -> Self {
         Self {
             value: ManuallyDrop::new(value),

@@ -16,7 +16,8 @@ mod stats;
 
 /// The native module. It is safe without the GIL (free-threaded CPython):
 /// `Driver`, `Runtime` and `Connection` hold their `!Send` state through
-/// `Home`, which checks the thread on every use; per-thread state lives in
+/// `Home`, which checks the thread on every use (and sends a connection
+/// dropped on another shard back to its own); per-thread state lives in
 /// the thread's `context`; shared Rust state is atomic or behind a lock;
 /// Python objects cross shards only as owned references inside messages.
 #[pymodule(gil_used = false)]

@@ -115,7 +115,7 @@ impl Runtime {
     }
 
     /// The driver of shard 0, for the calling thread's event loop.
-    fn enter(&self, py: Python<'_>) -> PyResult<Py<Driver>> {
+    fn driver(&self, py: Python<'_>) -> PyResult<Py<Driver>> {
         let driver = self.with(|rt| rt.driver())?;
         Py::new(py, Driver::install(driver))
     }

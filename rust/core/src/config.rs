@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-/// Settings of a runtime; see [`Builder`].
+/// Settings of a runtime; see [`Builder`](crate::Builder).
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) shards: Option<usize>,

@@ -24,7 +24,7 @@ pub struct Activation {
 
 impl Driver {
     /// Makes this driver's shard the thread's current shard (what
-    /// [`submit_to`], [`send`] and the other free functions act on) until the
+    /// [`submit_to`](crate::submit_to), [`send`](crate::embed::send) and the other free functions act on) until the
     /// returned guard is dropped. A thread may own drivers of several
     /// runtimes; one of them is active at a time.
     ///
@@ -60,7 +60,7 @@ impl Driver {
     }
 
     /// Turns the shard's loop (spinning for `idle_poll`, then sleeping) until
-    /// [`wake_driver`] was called by a message or task of this shard, a
+    /// [`wake_driver`](crate::embed::wake_driver) was called by a message or task of this shard, a
     /// watched descriptor became readable, shutdown lets the shard stop, or
     /// `timeout` passes (`None`: no limit). Returns `false` only on timeout.
     pub fn wait(&self, timeout: Option<Duration>) -> bool {

@@ -1,5 +1,5 @@
 //! The [`Runtime`]: builds the shards, starts their threads (shard 0 is the
-//! thread that calls [`Runtime::block_on`]), and stops them.
+//! thread that builds the runtime), and stops them.
 
 use std::future::Future;
 use std::rc::Rc;
@@ -93,7 +93,7 @@ impl Builder {
     /// instead of the built-in loop, and `main` drives its shard through the
     /// [`Driver`] it is given (this is how another event loop, such as
     /// Python's, runs on a shard). Shard 0's driver comes from
-    /// [`Runtime::enter`]. `main` should return once [`Driver::may_stop`]
+    /// [`Runtime::driver`]. `main` should return once [`Driver::may_stop`]
     /// says so.
     pub fn build_driven<M>(self, main: M) -> Result<Runtime, BuildError>
     where

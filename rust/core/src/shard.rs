@@ -1,7 +1,8 @@
 //! One shard: its ends of the two queue matrices, its local tasks, timers
 //! and epoll instance, and its poll loop. One turn ([`Shard::poll_once`])
-//! takes every incoming request and completion, runs every ready task, fires
-//! due timers, polls I/O, and pushes the batches it produced. A shard that
+//! runs every incoming request and completes every returned call, fires due
+//! timers, runs every ready task, polls I/O (every 16th turn, and before a
+//! sleep), and pushes the batches it produced. A shard that
 //! has found nothing to do for `idle_poll` sleeps in `epoll_wait` after the
 //! handshake of [`crate::wake`].
 
@@ -120,7 +121,7 @@ pub(crate) struct Shard {
     /// Messages sent from this shard that have not come back yet.
     pub(crate) in_flight: Cell<usize>,
     pub(crate) main_woken: Cell<bool>,
-    /// Set by [`wake_driver`]: the external driver has work to look at.
+    /// Set by [`wake_driver`](crate::embed::wake_driver): the external driver has work to look at.
     pub(crate) attention: Cell<bool>,
     pub(crate) closing_seen: Cell<bool>,
 }

@@ -1,17 +1,19 @@
-//! Python calls between shards: a call's whole life, in three steps.
+//! Python calls between shards: a call's whole life, in three steps (the
+//! steps of ARCHITECTURE.md's table are numbered the same way).
 //!
-//! 1. [`send`]: `submit_to` on the origin makes a [`PyCall`] and sends it
-//!    through the core's request ring (a call to the origin itself is
-//!    served at once, through the same serve and settle steps).
-//! 2. [`serve`]: on the target the core runs the message, which only parks
-//!    it in the thread's inbox (the poll loop runs without the GIL); the
-//!    shard's driver then runs the inbox with the GIL held
-//!    ([`run_arrived`]): a plain function's result is answered at once, a
-//!    coroutine becomes a task of the target's loop and is answered when it
-//!    is done. The answer goes back through the core's response ring.
+//! 1. [`send`]: `submit_to` on the origin makes a [`PyCall`] and hands it
+//!    to the core, which carries it on the request ring (a call to the
+//!    origin itself is served at once, through the same serve and settle).
+//! 2. [`serve`]: on the target the core runs the message without the GIL,
+//!    which only parks it in the thread's inbox (`context::arrive`); the
+//!    driver then hands it, with the GIL, to `serve::serve`: a plain
+//!    function's outcome is answered at once, a coroutine becomes a task of
+//!    the target's loop and is answered when it is done. The answer goes
+//!    back on the core's response ring.
 //! 3. [`settle`]: back on the origin the answer is parked in the inbox too,
-//!    and `run_arrived` completes the caller's asyncio future on its own
-//!    loop, so no `call_soon_threadsafe` is involved anywhere.
+//!    and the driver hands it to `settle::settle_answered`, which completes
+//!    the caller's asyncio future on its own loop: no
+//!    `call_soon_threadsafe` anywhere.
 //!
 //! This file holds the types the steps share.
 
@@ -27,9 +29,6 @@ pub(crate) mod settle;
 /// runtimes in turn).
 pub(crate) type CallKey = (u64, usize, u64);
 
-/// Makes a Python value (or error) from the output of a Rust task.
-pub(crate) type Produce = Box<dyn FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send>;
-
 /// What a message asks of its target.
 pub(crate) enum Request {
     /// Call `func(*args, **kwargs)`.
@@ -38,8 +37,8 @@ pub(crate) enum Request {
         args: Py<PyTuple>,
         kwargs: Option<Py<PyDict>>,
     },
-    /// Cancel the task running call `id` of the origin.
-    Cancel { id: u64 },
+    /// Cancel the task that runs the origin's call of the same id.
+    Cancel,
 }
 
 /// One call on its way: out with its request, back with its outcome.
@@ -56,14 +55,4 @@ pub(crate) struct PyCall {
     pub(crate) hook: Option<Py<PyAny>>,
     /// Written on the target, read on the origin.
     pub(crate) outcome: Option<PyResult<Py<PyAny>>>,
-}
-
-/// What waits in a shard thread's inbox for its driver.
-pub(crate) enum Incoming {
-    /// A call to serve here.
-    Request(Box<PyCall>),
-    /// A call of this shard, answered.
-    Answered(Box<PyCall>),
-    /// A Rust task finished: settle `future` with what `produce` makes.
-    Settle { future: Py<PyAny>, produce: Produce },
 }

@@ -136,7 +136,7 @@ impl CancelOnDone {
             origin: self.origin,
             target: self.target,
             id: self.id,
-            request: Some(Request::Cancel { id: self.id }),
+            request: Some(Request::Cancel),
             future: None,
             hook: None,
             outcome: None,

@@ -1,36 +1,24 @@
 //! Step 2 of a call: serving it on its target. The core runs a [`PyCall`]
 //! message without the GIL, so running it only parks it in the thread's
-//! inbox; the driver then runs the inbox with the GIL ([`run_arrived`]).
-//! Answered calls arrive the same way, and are settled from there.
+//! inbox (and an answered call coming back is parked the same way); the
+//! driver then hands each request, with the GIL, to [`serve`].
 
 use pyo3::exceptions::asyncio::CancelledError;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
-use super::settle::{exception_with_traceback, settle, settle_answered};
-use super::{CallKey, Incoming, PyCall, Request};
-use crate::context;
+use super::{CallKey, PyCall, Request};
+use crate::context::{self, Incoming};
 
 impl shardloop_core::embed::Message for PyCall {
     fn run(self: Box<Self>) {
-        arrive(Incoming::Request(self));
+        context::arrive(Incoming::Request(self));
     }
 
     fn complete(self: Box<Self>) {
-        arrive(Incoming::Answered(self));
+        context::arrive(Incoming::Answered(self));
     }
-}
-
-/// Parks `incoming` for the driver, and makes its wait return.
-fn arrive(incoming: Incoming) {
-    context::with(|c| c.inbox.borrow_mut().push(incoming));
-    shardloop_core::embed::wake_driver();
-}
-
-/// Whether messages wait for [`run_arrived`].
-pub(crate) fn has_arrived() -> bool {
-    context::with(|c| !c.inbox.borrow().is_empty())
 }
 
 fn call_key(origin: usize, id: u64) -> CallKey {
@@ -43,79 +31,11 @@ fn answer(call: Box<PyCall>) {
     shardloop_core::embed::respond(origin, call);
 }
 
-/// Serves every request and settles every answered call that arrived on
-/// this shard; `event_loop` is the shard's asyncio loop. Returns how many
-/// there were, and whether any of them left work for the event loop (a task
-/// started or a future settled) rather than only answering plain calls.
-///
-/// Nothing a user's code raises escapes from here but what stops a loop: a
-/// call's exception goes to its caller, and a failure to deliver one (a
-/// future that refuses its outcome, say) goes to the loop's exception
-/// handler, as asyncio reports errors of callbacks. A `SystemExit` or
-/// `KeyboardInterrupt` (raised by a served function, or Ctrl-C landing
-/// here) goes to its caller too, and is raised once the whole batch is
-/// done, so that it stops this shard's loop as it would in asyncio.
-pub(crate) fn run_arrived(
-    py: Python<'_>,
-    event_loop: &Bound<'_, PyAny>,
-) -> PyResult<(usize, bool)> {
-    let mut count = 0;
-    let mut scheduled = false;
-    let mut fatal: Option<PyErr> = None;
-    loop {
-        let batch = context::with(|c| std::mem::take(&mut *c.inbox.borrow_mut()));
-        if batch.is_empty() {
-            break;
-        }
-        count += batch.len();
-        for item in batch {
-            let handled = match item {
-                Incoming::Request(call) => serve(py, event_loop, call, &mut fatal),
-                Incoming::Answered(call) => settle_answered(py, *call).map(|()| true),
-                Incoming::Settle { future, produce } => {
-                    settle(py, future.bind(py), produce(py), None).map(|()| true)
-                }
-            };
-            match handled {
-                Ok(started) => scheduled |= started,
-                Err(err) if stops_a_loop(py, &err) => {
-                    fatal.get_or_insert(err);
-                    scheduled = true;
-                }
-                Err(err) => {
-                    report(py, event_loop, err);
-                    scheduled = true;
-                }
-            }
-        }
-    }
-    if count > 0 {
-        shardloop_core::embed::count_tasks(count as u64);
-    }
-    match fatal {
-        Some(err) => Err(err),
-        None => Ok((count, scheduled)),
-    }
-}
-
 /// Whether `err` is one that stops an event loop rather than a callback
 /// (asyncio lets `SystemExit` and `KeyboardInterrupt` through).
-fn stops_a_loop(py: Python<'_>, err: &PyErr) -> bool {
+pub(crate) fn stops_a_loop(py: Python<'_>, err: &PyErr) -> bool {
     err.is_instance_of::<pyo3::exceptions::PySystemExit>(py)
         || err.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py)
-}
-
-/// Hands an error that has no caller to the loop's exception handler.
-fn report(py: Python<'_>, event_loop: &Bound<'_, PyAny>, err: PyErr) {
-    let context = PyDict::new(py);
-    let _ = context.set_item(
-        "message",
-        "shardloop: a cross-shard call could not be completed",
-    );
-    let _ = context.set_item("exception", exception_with_traceback(py, err));
-    if let Err(err) = event_loop.call_method1(intern!(py, "call_exception_handler"), (context,)) {
-        err.write_unraisable(py, Some(event_loop));
-    }
 }
 
 /// What calling a function gave: its outcome, or a coroutine to run as a
@@ -139,7 +59,9 @@ pub(crate) fn invoke<'py>(
 }
 
 /// Serves one request; returns whether it started a task on the event loop.
-fn serve(
+/// A `SystemExit` or `KeyboardInterrupt` the function raises goes to its
+/// caller and is kept in `fatal`, to stop this loop too.
+pub(crate) fn serve(
     py: Python<'_>,
     event_loop: &Bound<'_, PyAny>,
     mut call: Box<PyCall>,
@@ -169,11 +91,11 @@ fn serve(
                 }
             }
         }
-        Some(Request::Cancel { id }) => {
+        Some(Request::Cancel) => {
             let task = context::with(|c| {
                 c.running
                     .borrow()
-                    .get(&call_key(call.origin, id))
+                    .get(&call_key(call.origin, call.id))
                     .map(|t| t.clone_ref(py))
             });
             answer(call);

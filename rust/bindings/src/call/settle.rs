@@ -1,32 +1,12 @@
 //! Step 3 of a call: completing the caller's asyncio future on its own
-//! shard, with the answer of a call, a call served here, or the output of
-//! a Rust task.
+//! shard, with the answer of a call or of a call served here. (The driver
+//! settles the futures of Rust tasks with the same [`settle`].)
 
 use pyo3::exceptions::asyncio::CancelledError;
 use pyo3::intern;
 use pyo3::prelude::*;
 
-use super::{Incoming, Produce, PyCall};
-use crate::context;
-
-/// Settles `future` (an asyncio future of this shard) from the shard's
-/// loop, with the GIL, at the driver's next look at the inbox.
-pub(crate) fn settle_later(future: Py<PyAny>, produce: Produce) {
-    if shardloop_core::shard_id().is_none() {
-        // No shard runs here any more (a connection closed after its
-        // runtime): nothing will look, and nothing may carry over to the
-        // next runtime of this thread.
-        return;
-    }
-    let parked = context::try_with(|c| {
-        c.inbox
-            .borrow_mut()
-            .push(Incoming::Settle { future, produce })
-    });
-    if parked.is_some() {
-        shardloop_core::embed::wake_driver();
-    }
-}
+use super::PyCall;
 
 /// Settles the caller's future with the answer of its call.
 pub(crate) fn settle_answered(py: Python<'_>, mut call: PyCall) -> PyResult<()> {

@@ -8,8 +8,6 @@ pub(crate) const READ_CHUNK: usize = 16 * 1024;
 /// An emptied read buffer larger than this goes back to `READ_CHUNK`.
 const SHRINK_ABOVE: usize = 4 * READ_CHUNK;
 
-/// Received bytes not yet taken: `data[start..end]`, with `data` kept
-/// initialised so that reads need no zeroing.
 /// What [`ReadBuffer::until`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Until {
@@ -22,6 +20,8 @@ pub(crate) enum Until {
     NotYet,
 }
 
+/// Received bytes not yet taken: `data[start..end]`, with `data` kept
+/// initialised so that reads need no zeroing.
 pub(crate) struct ReadBuffer {
     data: Vec<u8>,
     start: usize,

@@ -49,8 +49,8 @@ const A_CONNECTION: &str = "a Connection";
 ///
 /// A TCP connection of this shard, made from a connected socket's
 /// descriptor (it takes ownership, as ``socket.detach()`` hands it over).
-/// Reads are awaited; ``write`` sends at once and buffers the rest. It is
-/// used on its own shard only.
+/// Reads are awaited; ``write`` queues, and what a turn of the loop wrote
+/// is sent when the turn ends. It is used on its own shard only.
 #[pyclass(module = "shardloop._shardloop")]
 pub(crate) struct Connection {
     home: Home<Inner>,
@@ -112,8 +112,9 @@ impl Connection {
         self.waiting(Want::UpTo(max))
     }
 
-    /// Queues `data` (bytes or any bytes-like object) to be sent. Everything written during a turn of the
-    /// shard's loop goes out together when the turn ends, in one system
+    /// Queues `data` (bytes or any bytes-like object) to be sent.
+    /// Everything written during a turn of the shard's loop goes out
+    /// together when the turn ends, in one system
     /// call per connection and with the GIL released; what the socket does
     /// not take then is sent by a task of the shard. Raises the connection's
     /// error if an earlier send failed, ``ConnectionAbortedError`` after
@@ -126,13 +127,8 @@ impl Connection {
         if let Some(err) = inner.write_error.borrow_mut().take() {
             return Err(err.into());
         }
-        let before = inner.output.borrow().data.len();
         if let Ok(bytes) = data.cast::<PyBytes>() {
-            inner
-                .output
-                .borrow_mut()
-                .data
-                .extend_from_slice(bytes.as_bytes());
+            inner.write(bytes.as_bytes());
         } else {
             // Any other bytes-like object (bytearray, memoryview, array),
             // seen as bytes whatever its item type (as socket.send sees it).
@@ -148,20 +144,12 @@ impl Connection {
                     PyBuffer::<u8>::get(&bytes)?
                 }
             };
-            let mut output = inner.output.borrow_mut();
-            let start = output.data.len();
-            output.data.resize(start + buffer.len_bytes(), 0);
-            if let Err(err) = buffer.copy_to_slice(data.py(), &mut output.data[start..]) {
-                output.data.truncate(start);
-                return Err(err);
-            }
-        }
-        if inner.output.borrow().data.len() > before {
-            inner.queue();
+            inner.write_with(buffer.len_bytes(), |spare| {
+                buffer.copy_to_slice(data.py(), spare)
+            })?;
         }
         Ok(())
     }
-
     /// Waits until the send buffer is at most 64 KiB (at once if it is).
     fn drain(&self) -> PyResult<Waiting> {
         self.waiting(Want::Drained)
@@ -289,19 +277,7 @@ impl Waiting {
         }
         let future = context::running_loop(py)?.call_method0(intern!(py, "create_future"))?;
         future.setattr(intern!(py, "_asyncio_future_blocking"), true)?;
-        let waiter = future.clone().unbind();
-        if matches!(self.want, Want::Drained) {
-            let replaced = inner.drain_waiter.borrow_mut().replace(waiter);
-            drop(replaced);
-            inner.start_writer();
-        } else {
-            let replaced = inner
-                .read_waiter
-                .borrow_mut()
-                .replace((waiter, self.want.clone()));
-            drop(replaced);
-            inner.start_reader();
-        }
+        inner.wait_on(future.clone().unbind(), &self.want);
         Ok(Some(future.unbind()))
     }
 }

@@ -15,8 +15,6 @@ use pyo3::types::PyBytes;
 use shardloop_core::Async;
 
 use super::buffer::{ReadBuffer, Until, WriteBuffer, READ_CHUNK};
-use crate::call::settle::settle_later;
-use crate::call::Produce;
 use crate::context::{self, EndOfTurn};
 use crate::errors;
 
@@ -55,8 +53,8 @@ pub(crate) struct Inner {
     /// The asyncio future a waiting read sleeps on, and what it needs; and
     /// the one a waiting drain sleeps on. A connection is full duplex: one
     /// task may read while another writes and drains.
-    pub(crate) read_waiter: RefCell<Option<(Py<PyAny>, Want)>>,
-    pub(crate) drain_waiter: RefCell<Option<Py<PyAny>>>,
+    read_waiter: RefCell<Option<(Py<PyAny>, Want)>>,
+    drain_waiter: RefCell<Option<Py<PyAny>>>,
 }
 
 impl Inner {
@@ -188,7 +186,7 @@ impl Inner {
     }
 
     /// Starts the task that reads until the waiter can finish.
-    pub(crate) fn start_reader(self: &Rc<Self>) {
+    fn start_reader(self: &Rc<Self>) {
         if self.reading.replace(true) {
             return;
         }
@@ -210,8 +208,54 @@ impl Inner {
         }));
     }
 
+    /// Appends `data` to what is to be sent.
+    pub(crate) fn write(self: &Rc<Self>, data: &[u8]) {
+        if !data.is_empty() {
+            self.output.borrow_mut().data.extend_from_slice(data);
+            self.send_at_end_of_turn();
+        }
+    }
+
+    /// Appends `len` bytes that `fill` copies into the space given; if it
+    /// fails, nothing is appended.
+    pub(crate) fn write_with(
+        self: &Rc<Self>,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> PyResult<()>,
+    ) -> PyResult<()> {
+        let mut output = self.output.borrow_mut();
+        let start = output.data.len();
+        output.data.resize(start + len, 0);
+        if let Err(err) = fill(&mut output.data[start..]) {
+            output.data.truncate(start);
+            return Err(err);
+        }
+        drop(output);
+        if len > 0 {
+            self.send_at_end_of_turn();
+        }
+        Ok(())
+    }
+
+    /// Makes `future` the waiter for `want` (replacing a finished one) and
+    /// starts the task that reads, or sends, until it can be woken.
+    pub(crate) fn wait_on(self: &Rc<Self>, future: Py<PyAny>, want: &Want) {
+        if matches!(want, Want::Drained) {
+            let replaced = self.drain_waiter.borrow_mut().replace(future);
+            drop(replaced);
+            self.start_writer();
+        } else {
+            let replaced = self
+                .read_waiter
+                .borrow_mut()
+                .replace((future, want.clone()));
+            drop(replaced);
+            self.start_reader();
+        }
+    }
+
     /// Has what was written sent when the shard's turn ends.
-    pub(crate) fn queue(self: &Rc<Self>) {
+    fn send_at_end_of_turn(self: &Rc<Self>) {
         if !self.writing.get() && !self.queued.replace(true) {
             context::at_end_of_turn(self.clone());
         }
@@ -236,7 +280,7 @@ impl Inner {
     }
 
     /// Starts the task that sends what the socket did not take at once.
-    pub(crate) fn start_writer(self: &Rc<Self>) {
+    fn start_writer(self: &Rc<Self>) {
         if self.writing.replace(true) {
             return;
         }
@@ -295,7 +339,13 @@ impl Inner {
             Want::Exactly(n) => (buffered.len() >= *n).then_some(*n),
             Want::Until { limit, .. } => match line {
                 Until::Found(n) => Some(n),
-                Until::Overrun => return Err(errors::limit_overrun(py, *limit)),
+                Until::Overrun => {
+                    // Made with nothing borrowed: building an asyncio
+                    // exception runs Python code, which may reach this
+                    // connection (a `__del__` closing it).
+                    drop(input);
+                    return Err(errors::limit_overrun(py, *limit));
+                }
                 Until::NotYet => None,
             },
             Want::UpTo(max) => (!buffered.is_empty()).then(|| buffered.len().min(*max)),
@@ -316,6 +366,7 @@ impl Inner {
             let partial = PyBytes::new(py, buffered);
             let len = buffered.len();
             input.consume(len);
+            drop(input);
             let expected = match want {
                 Want::Exactly(n) => Some(*n),
                 _ => None,
@@ -355,5 +406,8 @@ impl EndOfTurn for Inner {
 /// Resolves a waiter's future (a wake-up only: the awaitable then takes
 /// its answer from the buffers) from the shard's loop.
 fn wake(future: Py<PyAny>) {
-    settle_later(future, Box::new(|py: Python<'_>| Ok(py.None())) as Produce);
+    context::settle_later(
+        future,
+        Box::new(|py: Python<'_>| Ok(py.None())) as context::Produce,
+    );
 }
