@@ -21,6 +21,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 
 use crate::context;
+use crate::home::Home;
 
 /// Runs `future` on the current shard's executor; returns an asyncio future
 /// on `event_loop` that resolves with what its output produces.
@@ -57,10 +58,11 @@ impl PyAwait {
             outcome: None,
             waker: None,
         }));
+        let shard = shardloop_core::shard_id().ok_or_else(crate::errors::not_on_shard)?;
         let callback = Bound::new(
             future.py(),
             OnDone {
-                state: state.clone(),
+                state: Home::new(state.clone(), shard, drop, "a relay's callback"),
             },
         )?;
         future.call_method1(intern!(future.py(), "add_done_callback"), (callback,))?;
@@ -83,10 +85,11 @@ impl Future for PyAwait {
     }
 }
 
-/// The done-callback behind [`PyAwait`].
-#[pyclass(unsendable)]
+/// The done-callback behind [`PyAwait`]; runs on its shard, and may be
+/// dropped anywhere (see `Home`).
+#[pyclass(frozen)]
 struct OnDone {
-    state: Rc<RefCell<AwaitState>>,
+    state: Home<RefCell<AwaitState>>,
 }
 
 #[pymethods]
@@ -101,7 +104,7 @@ impl OnDone {
                 .map(Bound::unbind)
         };
         let waker = {
-            let mut state = self.state.borrow_mut();
+            let mut state = self.state.local()?.borrow_mut();
             state.outcome = Some(outcome);
             state.waker.take()
         };
