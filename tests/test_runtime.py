@@ -69,9 +69,22 @@ def test_asyncio_run_with_loop_factory_and_policy() -> None:
         loop.close()
 
 
-def test_zero_shards_is_an_error() -> None:
-    with pytest.raises(ValueError, match="at least one shard"):
-        shardloop.new_event_loop(0)
+def test_zero_or_negative_shards_and_odd_arguments_are_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fault: shards=-1 or SHARDLOOP_SHARDS=-3 raised OverflowError ("can't
+    convert negative int to unsigned"), and idle_poll="0.1" a comparison
+    error. Expected: ValueError or TypeError naming the argument."""
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"shards must be at least 1, not {bad}"):
+            shardloop.new_event_loop(bad)
+    with pytest.raises(TypeError, match="shards must be an int, not str"):
+        shardloop.new_event_loop("2")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="idle_poll must be a number of seconds, not str"):
+        shardloop.new_event_loop(2, idle_poll="0.1")  # type: ignore[arg-type]
+    monkeypatch.setenv("SHARDLOOP_SHARDS", "-3")
+    with pytest.raises(ValueError, match="SHARDLOOP_SHARDS must be at least 1, not -3"):
+        shardloop.new_event_loop(pin=False)
 
 
 def test_more_shards_than_the_most_is_an_error() -> None:

@@ -96,7 +96,7 @@ def test_exception_comes_back_with_traceback_and_shard_note() -> None:
 def test_bad_shard_raises_value_error_naming_the_range_before_sending() -> None:
     async def main() -> None:
         for bad in (2, 99, -1):
-            with pytest.raises(ValueError, match=r"valid shards are 0\.\.2"):
+            with pytest.raises(ValueError, match=r"the runtime has 2 shards, 0 to 1"):
                 shard.submit_to(bad, where, 1)
         assert all(q["sent"] == 0 for q in shardloop.stats()["queues"])
 

@@ -409,6 +409,11 @@ _CANCEL_WAIT = 1.0
 
 _open_runtimes: weakref.WeakSet[ShardLoop] = weakref.WeakSet()
 
+# At exit, how long (seconds) the interpreter waits for shards still running
+# Python code before it finalizes (free-threaded), or between its notices
+# that it still waits (with the GIL, where it waits as long as they run).
+_EXIT_WAIT = 10.0
+
 
 @atexit.register
 def _close_open_runtimes() -> None:
@@ -422,7 +427,7 @@ def _close_open_runtimes() -> None:
                 if not loop.is_running():
                     loop.close()
     finally:
-        _shardloop.prepare_exit()
+        _shardloop.prepare_exit(_EXIT_WAIT)
 
 
 def _serve_shard(state: _RuntimeState, driver: _shardloop.Driver) -> None:
@@ -519,15 +524,23 @@ def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def _shard_count(shards: int | None) -> int | None:
-    if shards is not None:
-        return shards
-    env = os.environ.get("SHARDLOOP_SHARDS")
-    if env:
+    """The number of shards asked for (None: one per core); ValueError for
+    one that is not a positive integer, saying where it came from."""
+    what = "shards"
+    if shards is None:
+        env = os.environ.get("SHARDLOOP_SHARDS")
+        if not env:
+            return None
+        what = "SHARDLOOP_SHARDS"
         try:
-            return int(env)
+            shards = int(env)
         except ValueError:
             raise ValueError(f"SHARDLOOP_SHARDS must be an integer, not {env!r}") from None
-    return None
+    if isinstance(shards, bool) or not isinstance(shards, int):
+        raise TypeError(f"shards must be an int, not {type(shards).__name__}")
+    if shards < 1:
+        raise ValueError(f"{what} must be at least 1, not {shards}")
+    return shards
 
 
 def new_event_loop(
@@ -553,6 +566,9 @@ def new_event_loop(
     """
     if overprovisioned is None:
         overprovisioned = os.environ.get("SHARDLOOP_OVERPROVISIONED", "") not in ("", "0")
+    for name, seconds in (("shutdown_timeout", shutdown_timeout), ("idle_poll", idle_poll)):
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise TypeError(f"{name} must be a number of seconds, not {type(seconds).__name__}")
     if not 0 <= shutdown_timeout:  # (NaN too)
         raise ValueError(f"shutdown_timeout must be at least 0, not {shutdown_timeout!r}")
     if not 0 <= idle_poll <= _MAX_IDLE_POLL:

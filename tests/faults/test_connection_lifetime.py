@@ -200,3 +200,45 @@ def test_two_concurrent_readers_still_raise() -> None:
     assert_clean_exit(proc)
     assert "second reader: RuntimeError" in proc.stdout, describe(proc)
     assert "first b'abc'" in proc.stdout, describe(proc)
+
+
+def test_bad_arguments_get_clear_errors() -> None:
+    """Fault: read_exactly(-1) and read(-5) raised OverflowError ("can't
+    convert negative int to unsigned"), read_until("\\n") "Can't extract
+    `str` to `Vec`", and write("text") spoke of memoryview. Expected: a
+    ValueError naming the argument for a negative size, a TypeError saying
+    that text must be bytes; the connection still works afterwards."""
+    body = """
+    async def main():
+        conn, peer = await pair()
+        for label, attempt in (
+            ("read_exactly(-1)", lambda: conn.read_exactly(-1)),
+            ("read(-5)", lambda: conn.read(-5)),
+            ("read(0)", lambda: conn.read(0)),
+            ("read_until(limit=-1)", lambda: conn.read_until(b"\\n", -1)),
+            ("read_until(str)", lambda: conn.read_until("\\n")),
+            ("write(str)", lambda: conn.write("text")),
+        ):
+            try:
+                attempt()
+                print(label, "accepted", flush=True)
+            except Exception as exc:
+                print(label, type(exc).__name__, exc, flush=True)
+        conn.write(b"ok\\n")
+        await asyncio.get_running_loop().sock_sendall(peer, b"fine\\n")
+        print("still works", await conn.read_until(b"\\n"), flush=True)
+        conn.close()
+        peer.close()
+
+    run2(main())
+    """
+    proc = run_script(scenario(DUPLEX, body), timeout=20)
+    assert_clean_exit(proc)
+    out = proc.stdout
+    assert "read_exactly(-1) ValueError n must be at least 0, not -1" in out, describe(proc)
+    assert "read(-5) ValueError max must be at least 1, not -5" in out, describe(proc)
+    assert "read(0) ValueError max must be at least 1, not 0" in out, describe(proc)
+    assert "read_until(limit=-1) ValueError limit must be at least 0" in out, describe(proc)
+    assert "read_until(str) TypeError the separator must be bytes, not str" in out, describe(proc)
+    assert "write(str) TypeError write() takes bytes" in out, describe(proc)
+    assert "still works b'fine\\n'" in out, describe(proc)

@@ -100,6 +100,35 @@ def test_ctrl_c_during_main() -> None:
     interrupt(body)
 
 
+def test_ctrl_c_does_not_run_the_plain_calls_queued_on_a_shard() -> None:
+    """Fault: Ctrl-C while shard 1 worked through 100 queued 50-ms plain
+    calls: it ran every one of them (about 5 s more) before the runtime
+    stopped. Expected: it stops within a second; at most the call running
+    when the runtime stops finishes, and the rest are not run."""
+    body = """
+    ran = []
+
+    def busy(i):
+        began = time.monotonic()
+        while time.monotonic() - began < 0.05:
+            pass
+        ran.append(i)
+
+    async def main():
+        calls = [shard.submit_to(1, busy, i) for i in range(100)]
+        print("ready", flush=True)
+        await asyncio.gather(*calls)
+
+    try:
+        interruptible(lambda: run2(main()))
+    finally:
+        print(f"calls run: {len(ran)}", file=sys.stderr, flush=True)
+    """
+    _, stderr = interrupt(body)
+    run = int(stderr.rsplit("calls run: ", 1)[1].split()[0])
+    assert run < 60, f"{run} of the 100 queued calls ran\n{stderr}"
+
+
 def test_ctrl_c_during_the_shutdown_drain() -> None:
     """Fault: Ctrl-C during the shutdown drain was ignored: after main()
     returned while a remote coroutine still ran for 30 s, SIGINT did

@@ -3,6 +3,8 @@ a row, two at once, and nested."""
 
 from __future__ import annotations
 
+import time
+
 from ._harness import assert_clean_exit, describe, run_script, scenario
 
 DAEMON_BODY = """
@@ -41,6 +43,59 @@ def test_asyncio_run_busy_in_a_daemon_thread_exits_cleanly() -> None:
     body = DAEMON_BODY.format(call="asyncio.sleep(0)", runner="asyncio.run")
     for _ in range(ROUNDS):
         assert_clean_exit(run_script(scenario(body), timeout=20))
+
+
+# A runtime in a daemon thread whose shard 1 runs Python for `seconds` while
+# the main thread exits, the interpreter waiting `wait` s between notices.
+BUSY_AT_EXIT = """
+import shardloop._loop
+shardloop._loop._EXIT_WAIT = {wait}
+started = threading.Event()
+
+def burn(seconds):
+    started.set()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+async def main():
+    await shard.submit_to(1, burn, {seconds})
+
+threading.Thread(target=lambda: run2(main()), daemon=True).start()
+assert started.wait(10), "shard 1 never started"
+{then}
+print("main exits", flush=True)
+"""
+
+
+def test_a_shard_in_python_past_the_exit_wait_does_not_abort_the_process() -> None:
+    """Fault: a shard still running Python code 10 s after the main thread
+    exited (a long plain call in a daemon thread's runtime) aborted the
+    process ("FATAL: exception not rethrown", exit -6, or a segfault):
+    finalization ended the thread inside Rust frames. Expected: exit code 0;
+    with the GIL the exit waits until the shard leaves Python, free-threaded
+    it leaves the shard suspended."""
+    body = BUSY_AT_EXIT.format(wait=0.5, seconds=3.0, then="")
+    proc = run_script(scenario(body), timeout=20)
+    assert "main exits" in proc.stdout, describe(proc)
+    assert_clean_exit(proc)
+
+
+def test_ctrl_c_while_the_exit_waits_for_a_busy_shard_exits_at_once() -> None:
+    """Fault: Ctrl-C while the exiting interpreter waited for a shard busy in
+    Python let finalization end that shard and abort the process. Expected:
+    the process ends at once, with status 130 and a message, no abort."""
+    kill_soon = (
+        "threading.Thread(target=lambda: (time.sleep(1.0), "
+        "os.kill(os.getpid(), signal.SIGINT)), daemon=True).start()"
+    )
+    body = BUSY_AT_EXIT.format(wait=5.0, seconds=30.0, then=kill_soon)
+    began = time.monotonic()
+    proc = run_script(scenario(body), timeout=20)
+    took = time.monotonic() - began
+    assert_clean_exit(proc, code=130)
+    assert "exiting now" in proc.stderr, describe(proc)
+    assert took < 10, f"took {took:.1f}s\n{describe(proc)}"
 
 
 def test_run_on_threads_twice_in_a_row_and_two_at_once() -> None:

@@ -140,6 +140,16 @@ pub(crate) fn take_arrived() -> Vec<Incoming> {
     with(|c| std::mem::take(&mut *c.inbox.borrow_mut()))
 }
 
+/// Puts back, first in line, what was taken from the inbox and not
+/// handled.
+pub(crate) fn put_back(mut unhandled: Vec<Incoming>) {
+    with(|c| {
+        let mut inbox = c.inbox.borrow_mut();
+        unhandled.append(&mut inbox);
+        *inbox = unhandled;
+    });
+}
+
 /// Has `future` (an asyncio future of this shard) settled with what
 /// `produce` makes, by the driver at its next look at the inbox: how a
 /// Rust task hands its output to Python.

@@ -85,7 +85,7 @@ impl Driver {
             driver.poll();
             driver.take_fd_ready()
         });
-        run_arrived(py, event_loop)?;
+        run_arrived(py, event_loop, &driver)?;
         Ok(fd_ready)
     }
 
@@ -122,7 +122,7 @@ impl Driver {
             // Signals (Ctrl-C) are handled here, so that a shard that turns
             // without returning to its loop still answers them.
             py.check_signals()?;
-            let (ran, scheduled) = run_arrived(py, event_loop)?;
+            let (ran, scheduled) = run_arrived(py, event_loop, &driver)?;
             let timed_out = until.is_some_and(|until| Instant::now() >= until);
             if fd_ready || scheduled || closing || timed_out || ran == 0 {
                 return Ok(fd_ready);
@@ -174,30 +174,50 @@ impl Driver {
 }
 
 /// Serves every request and settles every answered call (and every Rust
-/// task's future) that arrived on this shard (see `context::Incoming`); `event_loop` is the shard's asyncio loop. Returns how many
-/// there were, and whether any of them left work for the event loop (a task
-/// started or a future settled) rather than only answering plain calls.
+/// task's future) that arrived on this shard (see `context::Incoming`);
+/// `event_loop` is the shard's asyncio loop. Returns how many there were,
+/// and whether any of them left work for the event loop (a task started or
+/// a future settled) rather than only answering plain calls.
 ///
 /// Nothing a user's code raises escapes from here but what stops a loop: a
 /// call's exception goes to its caller, and a failure to deliver one (a
 /// future that refuses its outcome, say) goes to the loop's exception
 /// handler, as asyncio reports errors of callbacks. A `SystemExit` or
-/// `KeyboardInterrupt` (raised by a served function, or Ctrl-C landing
-/// here) goes to its caller too, and is raised once the whole batch is
-/// done, so that it stops this shard's loop as it would in asyncio.
-fn run_arrived(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyResult<(usize, bool)> {
+/// `KeyboardInterrupt` raised by a served function goes to its caller too,
+/// and is raised once the whole batch is done, so that it stops this
+/// shard's loop as it would in asyncio.
+///
+/// Ctrl-C is looked for after every request served (on the main thread,
+/// where Python handles signals): what is left of the batch goes back to
+/// the inbox and the `KeyboardInterrupt` is raised at once. Once the
+/// runtime is stopped without waiting for its calls, the requests left
+/// are dropped rather than run.
+fn run_arrived(
+    py: Python<'_>,
+    event_loop: &Bound<'_, PyAny>,
+    driver: &shardloop_core::embed::Driver,
+) -> PyResult<(usize, bool)> {
     let mut count = 0;
     let mut scheduled = false;
     let mut fatal: Option<PyErr> = None;
     loop {
-        let batch = context::take_arrived();
-        if batch.is_empty() {
+        let mut batch = context::take_arrived().into_iter();
+        if batch.len() == 0 {
             break;
         }
-        count += batch.len();
-        for item in batch {
+        while let Some(item) = batch.next() {
+            count += 1;
             let handled = match item {
-                Incoming::Request(call) => serve::serve(py, event_loop, call, &mut fatal),
+                Incoming::Request(_) if driver.is_force_stopped() => Ok(false),
+                Incoming::Request(call) => {
+                    let served = serve::serve(py, event_loop, call, &mut fatal);
+                    if let Err(interrupt) = py.check_signals() {
+                        context::put_back(batch.collect());
+                        shardloop_core::embed::count_tasks(count as u64);
+                        return Err(fatal.unwrap_or(interrupt));
+                    }
+                    served
+                }
                 Incoming::Answered(call) => settle_answered(py, *call).map(|()| true),
                 Incoming::Settle { future, produce } => {
                     settle(py, future.bind(py), produce(py), None).map(|()| true)

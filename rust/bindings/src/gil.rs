@@ -37,8 +37,9 @@ const SPINS_BEFORE_YIELD: u32 = 64;
 /// Set by [`prepare_exit`]: shard threads no longer enter Python.
 static EXITING: AtomicBool = AtomicBool::new(false);
 
-/// Every shard thread's presence flag (see [`presence`]).
-static PRESENT: Mutex<Vec<Weak<AtomicBool>>> = Mutex::new(Vec::new());
+/// Every shard thread's presence flag (see [`presence`]), with the thread's
+/// kernel id (to tell one running Python from one blocked in a call).
+static PRESENT: Mutex<Vec<(Weak<AtomicBool>, libc::pid_t)>> = Mutex::new(Vec::new());
 
 /// This thread's presence flag (see [`crate::context::Context::presence`]),
 /// made and registered with [`PRESENT`] on first use.
@@ -50,7 +51,8 @@ fn presence() -> Arc<AtomicBool> {
                 PRESENT
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(Arc::downgrade(&flag));
+                    // SAFETY: `gettid` has no preconditions and cannot fail.
+                    .push((Arc::downgrade(&flag), unsafe { libc::gettid() }));
                 flag
             })
             .clone()
@@ -176,39 +178,117 @@ pub(crate) fn exiting() -> bool {
 /// thread: from now on shard threads park rather than enter Python, and
 /// this waits, with the GIL released, for those inside Python to leave it
 /// (each leaves when the code it runs returns to its loop's next wait), up
-/// to `limit`; Ctrl-C ends the wait too. A shard still inside Python when
-/// the interpreter finalizes would be ended by CPython mid-call.
+/// to `limit`.
+///
+/// With the GIL, a shard that still runs Python code when the interpreter
+/// finalizes is ended by CPython with `pthread_exit` at its next take of
+/// the GIL, and that forced unwinding through Rust frames aborts the
+/// process. So with the GIL the wait goes on past `limit` as long as a
+/// shard inside Python is running (on a CPU), as CPython waits for a
+/// non-daemon thread, saying so every `limit`; a shard blocked in a call
+/// (`time.sleep`, a socket) is left there, as before. Free-threaded
+/// CPython leaves a shard that is still inside Python suspended. Ctrl-C
+/// during the wait ends the process at once, with status 130, without
+/// finalizing the interpreter.
 pub(crate) fn prepare_exit(py: Python<'_>, limit: Duration) -> PyResult<()> {
     context::with(|c| c.finalizer.set(true));
     EXITING.store(true, Ordering::SeqCst);
     let me = Arc::as_ptr(&presence());
-    let others: Vec<Arc<AtomicBool>> = PRESENT
+    let others: Vec<(Arc<AtomicBool>, libc::pid_t)> = PRESENT
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .iter()
-        .filter_map(Weak::upgrade)
-        .filter(|flag| !std::ptr::eq(Arc::as_ptr(flag), me))
+        .filter_map(|(flag, tid)| Some((flag.upgrade()?, *tid)))
+        .filter(|(flag, _)| !std::ptr::eq(Arc::as_ptr(flag), me))
         .collect();
-    let inside = || others.iter().any(|flag| flag.load(Ordering::SeqCst));
+    let inside = || others.iter().any(|(flag, _)| flag.load(Ordering::SeqCst));
+    // Inside Python and on a CPU: running Python code, so it will take the
+    // GIL again (one blocked in a call, `time.sleep` say, is not).
+    let running = || {
+        others
+            .iter()
+            .any(|(flag, tid)| flag.load(Ordering::SeqCst) && is_running(*tid))
+    };
+    let gil = gil_enabled(py);
     let started = Instant::now();
-    let mut told = false;
-    while inside() && started.elapsed() < limit {
+    let mut next_notice = Duration::from_secs(1).min(limit);
+    loop {
+        let mut ran = false;
         py.detach(|| {
             let until = Instant::now() + Duration::from_millis(50);
             while inside() && Instant::now() < until {
-                std::thread::sleep(Duration::from_micros(500));
+                std::thread::sleep(Duration::from_millis(2));
+                ran = ran || (gil && running());
             }
         });
-        py.check_signals()?;
-        if !told && inside() && started.elapsed() >= Duration::from_secs(1) {
-            told = true;
-            eprintln!(
-                "shardloop: the interpreter is exiting; waiting (at most {limit:?}) for shards \
-                 of a running runtime to finish the Python code they run"
-            );
+        if let Err(interrupt) = py.check_signals() {
+            if !inside() {
+                return Err(interrupt);
+            }
+            exit_now(py, 130);
+        }
+        let overdue = started.elapsed() >= limit;
+        if !inside() || (overdue && !ran) {
+            return Ok(());
+        }
+        if started.elapsed() >= next_notice {
+            next_notice = started.elapsed() + limit.max(Duration::from_secs(1));
+            if overdue {
+                eprintln!(
+                    "shardloop: the interpreter is exiting; waiting for shards of a running \
+                     runtime that are still running Python code ({:.0?} so far; Ctrl-C exits at \
+                     once)",
+                    started.elapsed()
+                );
+            } else {
+                eprintln!(
+                    "shardloop: the interpreter is exiting; waiting (at most {limit:?}, or as \
+                     long as they run Python code) for shards of a running runtime to finish \
+                     the Python code they run"
+                );
+            }
         }
     }
-    Ok(())
+}
+
+/// Whether thread `tid` of this process is on a CPU or ready for one
+/// (state `R` in `/proc`).
+fn is_running(tid: libc::pid_t) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The state follows the command name, which is in parentheses.
+            let after = &stat[stat.rfind(')')? + 1..];
+            after.split_whitespace().next().map(|state| state == "R")
+        })
+        .unwrap_or(false)
+}
+
+/// Whether this interpreter runs with a GIL (`sys._is_gil_enabled()`,
+/// which CPython before 3.13 does not have: those always do).
+fn gil_enabled(py: Python<'_>) -> bool {
+    py.import("sys")
+        .and_then(|sys| sys.getattr("_is_gil_enabled"))
+        .and_then(|check| check.call0())
+        .and_then(|enabled| enabled.is_truthy())
+        .unwrap_or(true)
+}
+
+/// Ends the process now with `status`, after flushing Python's standard
+/// streams, without finalizing the interpreter (which a shard inside
+/// Python would turn into an abort).
+fn exit_now(py: Python<'_>, status: i32) -> ! {
+    if let Ok(sys) = py.import("sys") {
+        for stream in ["stdout", "stderr"] {
+            if let Ok(stream) = sys.getattr(stream) {
+                let _ = stream.call_method0("flush");
+            }
+        }
+    }
+    eprintln!("shardloop: interrupted while shards were still running Python code: exiting now");
+    // SAFETY: `_exit` ends the process without running anything more in
+    // it; no state of this process outlives the call.
+    unsafe { libc::_exit(status) }
 }
 
 fn claim(me: usize) {

@@ -2,6 +2,7 @@
 
 use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::context::Enter;
@@ -88,6 +89,13 @@ impl Driver {
     /// Whether shutdown has begun.
     pub fn is_closing(&self) -> bool {
         self.shard.is_closing()
+    }
+
+    /// Whether the runtime was stopped without waiting for the calls in
+    /// flight ([`Runtime::force_stop`](crate::Runtime::force_stop)): calls
+    /// that arrived but have not run yet should be dropped, not run.
+    pub fn is_force_stopped(&self) -> bool {
+        self.shard.shared.forced.load(Ordering::Acquire)
     }
 
     /// Whether shutdown has begun and every shard has finished its calls, so

@@ -36,7 +36,8 @@ impl Error {
     /// embedder's index may be negative, or too large for a `usize`).
     pub fn no_such_shard_message(shard: impl fmt::Display, count: usize) -> String {
         format!(
-            "shard {shard} does not exist: valid shards are 0..{count} (0 to {})",
+            "shard {shard} does not exist: the runtime has {count} shard{}, 0 to {}",
+            if count == 1 { "" } else { "s" },
             count.saturating_sub(1)
         )
     }

@@ -26,7 +26,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::{PyRuntimeError, PyStopIteration, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyStopIteration, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -67,7 +67,7 @@ impl Connection {
         }
         if !is_stream_socket(fd) {
             return Err(PyValueError::new_err(format!(
-                "descriptor {fd} is not a connected stream socket"
+                "descriptor {fd} is not a stream socket (SOCK_STREAM)"
             )));
         }
         // SAFETY: the caller hands the descriptor over (documented above);
@@ -84,32 +84,39 @@ impl Connection {
 
     /// Reads exactly `n` bytes; raises ``asyncio.IncompleteReadError`` if the
     /// peer closes first.
-    fn read_exactly(&self, n: usize) -> PyResult<Waiting> {
-        self.waiting(Want::Exactly(n))
+    fn read_exactly(&self, n: i64) -> PyResult<Waiting> {
+        self.waiting(Want::Exactly(size("n", n, 0)?))
     }
 
     /// Reads up to and including `separator`; raises
     /// ``asyncio.LimitOverrunError`` if it is not within `limit` bytes, and
     /// ``asyncio.IncompleteReadError`` if the peer closes first.
     #[pyo3(
-        signature = (separator = b"\n".to_vec(), limit = 65536),
+        signature = (separator = None, limit = 65536),
         text_signature = "($self, /, separator=b'\\n', limit=65536)"
     )]
-    fn read_until(&self, separator: Vec<u8>, limit: usize) -> PyResult<Waiting> {
+    fn read_until(&self, separator: Option<&Bound<'_, PyAny>>, limit: i64) -> PyResult<Waiting> {
+        let separator: Vec<u8> = match separator {
+            None => b"\n".to_vec(),
+            Some(text) if text.is_instance_of::<pyo3::types::PyString>() => {
+                return Err(PyTypeError::new_err(
+                    "the separator must be bytes, not str (b'\\n', say)",
+                ));
+            }
+            Some(separator) => separator.extract()?,
+        };
         if separator.is_empty() {
             return Err(PyValueError::new_err("the separator must not be empty"));
         }
+        let limit = size("limit", limit, 0)?;
         self.waiting(Want::Until { separator, limit })
     }
 
     /// Reads what arrived, at most `max` bytes and at least one; ``b""`` once
     /// the peer closed.
     #[pyo3(signature = (max = 65536))]
-    fn read(&self, max: usize) -> PyResult<Waiting> {
-        if max == 0 {
-            return Err(PyValueError::new_err("max must be at least 1"));
-        }
-        self.waiting(Want::UpTo(max))
+    fn read(&self, max: i64) -> PyResult<Waiting> {
+        self.waiting(Want::UpTo(size("max", max, 1)?))
     }
 
     /// Queues `data` (bytes or any bytes-like object) to be sent.
@@ -129,6 +136,10 @@ impl Connection {
         }
         if let Ok(bytes) = data.cast::<PyBytes>() {
             inner.write(bytes.as_bytes());
+        } else if data.is_instance_of::<pyo3::types::PyString>() {
+            return Err(PyTypeError::new_err(
+                "write() takes bytes or another bytes-like object, not str (encode it first)",
+            ));
         } else {
             // Any other bytes-like object (bytearray, memoryview, array),
             // seen as bytes whatever its item type (as socket.send sees it).
@@ -201,6 +212,16 @@ impl Connection {
         let state = if inner.closed.get() { "closed" } else { "open" };
         format!("<Connection {peer} shard {} {state}>", inner.shard)
     }
+}
+
+/// `n` as a size, at least `least`: `ValueError` naming `what` otherwise.
+fn size(what: &str, n: i64, least: i64) -> PyResult<usize> {
+    if n < least {
+        return Err(PyValueError::new_err(format!(
+            "{what} must be at least {least}, not {n}"
+        )));
+    }
+    usize::try_from(n).map_err(|_| PyValueError::new_err(format!("{what} is too large: {n}")))
 }
 
 impl Connection {
