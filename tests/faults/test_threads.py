@@ -72,9 +72,9 @@ def test_a_shard_in_python_past_the_exit_wait_does_not_abort_the_process() -> No
     """Fault: a shard still running Python code 10 s after the main thread
     exited (a long plain call in a daemon thread's runtime) aborted the
     process ("FATAL: exception not rethrown", exit -6, or a segfault):
-    finalization ended the thread inside Rust frames. Expected: exit code 0;
-    with the GIL the exit waits until the shard leaves Python, free-threaded
-    it leaves the shard suspended."""
+    finalization ended the thread inside Rust frames (free-threaded: a
+    segfault). Expected: exit code 0; the exit waits until the shard leaves
+    Python."""
     body = BUSY_AT_EXIT.format(wait=0.5, seconds=3.0, then="")
     proc = run_script(scenario(body), timeout=20)
     assert "main exits" in proc.stdout, describe(proc)

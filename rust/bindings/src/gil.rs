@@ -180,16 +180,15 @@ pub(crate) fn exiting() -> bool {
 /// (each leaves when the code it runs returns to its loop's next wait), up
 /// to `limit`.
 ///
-/// With the GIL, a shard that still runs Python code when the interpreter
-/// finalizes is ended by CPython with `pthread_exit` at its next take of
-/// the GIL, and that forced unwinding through Rust frames aborts the
-/// process. So with the GIL the wait goes on past `limit` as long as a
-/// shard inside Python is running (on a CPU), as CPython waits for a
-/// non-daemon thread, saying so every `limit`; a shard blocked in a call
-/// (`time.sleep`, a socket) is left there, as before. Free-threaded
-/// CPython leaves a shard that is still inside Python suspended. Ctrl-C
-/// during the wait ends the process at once, with status 130, without
-/// finalizing the interpreter.
+/// A shard that still runs Python code when the interpreter finalizes is
+/// ended by CPython mid-call (with the GIL, by `pthread_exit` at its next
+/// take of the GIL, whose forced unwinding through Rust frames aborts the
+/// process; free-threaded, it crashes too). So the wait goes on past
+/// `limit` as long as a shard inside Python is running (on a CPU), as
+/// CPython waits for a non-daemon thread, saying so every `limit`; a shard
+/// blocked in a call (`time.sleep`, a socket) is left there. Ctrl-C during
+/// the wait ends the process at once, with status 130, without finalizing
+/// the interpreter.
 pub(crate) fn prepare_exit(py: Python<'_>, limit: Duration) -> PyResult<()> {
     context::with(|c| c.finalizer.set(true));
     EXITING.store(true, Ordering::SeqCst);
@@ -209,7 +208,6 @@ pub(crate) fn prepare_exit(py: Python<'_>, limit: Duration) -> PyResult<()> {
             .iter()
             .any(|(flag, tid)| flag.load(Ordering::SeqCst) && is_running(*tid))
     };
-    let gil = gil_enabled(py);
     let started = Instant::now();
     let mut next_notice = Duration::from_secs(1).min(limit);
     loop {
@@ -218,7 +216,7 @@ pub(crate) fn prepare_exit(py: Python<'_>, limit: Duration) -> PyResult<()> {
             let until = Instant::now() + Duration::from_millis(50);
             while inside() && Instant::now() < until {
                 std::thread::sleep(Duration::from_millis(2));
-                ran = ran || (gil && running());
+                ran = ran || running();
             }
         });
         if let Err(interrupt) = py.check_signals() {
@@ -262,16 +260,6 @@ fn is_running(tid: libc::pid_t) -> bool {
             after.split_whitespace().next().map(|state| state == "R")
         })
         .unwrap_or(false)
-}
-
-/// Whether this interpreter runs with a GIL (`sys._is_gil_enabled()`,
-/// which CPython before 3.13 does not have: those always do).
-fn gil_enabled(py: Python<'_>) -> bool {
-    py.import("sys")
-        .and_then(|sys| sys.getattr("_is_gil_enabled"))
-        .and_then(|check| check.call0())
-        .and_then(|enabled| enabled.is_truthy())
-        .unwrap_or(true)
 }
 
 /// Ends the process now with `status`, after flushing Python's standard
