@@ -1,5 +1,8 @@
 """CPU-bound pure-Python work spread over 1 and 2 shards with
-``invoke_on_all``, on the running interpreter, and the lookup server
+``invoke_on_all``, the same kind of work fanned out the way a new user
+writes it (``[shard.submit_to(i % n, burn, per) for i in range(8)]`` from
+shard 0, 6M iterations in 8 chunks, best of 3), on the running
+interpreter, and the lookup server
 (``examples/lookup_server.py``) on 1 and 2 shards under the load generator
 (``tools/loadgen.py``).
 
@@ -63,6 +66,35 @@ def measure(shards: int) -> float:
         return runner.run(main())
 
 
+FAN_OUT_ITERATIONS = 6_000_000
+FAN_OUT_CHUNKS = 8
+
+
+def burn(iterations: int) -> int:
+    total = 0
+    for i in range(iterations):
+        total += i & 7
+    return total
+
+
+def fan_out_seconds(shards: int) -> float:
+    """Best of ROUNDS: seconds for the fan-out written the obvious way."""
+
+    async def once() -> float:
+        n = shard.count()
+        per = FAN_OUT_ITERATIONS // FAN_OUT_CHUNKS
+        start = time.perf_counter()
+        await asyncio.gather(*[shard.submit_to(i % n, burn, per) for i in range(FAN_OUT_CHUNKS)])
+        return time.perf_counter() - start
+
+    async def main() -> float:
+        await once()  # warm up
+        return min([await once() for _ in range(ROUNDS)])
+
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(shards)) as runner:
+        return runner.run(main())
+
+
 def lookup_rate(shards: int) -> float:
     """Requests/s of the lookup server on `shards` shards of this
     interpreter, overprovisioned (the load generator shares the cores)."""
@@ -83,6 +115,9 @@ def run_scaling() -> dict[str, Any]:
         "units_per_second": {"1 shard": one, "2 shards": two},
         "speedup": two / one,
     }
+    fan_one, fan_two = fan_out_seconds(1), fan_out_seconds(2)
+    result["fan_out_seconds"] = {"1 shard": fan_one, "2 shards": fan_two}
+    result["fan_out_speedup"] = fan_one / fan_two
     lookups = {"1 shard": lookup_rate(1), "2 shards": lookup_rate(2)}
     result["lookup_requests_per_second"] = lookups
     result["lookup_speedup"] = lookups["2 shards"] / lookups["1 shard"]
@@ -105,6 +140,13 @@ def main() -> None:
     for name, rate in rates.items():
         print(f"  {name:10} {rate:8.2f} units/s")
     print(f"  2 shards / 1 shard: {result['speedup']:.2f}x")
+    print(
+        f"The fan-out written the obvious way ({FAN_OUT_ITERATIONS:,} iterations in "
+        f"{FAN_OUT_CHUNKS} chunks, best of {ROUNDS})"
+    )
+    for name, seconds in result["fan_out_seconds"].items():
+        print(f"  {name:10} {seconds:8.3f} s")
+    print(f"  1 shard / 2 shards: {result['fan_out_speedup']:.2f}x")
     print(
         f"The lookup server under load ({LOOKUP_SECONDS:g}s, 64 connections, "
         "overprovisioned: the load generator shares the cores)"

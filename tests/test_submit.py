@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import traceback
 
 import pytest
@@ -254,3 +255,82 @@ def test_invoke_on_all_sends_to_the_others_before_running_its_own_part() -> None
         return await shard.invoke_on_all(part)
 
     assert run2(main()) == [True, True]
+
+
+def test_a_call_to_the_calling_shard_runs_when_the_caller_yields() -> None:
+    """A local submit_to is queued like any other: the caller goes on, and
+    the call runs at its next await, as loop.call_soon would run it."""
+    log: list[str] = []
+
+    def note(what: str) -> str:
+        log.append(what)
+        return what
+
+    async def main() -> None:
+        call = shard.submit_to(0, note, "the local call")
+        log.append("the caller goes on")
+        assert await call == "the local call"
+        assert log == ["the caller goes on", "the local call"]
+
+    run2(main())
+
+
+def test_a_fan_out_written_the_obvious_way_starts_every_shard_at_once() -> None:
+    """[submit_to(i % n, burn) for i ...] from shard 0: before, the local
+    chunks ran inline as they were submitted, so shard 1 got its first chunk
+    only after shard 0 had run a whole one. Now every call is sent before
+    any local one runs: shard 1 starts while shard 0 runs its first chunk."""
+
+    def burn(seconds: float) -> tuple[int, float, float]:
+        began = time.monotonic()
+        while time.monotonic() - began < seconds:
+            pass
+        return shard.id(), began, time.monotonic()
+
+    async def main() -> list[tuple[int, float, float]]:
+        n = shard.count()
+        return await asyncio.gather(*[shard.submit_to(i % n, burn, 0.2) for i in range(4)])
+
+    spans = run2(main())
+    first_on_0 = min(spans[i] for i in (0, 2))
+    first_on_1 = min(spans[i] for i in (1, 3))
+    assert first_on_1[1] < first_on_0[2], (
+        f"shard 1 started {first_on_1[1] - first_on_0[1]:.3f}s after shard 0, "
+        f"after shard 0's first chunk ended"
+    )
+
+
+def test_a_call_to_the_calling_shard_is_settled_as_a_remote_one() -> None:
+    """A local call returns a future (not the task), its error carries the
+    note naming the shard, and cancelling the caller cancels its task."""
+    cancelled: list[bool] = []
+    started = asyncio.Event()
+
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("local")
+
+    async def forever() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    async def main() -> None:
+        call = shard.submit_to(0, fails)
+        assert not isinstance(call, asyncio.Task)
+        with pytest.raises(ValueError, match="local") as raised:
+            await call
+        assert "raised on shard 0" in (raised.value.__notes__ or [])
+        waiting = shard.submit_to(0, forever)
+        await started.wait()
+        waiting.cancel()
+        for _ in range(100):
+            if cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert cancelled == [True]
+
+    run2(main())

@@ -36,14 +36,11 @@ else:
 async def invoke_on_all(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> list[Any]:
     """Runs ``fn`` on every shard; returns the results in shard order.
 
-    The other shards get their calls first: this shard's own call runs inline
-    (as in ``submit_to``), and would otherwise hold the others back.
+    This shard's own call runs when the caller yields, after the others
+    were sent (as with ``submit_to``), so it never holds them back.
     """
-    loop = current_loop()
-    me = loop.shard_id
-    calls = {i: submit_to(i, fn, *args, **kwargs) for i in range(loop.shard_count) if i != me}
-    calls[me] = submit_to(me, fn, *args, **kwargs)
-    return list(await asyncio.gather(*(calls[i] for i in range(loop.shard_count))))
+    calls = [submit_to(i, fn, *args, **kwargs) for i in range(current_loop().shard_count)]
+    return list(await asyncio.gather(*calls))
 
 
 async def invoke_on_others(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> list[Any]:

@@ -3,7 +3,8 @@
 //!
 //! 1. [`send`]: `submit_to` on the origin makes a [`PyCall`] and hands it
 //!    to the core, which carries it on the request ring (a call to the
-//!    origin itself is served at once, through the same serve and settle).
+//!    origin itself goes straight to its inbox, then through the same serve
+//!    and settle steps).
 //! 2. [`serve`]: on the target the core runs the message without the GIL,
 //!    which only parks it in the thread's inbox (`context::arrive`); the
 //!    driver then hands it, with the GIL, to `serve::serve`: a plain

@@ -4,8 +4,6 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
-use super::serve::{invoke, Served};
-use super::settle::settle;
 use super::{PyCall, Request};
 use crate::context;
 use crate::errors;
@@ -17,7 +15,10 @@ use crate::errors;
 ///
 /// A coroutine function runs as a task on the target shard and finishes
 /// there. The call is sent at once; the returned future resolves on the
-/// calling shard. An exception raised by `fn` is raised here, with its
+/// calling shard. A call to the calling shard itself is queued like any
+/// other (no message crosses a ring): it runs when the caller yields, as
+/// `loop.call_soon` would run it, after the calls of this turn to other
+/// shards have been sent. An exception raised by `fn` is raised here, with its
 /// traceback and a note naming the shard. Cancelling the future cancels a
 /// remote coroutine on its shard (a plain function already running
 /// finishes; its result is dropped).
@@ -37,9 +38,6 @@ fn submit_to<'py>(
     let event_loop = shard.event_loop(py).ok_or_else(errors::not_on_shard)?;
     let target = target_index(shard_id, shard.count)?;
     shardloop_core::embed::check_target(target).map_err(errors::call_error)?;
-    if target == shard.id {
-        return serve_here(py, &event_loop, shard.id, &func, &args, kwargs.as_ref());
-    }
     let id = shard.next_call();
     let future = event_loop.call_method0(intern!(py, "create_future"))?;
     // Whatever the call starts as a task there (a coroutine function's
@@ -67,35 +65,13 @@ fn submit_to<'py>(
         hook: Some(hook.clone().unbind()),
         outcome: None,
     };
+    // To this shard itself, the core runs the message at once, which parks
+    // it in the inbox: it is served when the calling coroutine yields, after
+    // this turn's calls to other shards have gone out, and settled like a
+    // remote call.
     shardloop_core::embed::send(target, Box::new(message)).map_err(errors::call_error)?;
     future.call_method1(intern!(py, "add_done_callback"), (hook,))?;
     Ok(future)
-}
-
-/// A call to the calling shard is served at once, like Seastar's, through
-/// the same steps as a remote one: a coroutine becomes a task, anything
-/// else settles a future.
-fn serve_here<'py>(
-    py: Python<'py>,
-    event_loop: &Bound<'py, PyAny>,
-    here: usize,
-    func: &Bound<'py, PyAny>,
-    args: &Bound<'py, PyTuple>,
-    kwargs: Option<&Bound<'py, PyDict>>,
-) -> PyResult<Bound<'py, PyAny>> {
-    // The calls already sent this turn go out before this one runs here: it
-    // may run long (invoke_on_all's own part, say).
-    shardloop_core::embed::flush();
-    match invoke(func, args, kwargs) {
-        Served::Coroutine(coroutine) => {
-            event_loop.call_method1(intern!(py, "create_task"), (coroutine,))
-        }
-        Served::Outcome(outcome) => {
-            let future = event_loop.call_method0(intern!(py, "create_future"))?;
-            settle(py, &future, outcome, Some(here))?;
-            Ok(future)
-        }
-    }
 }
 
 /// The index `shard_id` names among `count` shards: `TypeError` for what is

@@ -40,14 +40,13 @@ pub(crate) fn stops_a_loop(py: Python<'_>, err: &PyErr) -> bool {
 
 /// What calling a function gave: its outcome, or a coroutine to run as a
 /// task.
-pub(crate) enum Served<'py> {
+enum Served<'py> {
     Outcome(PyResult<Py<PyAny>>),
     Coroutine(Bound<'py, PyAny>),
 }
 
-/// Calls `func(*args, **kwargs)`: the part of serving a call that is the
-/// same on the target and, for a call to the caller's own shard, here.
-pub(crate) fn invoke<'py>(
+/// Calls `func(*args, **kwargs)`.
+fn invoke<'py>(
     func: &Bound<'py, PyAny>,
     args: &Bound<'py, PyTuple>,
     kwargs: Option<&Bound<'py, PyDict>>,
