@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LOOM_ENV := RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR=target/loom
 
-.PHONY: run test test-ft develop-ft tools develop load-bin lint lint-rust lint-python test-rust loom test-python test-asyncio-suite miri tsan soak bench bench-rust bench-python bench-scaling bench-net clean
+.PHONY: run test test-ft develop-ft test-313 develop-313 wheel tools develop load-bin lint lint-rust lint-python test-rust loom test-python test-asyncio-suite miri tsan soak bench bench-rust bench-python bench-scaling bench-net clean
 
 # The main job: the lookup server on one shard per core, driven for a few
 # seconds by the load generator, with throughput, latency and per-shard
@@ -65,8 +65,20 @@ test-rust:
 loom:
 	$(LOOM_ENV) $(CARGO) test --release -p shardloop-core --lib loom_tests
 
-test-python: develop load-bin
-	$(PY) -m pytest -q tests
+# The pytest suite against the 3.11 release wheel, installed into a fresh
+# virtual environment (not editable, and `-P`: no source tree on sys.path),
+# so that a file missing from the wheel fails here.
+WHEEL_VENV := .venv-wheel
+test-python: $(VENV)/.installed load-bin
+	rm -rf target/wheel-311 $(WHEEL_VENV)
+	$(VENV)/bin/maturin build --release -q --auditwheel check -i $(PY) --out target/wheel-311
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q target/wheel-311/*.whl "pytest>=8" "uvloop>=0.19" \
+		"pymemcache>=4"
+	$(WHEEL_VENV)/bin/python -P -c 'import pathlib, shardloop; \
+		where = pathlib.Path(shardloop.__file__).resolve(); \
+		assert "site-packages" in where.parts, f"testing {where}, not the wheel"'
+	$(WHEEL_VENV)/bin/python -P -m pytest -q tests
 
 # CPython's own asyncio test suite (Lib/test/test_asyncio), every loop a
 # shardloop runtime.
@@ -74,13 +86,13 @@ test-asyncio-suite: develop
 	$(PY) scripts/cpython_asyncio_suite.py
 
 # The whole pytest suite and CPython's asyncio suite on a free-threaded
-# CPython 3.13 (built once from Debian's source package by
-# scripts/free-threaded-python.sh, then cached).
+# CPython 3.13 and on its GIL twin (both built once from Debian's source
+# package by scripts/python-from-source.sh, then cached).
 FT_VENV := .venv-ft
 FT_ENV := VIRTUAL_ENV=$(abspath $(FT_VENV)) CARGO_TARGET_DIR=target/ft
 
-$(FT_VENV)/.installed: pyproject.toml scripts/free-threaded-python.sh
-	FT_PYTHON=$$(scripts/free-threaded-python.sh) && $$FT_PYTHON -m venv $(FT_VENV)
+$(FT_VENV)/.installed: pyproject.toml scripts/python-from-source.sh
+	FT_PYTHON=$$(scripts/python-from-source.sh --free-threaded) && $$FT_PYTHON -m venv $(FT_VENV)
 	$(FT_VENV)/bin/python -m pip install -q "maturin>=1.5,<2" "pytest>=8" "pymemcache>=4"
 	touch $@
 
@@ -91,6 +103,34 @@ test-ft: tools develop-ft load-bin
 	$(FT_VENV)/bin/python -c 'import sys, shardloop; assert not sys._is_gil_enabled()'
 	$(FT_VENV)/bin/python -m pytest -q tests
 	$(FT_VENV)/bin/python scripts/cpython_asyncio_suite.py
+
+GIL313_VENV := .venv-313
+GIL313_ENV := VIRTUAL_ENV=$(abspath $(GIL313_VENV)) CARGO_TARGET_DIR=target/313
+
+$(GIL313_VENV)/.installed: pyproject.toml scripts/python-from-source.sh
+	PY313=$$(scripts/python-from-source.sh) && $$PY313 -m venv $(GIL313_VENV)
+	$(GIL313_VENV)/bin/python -m pip install -q "maturin>=1.5,<2" "pytest>=8" "pymemcache>=4"
+	touch $@
+
+develop-313: $(GIL313_VENV)/.installed
+	$(GIL313_ENV) $(GIL313_VENV)/bin/maturin develop --release -q
+
+test-313: tools develop-313 load-bin
+	$(GIL313_VENV)/bin/python -c 'import sys, shardloop; assert sys._is_gil_enabled()'
+	$(GIL313_VENV)/bin/python -m pytest -q tests
+	$(GIL313_VENV)/bin/python scripts/cpython_asyncio_suite.py
+
+# Release wheels for 3.11, 3.13 and 3.13t (manylinux, checked by maturin's
+# audit) and the sdist, into dist/.
+wheel: $(VENV)/.installed $(FT_VENV)/.installed $(GIL313_VENV)/.installed
+	rm -rf dist
+	$(VENV)/bin/maturin build --release -q --auditwheel check -i $(PY) --out dist
+	$(GIL313_ENV) $(VENV)/bin/maturin build --release -q --auditwheel check \
+		-i $(GIL313_VENV)/bin/python --out dist
+	$(FT_ENV) $(VENV)/bin/maturin build --release -q --auditwheel check \
+		-i $(FT_VENV)/bin/python --out dist
+	$(VENV)/bin/maturin sdist --out dist
+	ls -l dist
 
 # The ring's unit tests under miri (scaled down there); needs the nightly
 # toolchain's miri component.
