@@ -430,8 +430,14 @@ if __name__ == "__main__":
         metavar="SIZE",
         help="largest item, as memcached counts it (default: 1m)",
     )
+    parser.add_argument(
+        "--idle-poll",
+        type=float,
+        default=200e-6,
+        help="seconds an idle shard polls before it sleeps (0: sleep at once)",
+    )
     arguments = parser.parse_args()
     try:
-        shardloop.run(main(arguments), shards=arguments.shards)
+        shardloop.run(main(arguments), shards=arguments.shards, idle_poll=arguments.idle_poll)
     except KeyboardInterrupt:
         pass

@@ -1,0 +1,138 @@
+"""Server CPU per request: what a request costs the server process, whatever
+the client takes, so that scaling can be measured on a machine with fewer
+cores than a server and its client need.
+
+    python benches/net/cpu.py [--seconds 3] [--shardloop-python PY] [--json]
+
+For the echo, lookup and memcached examples on 1 and 2 shards (with
+``--idle-poll 0``: a shard sleeps as soon as it is idle, so that spinning
+is not counted as work), and uvloop in 1 process and 2 processes sharing
+the port (SO_REUSEPORT; echo and lookup): the server's utime+stime from
+/proc over the load, divided by the requests served. A 1-shard server is
+pinned to core 0 and the load generator (``tools/loadgen.py``'s binary) to
+core 1; a 2-shard server uses both cores and the load generator shares
+them. The ratio 2 shards / 1 shard is what scaling costs per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from loadgen import binary, free_port, wait_for_port  # noqa: E402  (tools/, put on the path above)
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process `pid` (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def servers(protocol: str, port: int, py: str) -> dict[str, tuple[list[list[str]], str | None]]:
+    """name -> (commands, core to pin the server to, or None)."""
+    example = [py, str(ROOT / "examples" / f"{protocol}_server.py"), "--port", str(port)]
+    quiet = ["--idle-poll", "0"]
+    found = {
+        "shardloop, 1 shard": ([[*example, "--shards", "1", *quiet]], "0"),
+        "shardloop, 2 shards": ([[*example, "--shards", "2", *quiet]], None),
+    }
+    if protocol != "memcached":
+        base = [sys.executable, str(HERE / "baseline_server.py"), "--loop", "uvloop"]
+        base += ["--protocol", protocol, "--port", str(port)]
+        found["uvloop, 1 process"] = ([base], "0")
+        found["uvloop, 2 processes"] = ([base, base], None)
+    return found
+
+
+def measure(commands: list[list[str]], core: str | None, protocol: str, port: int, seconds: float):
+    pin = ["taskset", "-c", core] if core else []
+    procs = [
+        subprocess.Popen([*pin, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for cmd in commands
+    ]
+    try:
+        wait_for_port(port)
+        before = sum(cpu_seconds(p.pid) for p in procs)
+        client = ["taskset", "-c", "1"] if core == "0" else []
+        out = subprocess.run(
+            [
+                *client,
+                binary(),
+                "--port",
+                str(port),
+                "--protocol",
+                protocol,
+                "--seconds",
+                str(seconds),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + 60,
+        ).stdout
+        used = sum(cpu_seconds(p.pid) for p in procs) - before
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    report = json.loads(out)
+    requests = report["requests"]
+    return {
+        "requests_per_second": report["requests_per_second"],
+        "server_cpu_seconds": round(used, 3),
+        "cpu_us_per_request": round(used / requests * 1e6, 2) if requests else None,
+        "errors": report["errors"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--protocols", nargs="*", default=["echo", "lookup", "memcached"])
+    parser.add_argument("--shardloop-python", default=sys.executable)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    binary()
+    results: dict[str, dict[str, dict]] = {}
+    for protocol in args.protocols:
+        port = free_port()
+        for name, (commands, core) in servers(protocol, port, args.shardloop_python).items():
+            result = measure(commands, core, protocol, port, args.seconds)
+            results.setdefault(protocol, {})[name] = result
+            if not args.json:
+                print(
+                    f"{protocol:9} {name:22} {result['requests_per_second']:>9,} req/s  "
+                    f"{result['cpu_us_per_request']:>7} us CPU per request  "
+                    f"errors {result['errors']}",
+                    flush=True,
+                )
+        mine = results[protocol]
+        ratio = (
+            mine["shardloop, 2 shards"]["cpu_us_per_request"]
+            / (mine["shardloop, 1 shard"]["cpu_us_per_request"])
+        )
+        if not args.json:
+            print(f"{protocol:9} shardloop CPU per request, 2 shards / 1 shard: {ratio:.2f}x")
+    if args.json:
+        print(json.dumps({"python": args.shardloop_python, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
