@@ -27,7 +27,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import shardloop
@@ -75,6 +75,37 @@ def key_stream(seed: int) -> Callable[[], tuple[int, bool]]:
     return nxt
 
 
+async def closed_loops(
+    me: int,
+    workers: int,
+    seconds: float,
+    local: Callable[[int, bool], object],
+    remote: Callable[[int, int, bool], Awaitable[object]],
+) -> int:
+    """CONCURRENCY closed loops of one worker for `seconds`: an operation on
+    a key this worker owns is `local(key, put)`, one another worker owns is
+    awaited as `remote(owner, key, put)`. Returns how many ran."""
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def one(seed: int) -> None:
+        nonlocal done
+        nxt = key_stream(seed)
+        while time.perf_counter() < stop:
+            for _ in range(16):
+                key, put = nxt()
+                owner = owner_of(key, workers)
+                if owner == me:
+                    local(key, put)
+                else:
+                    await remote(owner, key, put)
+                done += 1
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(one(me * 1000 + i) for i in range(CONCURRENCY)))
+    return done
+
+
 # --- shardloop ---------------------------------------------------------------
 
 PARTITION: Partition | None = None
@@ -91,27 +122,13 @@ def make_partition() -> None:
 
 
 async def shard_worker(seconds: float) -> int:
-    n = shard.count()
-    me = shard.id()
-    done = 0
-    stop = time.perf_counter() + seconds
-
-    async def one(seed: int) -> None:
-        nonlocal done
-        nxt = key_stream(seed)
-        while time.perf_counter() < stop:
-            for _ in range(16):
-                key, put = nxt()
-                owner = owner_of(key, n)
-                if owner == me:
-                    local_op(key, put)
-                else:
-                    await shard.submit_to(owner, local_op, key, put)
-                done += 1
-            await asyncio.sleep(0)
-
-    await asyncio.gather(*(one(me * 1000 + i) for i in range(CONCURRENCY)))
-    return done
+    return await closed_loops(
+        shard.id(),
+        shard.count(),
+        seconds,
+        local_op,
+        lambda owner, key, put: shard.submit_to(owner, local_op, key, put),
+    )
 
 
 def run_shardloop(workers: int, seconds: float) -> float:
@@ -176,24 +193,13 @@ def run_asyncio_loops(workers: int, seconds: float) -> float:
 
     async def worker(index: int) -> None:
         loop = asyncio.get_running_loop()
-        done = 0
-        stop = time.perf_counter() + seconds
-
-        async def one(seed: int) -> None:
-            nonlocal done
-            nxt = key_stream(seed)
-            while time.perf_counter() < stop:
-                for _ in range(16):
-                    key, put = nxt()
-                    owner = owner_of(key, workers)
-                    if owner == index:
-                        partitions[index].op(key, put)
-                    else:
-                        await remote(owner, key, put, loop)
-                    done += 1
-                await asyncio.sleep(0)
-
-        await asyncio.gather(*(one(index * 1000 + i) for i in range(CONCURRENCY)))
+        done = await closed_loops(
+            index,
+            workers,
+            seconds,
+            partitions[index].op,
+            lambda owner, key, put: remote(owner, key, put, loop),
+        )
         counts[index] = done
         # Keep serving the others until they are done too.
         await asyncio.sleep(0.2)

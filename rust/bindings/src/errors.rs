@@ -38,11 +38,7 @@ pub(crate) fn call_error(error: Error) -> PyErr {
 pub(crate) fn build_error(error: BuildError) -> PyErr {
     match error {
         BuildError::Io { what, source } => {
-            let err = PyErr::from(std::io::Error::new(
-                source.kind(),
-                format!("{what}: {source}"),
-            ));
-            err
+            std::io::Error::new(source.kind(), format!("{what}: {source}")).into()
         }
         other => PyValueError::new_err(other.to_string()),
     }

@@ -37,30 +37,30 @@ const SPINS_BEFORE_YIELD: u32 = 64;
 /// Set by [`prepare_exit`]: shard threads no longer enter Python.
 static EXITING: AtomicBool = AtomicBool::new(false);
 
-/// Every shard thread's presence flag (see [`presence`]), with the thread's
+/// Every shard thread's presence flag (see [`with_presence`]), with the thread's
 /// kernel id (to tell one running Python from one blocked in a call).
 static PRESENT: Mutex<Vec<(Weak<AtomicBool>, libc::pid_t)>> = Mutex::new(Vec::new());
 
-/// This thread's presence flag (see [`crate::context::Context::presence`]),
-/// made and registered with [`PRESENT`] on first use.
-fn presence() -> Arc<AtomicBool> {
+/// Runs `f` with this thread's presence flag (see
+/// [`crate::context::Context::presence`]), made and registered with
+/// [`PRESENT`] on first use. (Borrowed, not cloned: it is used on every
+/// detach of a shard's turn.)
+fn with_presence<R>(f: impl FnOnce(&Arc<AtomicBool>) -> R) -> R {
     context::with(|c| {
-        c.presence
-            .get_or_init(|| {
-                let flag = Arc::new(AtomicBool::new(false));
-                PRESENT
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    // SAFETY: `gettid` has no preconditions and cannot fail.
-                    .push((Arc::downgrade(&flag), unsafe { libc::gettid() }));
-                flag
-            })
-            .clone()
+        f(c.presence.get_or_init(|| {
+            let flag = Arc::new(AtomicBool::new(false));
+            PRESENT
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                // SAFETY: `gettid` has no preconditions and cannot fail.
+                .push((Arc::downgrade(&flag), unsafe { libc::gettid() }));
+            flag
+        }))
     })
 }
 
 fn set_present(present: bool) {
-    presence().store(present, Ordering::SeqCst);
+    with_presence(|flag| flag.store(present, Ordering::SeqCst));
 }
 
 /// Makes this thread yield its core while it waits for the GIL (see
@@ -92,14 +92,15 @@ pub(crate) fn leave_shard() -> bool {
 /// thread sees `EXITING`, or `prepare_exit` sees the thread present and
 /// waits for it to leave.
 pub(crate) fn may_enter() -> bool {
-    let presence = presence();
-    presence.store(true, Ordering::SeqCst);
-    if EXITING.load(Ordering::SeqCst) && !context::with(|c| c.finalizer.get()) {
-        presence.store(false, Ordering::SeqCst);
-        false
-    } else {
-        true
-    }
+    with_presence(|presence| {
+        presence.store(true, Ordering::SeqCst);
+        if EXITING.load(Ordering::SeqCst) && !context::with(|c| c.finalizer.get()) {
+            presence.store(false, Ordering::SeqCst);
+            false
+        } else {
+            true
+        }
+    })
 }
 
 /// Blocks this thread for good, outside Python: the interpreter is exiting
@@ -155,8 +156,7 @@ pub(crate) fn detached<T: Send>(py: Python<'_>, shard: usize, f: impl FnOnce() -
 /// meanwhile (see [`detached`]; this one takes no part in the shards' GIL
 /// hand-off).
 pub(crate) fn detached_exit_aware<T: Send>(py: Python<'_>, f: impl FnOnce() -> T) -> T {
-    let presence = presence();
-    let was_present = presence.swap(false, Ordering::SeqCst);
+    let was_present = with_presence(|presence| presence.swap(false, Ordering::SeqCst));
     let f = OnThisThread(f);
     let result = py.detach(move || {
         let result = f.into_inner()();
@@ -165,7 +165,7 @@ pub(crate) fn detached_exit_aware<T: Send>(py: Python<'_>, f: impl FnOnce() -> T
         }
         result
     });
-    presence.store(was_present, Ordering::SeqCst);
+    set_present(was_present);
     result
 }
 
@@ -192,7 +192,7 @@ pub(crate) fn exiting() -> bool {
 pub(crate) fn prepare_exit(py: Python<'_>, limit: Duration) -> PyResult<()> {
     context::with(|c| c.finalizer.set(true));
     EXITING.store(true, Ordering::SeqCst);
-    let me = Arc::as_ptr(&presence());
+    let me = with_presence(Arc::as_ptr);
     let others: Vec<(Arc<AtomicBool>, libc::pid_t)> = PRESENT
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
