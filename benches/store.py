@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import shardloop
-from shardloop import shard
+from shardloop import Sharded, shard
 
 KEYS = 4096
 CONCURRENCY = 32
@@ -108,17 +108,12 @@ async def closed_loops(
 
 # --- shardloop ---------------------------------------------------------------
 
-PARTITION: Partition | None = None
+# One Partition per shard, each built and used on its own shard.
+STORE: Sharded[Partition] = Sharded(Partition)
 
 
 def local_op(key: int, put: bool) -> int:
-    assert PARTITION is not None
-    return PARTITION.op(key, put)
-
-
-def make_partition() -> None:
-    global PARTITION
-    PARTITION = Partition()
+    return STORE.local().op(key, put)
 
 
 async def shard_worker(seconds: float) -> int:
@@ -133,8 +128,11 @@ async def shard_worker(seconds: float) -> int:
 
 def run_shardloop(workers: int, seconds: float) -> float:
     async def main() -> int:
-        await shard.invoke_on_all(make_partition)
-        counts = await shard.invoke_on_all(shard_worker, seconds)
+        await STORE.start()
+        try:
+            counts = await shard.invoke_on_all(shard_worker, seconds)
+        finally:
+            await STORE.stop()
         return sum(counts)
 
     return shardloop.run(main(), shards=workers) / seconds

@@ -199,6 +199,55 @@ def test_idle_runtime_sleeps_and_uses_no_cpu() -> None:
     assert polls < 1_000, f"shard 1 turned its loop {polls} times while idle"
 
 
+@pytest.mark.skipif(
+    getattr(sys, "_is_gil_enabled", lambda: True)(),
+    reason="with the GIL, shards take turns in Python by design",
+)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_free_threaded_shards_run_python_at_the_same_time() -> None:
+    """Without a GIL, shards must not take turns in Python: each runs many
+    short turns (30 us of Python, then `sleep(0)`, where the shard leaves
+    Python to poll), and looks whether the other is inside a turn at the
+    same time. Shards that took turns would see each other seldom, and
+    would wait about a turn of the other's between their own."""
+    turn = 30e-6
+    turns = 4_000
+    inside = [False, False]
+    ready = [False, False]
+    overlaps = [0, 0]
+    long_gaps = [0, 0]
+
+    async def short_turns() -> None:
+        me = shard.id()
+        other = 1 - me
+        ready[me] = True
+        while not ready[other]:
+            await asyncio.sleep(0)
+        for _ in range(turns):
+            inside[me] = True
+            until = time.perf_counter() + turn
+            while time.perf_counter() < until:
+                if inside[other]:
+                    overlaps[me] += 1
+                    break
+            while time.perf_counter() < until:
+                pass
+            inside[me] = False
+            left = time.perf_counter()
+            await asyncio.sleep(0)
+            if time.perf_counter() - left > turn:
+                long_gaps[me] += 1
+
+    async def main() -> None:
+        await shard.invoke_on_all(short_turns)
+
+    run2(main())
+    together = sum(overlaps) / (2 * turns)
+    waited = sum(long_gaps) / (2 * turns)
+    assert together > 0.7, f"the shards were in Python together in {together:.0%} of their turns"
+    assert waited < 0.25, f"{waited:.0%} of the shards' turns waited longer than a turn to start"
+
+
 def test_keyboard_interrupt_stops_all_shards_cleanly() -> None:
     script = textwrap.dedent(
         """

@@ -32,9 +32,9 @@ fn close_shard(shard: Rc<Shard>) {
 
 impl Driver {
     /// Keeps `driver`'s shard on this thread and returns its Python handle.
-    pub(crate) fn install(driver: shardloop_core::embed::Driver) -> Self {
+    pub(crate) fn install(py: Python<'_>, driver: shardloop_core::embed::Driver) -> Self {
         gil::set_overprovisioned(driver.is_overprovisioned());
-        gil::enter_shard();
+        gil::enter_shard(py);
         let shard = Rc::new(Shard::new(driver));
         let id = shard.id;
         Self {

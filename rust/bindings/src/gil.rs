@@ -10,6 +10,11 @@
 //! without going through these points (blocking I/O, `time.sleep`), so after
 //! `SPIN_LIMIT` the shard falls back to CPython's hand-off.
 //!
+//! Free-threaded, there is no GIL to hand off, and the shards must not take
+//! turns at all: the hand-off is skipped whenever the interpreter runs
+//! without the GIL ([`GIL_ENABLED`]), and the shards run Python at once, side
+//! by side.
+//!
 //! It is also where a shard thread re-enters Python, so it is where shard
 //! threads stop re-entering it when the interpreter is about to finalize
 //! ([`prepare_exit`]). CPython ends a thread that asks for the interpreter
@@ -27,6 +32,13 @@ use crate::context;
 
 /// The shard (plus one) that last attached through [`detached`], or 0.
 static HOLDER: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether the interpreter runs with the GIL, as last seen when a shard was
+/// installed (a free-threaded CPython turns the GIL on at run time when an
+/// extension that needs it is imported). Wrong only for a moment after
+/// such an import, and harmlessly: the shards then wait in CPython's own
+/// hand-off, which is correct, only slower.
+static GIL_ENABLED: AtomicBool = AtomicBool::new(true);
 
 /// How long a shard spins for the GIL before it waits in CPython.
 const SPIN_LIMIT: Duration = Duration::from_micros(100);
@@ -69,11 +81,21 @@ pub(crate) fn set_overprovisioned(overprovisioned: bool) {
     context::with(|c| c.overprovisioned.set(overprovisioned));
 }
 
-/// Counts a shard driver installed on this (attached) thread.
-pub(crate) fn enter_shard() {
+/// Counts a shard driver installed on this (attached) thread, and looks
+/// again whether the interpreter runs with the GIL.
+pub(crate) fn enter_shard(py: Python<'_>) {
+    GIL_ENABLED.store(gil_enabled(py), Ordering::Relaxed);
     if context::with(|c| c.shards_here.replace(c.shards_here.get() + 1)) == 0 {
         set_present(true);
     }
+}
+
+/// `sys._is_gil_enabled()`, and `true` on interpreters that do not have it.
+fn gil_enabled(py: Python<'_>) -> bool {
+    py.import("sys")
+        .and_then(|sys| sys.call_method0("_is_gil_enabled"))
+        .and_then(|enabled| enabled.extract())
+        .unwrap_or(true)
 }
 
 /// Undoes [`enter_shard`] when the driver is closed; returns whether it was
@@ -129,12 +151,16 @@ impl<F> OnThisThread<F> {
 }
 
 /// Runs `f` with the GIL released, as shard `shard`, and takes the GIL back
-/// when the shards that hold it let go of it. If the interpreter started
-/// exiting meanwhile, the thread parks instead of taking it back.
+/// when the shards that hold it let go of it (at once when the interpreter
+/// has no GIL). If the interpreter started exiting meanwhile, the thread
+/// parks instead of taking it back.
 ///
 /// `f` runs on this thread and may hold the shard's `!Send` state; it must
 /// not touch Python objects (it runs without the GIL).
 pub(crate) fn detached<T: Send>(py: Python<'_>, shard: usize, f: impl FnOnce() -> T) -> T {
+    if !GIL_ENABLED.load(Ordering::Relaxed) {
+        return detached_exit_aware(py, f);
+    }
     let me = shard + 1;
     HOLDER.store(0, Ordering::Release);
     set_present(false);

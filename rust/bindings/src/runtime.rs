@@ -57,7 +57,7 @@ fn worker_main(worker: &Py<PyAny>, driver: shardloop_core::embed::Driver) {
         return;
     }
     Python::attach(|py| {
-        let driver = match Bound::new(py, Driver::install(driver)) {
+        let driver = match Bound::new(py, Driver::install(py, driver)) {
             Ok(driver) => driver,
             Err(err) => return err.display(py),
         };
@@ -117,7 +117,7 @@ impl Runtime {
     /// The driver of shard 0, for the calling thread's event loop.
     fn driver(&self, py: Python<'_>) -> PyResult<Py<Driver>> {
         let driver = self.with(|rt| rt.driver())?;
-        Py::new(py, Driver::install(driver))
+        Py::new(py, Driver::install(py, driver))
     }
 
     /// Refuses new calls and tells every shard to finish and stop.
