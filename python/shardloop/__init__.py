@@ -24,15 +24,21 @@ from . import shard
 from ._loop import EventLoopPolicy, ShardLoop, _CtrlCStops, current_loop, new_event_loop
 from ._shardloop import Connection, ShutdownError
 from .connection import connect
+from .gate import Gate, GateClosedError
+from .groups import DEFAULT_MAX_INFLIGHT, ServiceGroup
 from .server import ShardedServer, serve, serve_connections
 from .sharded import ForeignRef, Sharded
 
 T = TypeVar("T")
 
 __all__ = [
+    "DEFAULT_MAX_INFLIGHT",
     "Connection",
     "EventLoopPolicy",
     "ForeignRef",
+    "Gate",
+    "GateClosedError",
+    "ServiceGroup",
     "ShardLoop",
     "Sharded",
     "ShardedServer",
@@ -125,5 +131,8 @@ def stats() -> dict[str, Any]:
     """The runtime's counters as plain dicts: ``queues`` (per ordered pair of
     shards: sent, received, completed, batches, max_depth, max_pending) and
     ``shards`` (per shard: polls, tasks_run, sleeps, wakeups, and preempted:
-    how often the kernel took the core from the shard while it could run)."""
+    how often the kernel took the core from the shard while it could run)
+    and ``groups`` (per service group and ordered pair of shards that has
+    sent a call: max_inflight, in_flight, waiting, sent, waited,
+    wait_seconds, max_wait_seconds)."""
     return current_loop()._driver.stats()

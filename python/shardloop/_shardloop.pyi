@@ -5,13 +5,17 @@ import asyncio
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar, final
 
+from typing_extensions import disjoint_base
+
 _T = TypeVar("_T")
 
 __all__ = [
+    "DEFAULT_MAX_INFLIGHT",
     "NOT_ON_SHARD",
     "Connection",
     "Driver",
     "Runtime",
+    "ServiceGroup",
     "ShutdownError",
     "Waiting",
     "call_tasks",
@@ -26,6 +30,24 @@ class ShutdownError(RuntimeError):
 
 NOT_ON_SHARD: str
 """What a call made off a shard is told."""
+
+DEFAULT_MAX_INFLIGHT: int
+"""The default group's bound on the calls in flight from one shard to
+another."""
+
+@disjoint_base
+class ServiceGroup:
+    """A bound on the calls in flight from each shard to each other shard."""
+
+    def __new__(cls, max_inflight: int, name: str | None = None) -> ServiceGroup: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def max_inflight(self) -> int: ...
+    def submit_to(
+        self, shard_id: int, func: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> asyncio.Future[Any]:
+        """``submit_to`` within this group's bound."""
 
 @final
 class Driver:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -13,8 +14,9 @@ from . import _shardloop
 from ._loop import current_loop
 
 T = TypeVar("T")
+R = TypeVar("R")
 
-__all__ = ["count", "id", "invoke_on_all", "invoke_on_others", "submit_to"]
+__all__ = ["count", "id", "invoke_on_all", "invoke_on_others", "map_reduce", "submit_to"]
 
 
 if TYPE_CHECKING:
@@ -56,3 +58,14 @@ def id() -> int:
 def count() -> int:
     """The number of shards of the running runtime."""
     return current_loop().shard_count
+
+
+async def map_reduce(mapper: Callable[[], Any], reducer: Callable[[R, Any], R], initial: R) -> R:
+    """Runs ``mapper()`` on every shard (a plain or a coroutine function) and
+    folds the results, in shard order, with ``reducer`` starting at
+    ``initial``: Seastar's ``map_reduce`` over the shards, without a
+    ``Sharded`` service.
+
+    >>> total = await shard.map_reduce(count_local_keys, operator.add, 0)
+    """
+    return functools.reduce(reducer, await invoke_on_all(mapper), initial)

@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 
 from . import shard
 from ._loop import ShardLoop, _running_loop, current_loop
+from .groups import ServiceGroup
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -34,10 +35,25 @@ class Sharded(Generic[T]):
     >>> await counters.invoke_on(2, "add", 5)      # Counter.add on shard 2
     >>> total = await counters.map_reduce(lambda c: c.value, operator.add, 0)
     >>> await counters.stop()                      # each stop() on its shard
+
+    ``group`` (a :class:`~shardloop.ServiceGroup`) bounds the calls of
+    ``invoke_on``, ``invoke_on_all``, ``invoke_on_others`` and
+    ``map_reduce``; it is not passed to ``cls`` (pass a ``group`` argument
+    of ``cls`` with ``functools.partial``).
     """
 
-    def __init__(self, cls: Callable[..., T], /, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        cls: Callable[..., T],
+        /,
+        *args: Any,
+        group: ServiceGroup | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if group is not None and not isinstance(group, ServiceGroup):
+            raise TypeError(f"group must be a ServiceGroup, not {type(group).__name__}")
         self._factory = functools.partial(cls, *args, **kwargs)
+        self._submit = shard.submit_to if group is None else group.submit_to
         self._instances: list[T | None] = []
         self._started = False
         self._busy: str | None = None  # "starting" or "stopping" while one runs
@@ -120,13 +136,25 @@ class Sharded(Generic[T]):
         self, shard_id: int, fn: str | Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> Any:
         """Calls a method (by name) or ``fn(instance, ...)`` on shard ``shard_id``."""
-        return await shard.submit_to(shard_id, self._apply, fn, args, kwargs)
+        return await self._submit(shard_id, self._apply, fn, args, kwargs)
 
     async def invoke_on_all(
         self, fn: str | Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> list[Any]:
         """Like :meth:`invoke_on` on every shard; results in shard order."""
-        return await shard.invoke_on_all(self._apply, fn, args, kwargs)
+        calls = [self._submit(i, self._apply, fn, args, kwargs) for i in range(shard.count())]
+        return list(await asyncio.gather(*calls))
+
+    async def invoke_on_others(
+        self, fn: str | Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> list[Any]:
+        """Like :meth:`invoke_on` on every shard but this one; results in
+        shard order."""
+        me = shard.id()
+        calls = [
+            self._submit(i, self._apply, fn, args, kwargs) for i in range(shard.count()) if i != me
+        ]
+        return list(await asyncio.gather(*calls))
 
     async def map_reduce(
         self, mapper: str | Callable[..., Any], reducer: Callable[[R, Any], R], initial: R

@@ -45,6 +45,10 @@ pub(crate) trait EndOfTurn {
 pub(crate) struct Shard {
     pub(crate) id: usize,
     pub(crate) count: usize,
+    /// The runtime's number (see `shardloop_core::runtime_id`).
+    pub(crate) runtime: u64,
+    /// The calls of each service group in flight from here, and waiting.
+    pub(crate) admission: RefCell<crate::call::group::Admission>,
     /// The core's handle of the shard; `None` once the driver is closed.
     driver: RefCell<Option<Rc<shardloop_core::embed::Driver>>>,
     /// Numbers this shard's calls (for the targets' running tasks).
@@ -217,6 +221,12 @@ impl Shard {
         Self {
             id: driver.shard_id(),
             count: driver.shard_count(),
+            runtime: driver.runtime_id(),
+            admission: RefCell::new(crate::call::group::Admission::new(
+                driver.runtime_id(),
+                driver.shard_id(),
+                driver.shard_count(),
+            )),
             driver: RefCell::new(Some(Rc::new(driver))),
             next_call: Cell::new(0),
             activation: RefCell::new(None),

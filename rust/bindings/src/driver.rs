@@ -9,8 +9,8 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::call::serve;
 use crate::call::settle::{exception_with_traceback, settle, settle_answered};
+use crate::call::{group, serve};
 use crate::context::{self, Incoming, Shard};
 use crate::gil;
 use crate::home::Home;
@@ -85,7 +85,7 @@ impl Driver {
             driver.poll();
             driver.take_fd_ready()
         });
-        run_arrived(py, event_loop, &driver)?;
+        run_arrived(py, event_loop, shard, &driver)?;
         Ok(fd_ready)
     }
 
@@ -122,7 +122,7 @@ impl Driver {
             // Signals (Ctrl-C) are handled here, so that a shard that turns
             // without returning to its loop still answers them.
             py.check_signals()?;
-            let (ran, scheduled) = run_arrived(py, event_loop, &driver)?;
+            let (ran, scheduled) = run_arrived(py, event_loop, shard, &driver)?;
             let timed_out = until.is_some_and(|until| Instant::now() >= until);
             if fd_ready || scheduled || closing || timed_out || ran == 0 {
                 return Ok(fd_ready);
@@ -150,7 +150,10 @@ impl Driver {
 
     /// The runtime's counters.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        stats::to_dict(py, &self.open()?.1.stats())
+        let (shard, driver) = self.open()?;
+        let stats = stats::to_dict(py, &driver.stats())?;
+        stats.set_item("groups", group::stats(py, shard.runtime)?)?;
+        Ok(stats)
     }
 
     /// Makes this shard the thread's current one while `event_loop` (its
@@ -195,6 +198,7 @@ impl Driver {
 fn run_arrived(
     py: Python<'_>,
     event_loop: &Bound<'_, PyAny>,
+    shard: &Shard,
     driver: &shardloop_core::embed::Driver,
 ) -> PyResult<(usize, bool)> {
     let mut count = 0;
@@ -218,7 +222,14 @@ fn run_arrived(
                     }
                     served
                 }
-                Incoming::Answered(call) => settle_answered(py, *call).map(|()| true),
+                Incoming::Answered(call) => {
+                    let counted = call.group.map(|group| (group, call.target));
+                    let settled = settle_answered(py, *call);
+                    if let Some((group, target)) = counted {
+                        group::release(py, &shard.admission, group, target);
+                    }
+                    settled.map(|()| true)
+                }
                 Incoming::Settle { future, produce } => {
                     settle(py, future.bind(py), produce(py), None).map(|()| true)
                 }

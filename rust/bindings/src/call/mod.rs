@@ -16,11 +16,16 @@
 //!    the caller's asyncio future on its own loop: no
 //!    `call_soon_threadsafe` anywhere.
 //!
+//! Before step 1 sends a call, its service group admits it
+//! ([`group::admit`]) or keeps it waiting on the origin; each answer
+//! makes room for the next ([`group::release`]).
+//!
 //! This file holds the types the steps share.
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
+pub(crate) mod group;
 pub(crate) mod send;
 pub(crate) mod serve;
 pub(crate) mod settle;
@@ -47,6 +52,9 @@ pub(crate) struct PyCall {
     pub(crate) origin: usize,
     pub(crate) target: usize,
     pub(crate) id: u64,
+    /// The service group a call counts in (see [`group`]); `None` for a
+    /// cancel, which counts in none.
+    pub(crate) group: Option<group::GroupId>,
     /// Taken, and dropped, on the target.
     pub(crate) request: Option<Request>,
     /// The caller's future; only touched on the origin.

@@ -4,6 +4,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
+use super::group::{self, GroupId, GroupSpec, DEFAULT_GROUP};
 use super::{PyCall, Request};
 use crate::context;
 use crate::errors;
@@ -34,6 +35,18 @@ fn submit_to<'py>(
     args: Bound<'py, PyTuple>,
     kwargs: Option<Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    submit(py, &DEFAULT_GROUP, shard_id, func, args, kwargs)
+}
+
+/// `submit_to` within `group`'s bound.
+pub(crate) fn submit<'py>(
+    py: Python<'py>,
+    group: &GroupSpec,
+    shard_id: &Bound<'py, PyAny>,
+    func: Bound<'py, PyAny>,
+    args: Bound<'py, PyTuple>,
+    kwargs: Option<Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>> {
     let shard = context::active().ok_or_else(errors::not_on_shard)?;
     let event_loop = shard.event_loop(py).ok_or_else(errors::not_on_shard)?;
     let target = target_index(shard_id, shard.count)?;
@@ -42,13 +55,15 @@ fn submit_to<'py>(
     let future = event_loop.call_method0(intern!(py, "create_future"))?;
     // Whatever the call starts as a task there (a coroutine function's
     // coroutine, or one a plain function returns) is cancelled with the
-    // caller's future.
+    // caller's future; a call still waiting for room in its group is
+    // withdrawn.
     let hook = Bound::new(
         py,
         CancelOnDone {
             origin: shard.id,
             target,
             id,
+            group: group.id(),
         },
     )?
     .into_any();
@@ -56,6 +71,7 @@ fn submit_to<'py>(
         origin: shard.id,
         target,
         id,
+        group: Some(group.id()),
         request: Some(Request::Call {
             func: func.unbind(),
             args: args.unbind(),
@@ -69,9 +85,78 @@ fn submit_to<'py>(
     // it in the inbox: it is served when the calling coroutine yields, after
     // this turn's calls to other shards have gone out, and settled like a
     // remote call.
-    shardloop_core::embed::send(target, Box::new(message)).map_err(errors::call_error)?;
+    group::admit(&shard.admission, group, target, Box::new(message))?;
     future.call_method1(intern!(py, "add_done_callback"), (hook,))?;
     Ok(future)
+}
+
+/// ServiceGroup(max_inflight, name=None)
+/// --
+///
+/// A bound on the calls in flight from each shard to each other shard:
+/// calls sent through the group beyond `max_inflight` to one target wait,
+/// unsent and in order, on the calling shard until earlier ones are
+/// answered.
+#[pyclass(module = "shardloop._shardloop", subclass, frozen)]
+pub(crate) struct ServiceGroup {
+    spec: GroupSpec,
+}
+
+#[pymethods]
+impl ServiceGroup {
+    #[new]
+    #[pyo3(signature = (max_inflight, name = None))]
+    fn new(max_inflight: &Bound<'_, PyAny>, name: Option<String>) -> PyResult<Self> {
+        if max_inflight.is_instance_of::<pyo3::types::PyBool>()
+            || !max_inflight.is_instance_of::<pyo3::types::PyInt>()
+        {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "max_inflight must be an int, not {}",
+                max_inflight.get_type().name()?
+            )));
+        }
+        let max_inflight = match max_inflight.extract::<usize>() {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "max_inflight must be at least 1, not {max_inflight}"
+                )))
+            }
+        };
+        Ok(Self {
+            spec: GroupSpec::new(max_inflight, name),
+        })
+    }
+
+    /// The group's name, as `stats()` reports it.
+    #[getter]
+    fn name(&self) -> &str {
+        self.spec.name()
+    }
+
+    /// The most calls of the group in flight from one shard to another.
+    #[getter]
+    fn max_inflight(&self) -> usize {
+        self.spec.max_inflight()
+    }
+
+    /// submit_to(shard_id, fn, /, *args, **kwargs)
+    /// --
+    ///
+    /// `shard.submit_to` within this group's bound: the call waits on this
+    /// shard, unsent, while `max_inflight` calls of the group to `shard_id`
+    /// are in flight.
+    #[pyo3(signature = (shard_id, func, /, *args, **kwargs))]
+    fn submit_to<'py>(
+        &self,
+        py: Python<'py>,
+        shard_id: &Bound<'py, PyAny>,
+        func: Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        kwargs: Option<Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        submit(py, &self.spec, shard_id, func, args, kwargs)
+    }
 }
 
 /// The index `shard_id` names among `count` shards: `TypeError` for what is
@@ -100,6 +185,7 @@ pub(crate) struct CancelOnDone {
     origin: usize,
     target: usize,
     id: u64,
+    group: GroupId,
 }
 
 #[pymethods]
@@ -108,10 +194,18 @@ impl CancelOnDone {
         if !future.call_method0(intern!(py, "cancelled"))?.is_truthy()? {
             return Ok(());
         }
+        if context::active().is_some_and(|shard| {
+            shard.id == self.origin
+                && group::withdraw(&shard.admission, self.group, self.target, self.id)
+        }) {
+            // It never left: nothing to cancel there.
+            return Ok(());
+        }
         let cancel = PyCall {
             origin: self.origin,
             target: self.target,
             id: self.id,
+            group: None,
             request: Some(Request::Cancel),
             future: None,
             hook: None,
@@ -124,5 +218,7 @@ impl CancelOnDone {
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(submit_to, m)?)
+    m.add_function(wrap_pyfunction!(submit_to, m)?)?;
+    m.add_class::<ServiceGroup>()?;
+    m.add("DEFAULT_MAX_INFLIGHT", group::DEFAULT_MAX_INFLIGHT)
 }

@@ -1,0 +1,369 @@
+//! Step 1's admission: service groups bound the calls in flight from one
+//! shard to another (Seastar's `smp_service_group`).
+//!
+//! Every call belongs to a group: `ServiceGroup.submit_to`'s, or the
+//! default group for `shard.submit_to`. A shard lets at most
+//! `max_inflight` calls of a group be in flight to each target (itself
+//! included); one more waits here, on the sender, in order and unsent,
+//! until an answer of the same group and target comes back
+//! ([`release`]). The caller's `await` is then its back-pressure, and a
+//! flood of un-awaited calls stays a queue of waiting calls on the sender
+//! instead of messages in the rings and work the target must get through
+//! before its own timers.
+//!
+//! The state of a pair (group, target) lives in the sending shard and
+//! is only touched on its thread; its counters are mirrored in a
+//! [`PairStats`] that `stats()` reads from any shard.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Instant;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use super::settle::settle;
+use super::PyCall;
+use crate::errors;
+
+/// Names a group; the default group is 0.
+pub(crate) type GroupId = u32;
+
+/// How many calls of the default group may be in flight from a shard to
+/// another. Large enough that no ordinary program meets it (1,000 calls
+/// in flight through `gather` run at full speed well below it), small
+/// enough that a flood of un-awaited calls waits on its sender instead of
+/// filling the target's rings (see benches/README.md, "Service groups").
+pub(crate) const DEFAULT_MAX_INFLIGHT: usize = 4096;
+
+static NEXT_GROUP: AtomicU32 = AtomicU32::new(1);
+
+/// What a group is: the same on every shard.
+#[derive(Clone)]
+pub(crate) struct GroupSpec {
+    id: GroupId,
+    name: Arc<str>,
+    max_inflight: usize,
+}
+
+impl GroupSpec {
+    /// A new group, with a number of its own; `name` defaults to
+    /// `group-<number>`.
+    pub(crate) fn new(max_inflight: usize, name: Option<String>) -> Self {
+        let id = NEXT_GROUP.fetch_add(1, Ordering::Relaxed);
+        let name = name.unwrap_or_else(|| format!("group-{id}"));
+        Self {
+            id,
+            name: Arc::from(name),
+            max_inflight,
+        }
+    }
+
+    pub(crate) fn id(&self) -> GroupId {
+        self.id
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn max_inflight(&self) -> usize {
+        self.max_inflight
+    }
+}
+
+/// The group of plain `shard.submit_to`.
+pub(crate) static DEFAULT_GROUP: LazyLock<GroupSpec> = LazyLock::new(|| GroupSpec {
+    id: 0,
+    name: Arc::from("default"),
+    max_inflight: DEFAULT_MAX_INFLIGHT,
+});
+
+/// A call that waits for room in its group.
+struct Waiting {
+    call: Box<PyCall>,
+    since: Instant,
+}
+
+/// One group's calls from this shard to one target.
+struct Pair {
+    in_flight: usize,
+    waiting: VecDeque<Waiting>,
+    /// The ids of the calls in `waiting` that still want to be sent (a
+    /// cancelled one leaves, and is skipped when its turn comes).
+    wanted: HashSet<u64>,
+    stats: Arc<PairStats>,
+}
+
+/// The admission state of one shard: its pairs, by group and target.
+pub(crate) struct Admission {
+    runtime: u64,
+    origin: usize,
+    count: usize,
+    default: Vec<Option<Pair>>,
+    groups: HashMap<GroupId, Vec<Option<Pair>>>,
+}
+
+impl Admission {
+    /// The state of shard `origin` of `count` shards of runtime `runtime`.
+    pub(crate) fn new(runtime: u64, origin: usize, count: usize) -> Self {
+        Self {
+            runtime,
+            origin,
+            count,
+            default: Vec::new(),
+            groups: HashMap::new(),
+        }
+    }
+
+    fn pair(&mut self, group: &GroupSpec, target: usize) -> &mut Pair {
+        let (runtime, origin, count) = (self.runtime, self.origin, self.count);
+        let pairs = if group.id == 0 {
+            &mut self.default
+        } else {
+            self.groups.entry(group.id).or_default()
+        };
+        if pairs.len() < count {
+            pairs.resize_with(count, || None);
+        }
+        pairs[target].get_or_insert_with(|| Pair {
+            in_flight: 0,
+            waiting: VecDeque::new(),
+            wanted: HashSet::new(),
+            stats: PairStats::register(runtime, origin, group, target),
+        })
+    }
+
+    fn existing(&mut self, group: GroupId, target: usize) -> Option<&mut Pair> {
+        let pairs = if group == 0 {
+            &mut self.default
+        } else {
+            self.groups.get_mut(&group)?
+        };
+        pairs.get_mut(target)?.as_mut()
+    }
+}
+
+/// Sends `call` to `target` if the group has room for it, or queues it.
+/// Nothing is queued or counted if sending fails.
+pub(crate) fn admit(
+    admission: &RefCell<Admission>,
+    group: &GroupSpec,
+    target: usize,
+    call: Box<PyCall>,
+) -> PyResult<()> {
+    {
+        let mut admission = admission.borrow_mut();
+        let pair = admission.pair(group, target);
+        if pair.in_flight >= group.max_inflight {
+            pair.wanted.insert(call.id);
+            pair.waiting.push_back(Waiting {
+                call,
+                since: Instant::now(),
+            });
+            pair.stats.set_waiting(pair.wanted.len());
+            return Ok(());
+        }
+        pair.in_flight += 1;
+    }
+    // Sending may run the call's `run` at once (a call to this shard), so
+    // nothing is borrowed meanwhile.
+    let sent = shardloop_core::embed::send(target, call);
+    let mut admission = admission.borrow_mut();
+    let pair = admission.pair(group, target);
+    match sent {
+        Ok(()) => {
+            pair.stats.sent_one(pair.in_flight);
+            Ok(())
+        }
+        Err(err) => {
+            pair.in_flight -= 1;
+            Err(errors::call_error(err))
+        }
+    }
+}
+
+/// Withdraws a waiting call whose caller cancelled it; returns whether it
+/// was waiting (and was never sent).
+pub(crate) fn withdraw(
+    admission: &RefCell<Admission>,
+    group: GroupId,
+    target: usize,
+    id: u64,
+) -> bool {
+    let mut admission = admission.borrow_mut();
+    let Some(pair) = admission.existing(group, target) else {
+        return false;
+    };
+    let withdrawn = pair.wanted.remove(&id);
+    if withdrawn {
+        pair.stats.set_waiting(pair.wanted.len());
+    }
+    withdrawn
+}
+
+/// An answer of `group` came back from `target`: makes room for the next
+/// waiting call, and sends it. A call that cannot be sent (shutdown
+/// began) fails its caller with the error, and the next one is tried.
+pub(crate) fn release(
+    py: Python<'_>,
+    admission: &RefCell<Admission>,
+    group: GroupId,
+    target: usize,
+) {
+    let mut next = {
+        let mut admission = admission.borrow_mut();
+        let Some(pair) = admission.existing(group, target) else {
+            return;
+        };
+        pair.in_flight = pair.in_flight.saturating_sub(1);
+        pair.stats.set_in_flight(pair.in_flight);
+        take_next(pair)
+    };
+    while let Some(call) = next.take() {
+        let future = call.future.as_ref().map(|f| f.clone_ref(py));
+        let sent = shardloop_core::embed::send(target, call);
+        let mut admission = admission.borrow_mut();
+        let Some(pair) = admission.existing(group, target) else {
+            return;
+        };
+        match sent {
+            Ok(()) => pair.stats.sent_one(pair.in_flight),
+            Err(err) => {
+                pair.in_flight -= 1;
+                pair.stats.set_in_flight(pair.in_flight);
+                next = take_next(pair);
+                drop(admission);
+                if let Some(future) = future {
+                    let _ = settle(py, future.bind(py), Err(errors::call_error(err)), None);
+                }
+            }
+        }
+    }
+}
+
+/// The next waiting call that is still wanted, counted in flight.
+fn take_next(pair: &mut Pair) -> Option<Box<PyCall>> {
+    while let Some(waiting) = pair.waiting.pop_front() {
+        if pair.wanted.remove(&waiting.call.id) {
+            pair.in_flight += 1;
+            pair.stats.waited_one(waiting.since.elapsed().as_nanos());
+            pair.stats.set_waiting(pair.wanted.len());
+            return Some(waiting.call);
+        }
+    }
+    None
+}
+
+/// The counters of one pair, for `stats()`: written by the sending shard
+/// only (plain loads and stores), read by any.
+pub(crate) struct PairStats {
+    runtime: u64,
+    group: Arc<str>,
+    max_inflight: usize,
+    origin: usize,
+    target: usize,
+    in_flight: AtomicUsize,
+    waiting: AtomicUsize,
+    sent: AtomicU64,
+    waited: AtomicU64,
+    wait_ns: AtomicU64,
+    max_wait_ns: AtomicU64,
+}
+
+/// The counters of every live pair of the process.
+static BOARD: Mutex<Vec<Arc<PairStats>>> = Mutex::new(Vec::new());
+
+fn board() -> std::sync::MutexGuard<'static, Vec<Arc<PairStats>>> {
+    BOARD
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Adds `by` to a counter that only this thread writes.
+fn add(counter: &AtomicU64, by: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).saturating_add(by),
+        Ordering::Relaxed,
+    );
+}
+
+impl PairStats {
+    fn register(runtime: u64, origin: usize, group: &GroupSpec, target: usize) -> Arc<Self> {
+        let stats = Arc::new(Self {
+            runtime,
+            group: group.name.clone(),
+            max_inflight: group.max_inflight,
+            origin,
+            target,
+            in_flight: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            sent: AtomicU64::new(0),
+            waited: AtomicU64::new(0),
+            wait_ns: AtomicU64::new(0),
+            max_wait_ns: AtomicU64::new(0),
+        });
+        let mut board = board();
+        // The pairs of shards that are gone are only held here.
+        board.retain(|s| Arc::strong_count(s) > 1);
+        board.push(stats.clone());
+        stats
+    }
+
+    fn set_in_flight(&self, n: usize) {
+        self.in_flight.store(n, Ordering::Relaxed);
+    }
+
+    fn set_waiting(&self, n: usize) {
+        self.waiting.store(n, Ordering::Relaxed);
+    }
+
+    fn sent_one(&self, in_flight: usize) {
+        add(&self.sent, 1);
+        self.set_in_flight(in_flight);
+    }
+
+    fn waited_one(&self, nanos: u128) {
+        let nanos = u64::try_from(nanos).unwrap_or(u64::MAX);
+        add(&self.waited, 1);
+        add(&self.wait_ns, nanos);
+        if nanos > self.max_wait_ns.load(Ordering::Relaxed) {
+            self.max_wait_ns.store(nanos, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The groups' counters of runtime `runtime`, one dict per group and
+/// ordered pair of shards that has sent a call.
+pub(crate) fn stats<'py>(py: Python<'py>, runtime: u64) -> PyResult<Bound<'py, PyList>> {
+    let mut pairs: Vec<Arc<PairStats>> = board()
+        .iter()
+        .filter(|s| s.runtime == runtime)
+        .cloned()
+        .collect();
+    pairs.sort_by(|a, b| (&a.group, a.origin, a.target).cmp(&(&b.group, b.origin, b.target)));
+    let list = PyList::empty(py);
+    for s in pairs {
+        let d = PyDict::new(py);
+        d.set_item("group", &*s.group)?;
+        d.set_item("from", s.origin)?;
+        d.set_item("to", s.target)?;
+        d.set_item("max_inflight", s.max_inflight)?;
+        d.set_item("in_flight", s.in_flight.load(Ordering::Relaxed))?;
+        d.set_item("waiting", s.waiting.load(Ordering::Relaxed))?;
+        d.set_item("sent", s.sent.load(Ordering::Relaxed))?;
+        d.set_item("waited", s.waited.load(Ordering::Relaxed))?;
+        d.set_item(
+            "wait_seconds",
+            s.wait_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        )?;
+        d.set_item(
+            "max_wait_seconds",
+            s.max_wait_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        )?;
+        list.append(d)?;
+    }
+    Ok(list)
+}
