@@ -95,6 +95,22 @@ def test_a_waiting_call_that_is_cancelled_is_never_sent() -> None:
     assert (stats["sent"], stats["in_flight"], stats["waiting"]) == (3, 0, 0)
 
 
+def test_a_waiting_call_still_goes_out_during_the_shutdown_grace_period() -> None:
+    outcomes: list[Any] = []
+
+    async def caller() -> None:
+        group = ServiceGroup(1, name="late")
+        first = group.submit_to(0, asyncio.sleep, 0.1, "slept")
+        waiting = group.submit_to(0, abs, -1)
+        outcomes.extend([await first, await waiting])
+
+    async def main() -> None:
+        shard.submit_to(1, caller)  # main() returns at once: shutdown begins
+
+    run2(main())
+    assert outcomes == ["slept", 1]
+
+
 def test_a_group_calls_every_shard_and_reports_errors_as_submit_to_does() -> None:
     group = ServiceGroup(2)
     assert group.name.startswith("group-")
