@@ -248,6 +248,35 @@ def test_free_threaded_shards_run_python_at_the_same_time() -> None:
     assert waited < 0.25, f"{waited:.0%} of the shards' turns waited longer than a turn to start"
 
 
+SERVED: list[Any] = []
+
+
+async def calls_shard_zero_late() -> None:
+    await asyncio.sleep(0.01)
+    try:
+        SERVED.append(await shard.submit_to(0, asyncio.sleep, 0.1, "slept"))
+    except BaseException as exc:
+        SERVED.append(exc)
+        raise
+
+
+def test_a_call_shard_zero_serves_when_main_returns_finishes() -> None:
+    """Calls in flight finish when main() returns: those served on shard 0
+    too, which asyncio.Runner would otherwise cancel with main()'s other
+    tasks (and those are still cancelled)."""
+    SERVED.clear()
+    background: list[asyncio.Task[None]] = []
+
+    async def main() -> None:
+        background.append(asyncio.get_running_loop().create_task(asyncio.sleep(30)))
+        shard.submit_to(1, calls_shard_zero_late)
+        await asyncio.sleep(0.05)  # shard 0 serves shard 1's call now
+
+    run2(main())
+    assert SERVED == ["slept"]
+    assert background[0].cancelled()
+
+
 def test_keyboard_interrupt_stops_all_shards_cleanly() -> None:
     script = textwrap.dedent(
         """

@@ -61,6 +61,7 @@ def run(
     idle_poll: float = 200e-6,
     overprovisioned: bool | None = None,
     shutdown_timeout: float = 5.0,
+    stall_threshold: float | None = 0.025,
 ) -> T:
     """Runs ``main()`` on shard 0 (this thread) of a new runtime and returns
     its result.
@@ -81,6 +82,14 @@ def run(
     stops the runtime and raises ``KeyboardInterrupt``; a ``SystemExit`` or
     ``KeyboardInterrupt`` raised by code on any shard does the same and is
     raised here.
+
+    A shard that runs Python for ``stall_threshold`` seconds (default 25 ms;
+    None: off) without going back to its loop (one long task step,
+    callback or plain function) is reported once through ``logging``
+    (logger ``shardloop``, level WARNING): the shard, how long so far, the
+    plain function it serves if any, and its thread's Python stack at the
+    moment it was caught; then how long the stall lasted, when it ends.
+    ``stats()`` counts each shard's stalls and its worst.
     """
     if asyncio.events._get_running_loop() is not None:
         # As asyncio.run: refuse before any runtime is built.
@@ -92,6 +101,7 @@ def run(
         idle_poll=idle_poll,
         overprovisioned=overprovisioned,
         shutdown_timeout=shutdown_timeout,
+        stall_threshold=stall_threshold,
     )
     runner = asyncio.Runner(loop_factory=factory)
     loop: ShardLoop | None = None
@@ -122,6 +132,8 @@ def run(
             # From here Ctrl-C stops the shards at once and is raised at
             # the end, wherever in asyncio's clean-up it lands.
             with _CtrlCStops(loop._runtime) as ctrl_c:
+                if not loop.is_closed():
+                    loop._finish_served_calls(ctrl_c)
                 runner.close()
             if ctrl_c.pressed:
                 raise KeyboardInterrupt

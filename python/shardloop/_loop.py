@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from . import _shardloop
+from . import _shardloop, _stall
 
 T = TypeVar("T")
 
@@ -219,8 +219,12 @@ class ShardLoop(asyncio.SelectorEventLoop):
             super().close()
             return
         self._closing = True
-        with _CtrlCStops(runtime) as ctrl_c:
-            failure = self._shut_down(runtime, ctrl_c)
+        try:
+            with _CtrlCStops(runtime) as ctrl_c:
+                failure = self._shut_down(runtime, ctrl_c)
+        finally:
+            if self._state.watchdog is not None:
+                self._state.watchdog.stop()
         if ctrl_c.pressed:
             raise KeyboardInterrupt
         if failure is None:
@@ -269,6 +273,28 @@ class ShardLoop(asyncio.SelectorEventLoop):
             failure = failure or exc
         return failure
 
+    def _finish_served_calls(self, ctrl_c: _CtrlCStops) -> None:
+        """On shard 0, when ``main()`` is done and before ``asyncio.Runner``
+        cancels every task of this loop: cancels the tasks that serve no
+        call, and lets the calls this shard serves for other shards finish,
+        as every other shard lets its own finish during the drain. The
+        grace period starts here and the drain has what is left of it."""
+        self._state.grace_ends = self.time() + self._state.shutdown_timeout
+        if self._cancel_on_close or self._state.fatal is not None or ctrl_c.pressed:
+            return
+        _run_to_end(self, self._until_served(ctrl_c))
+
+    async def _until_served(self, ctrl_c: _CtrlCStops) -> None:
+        """Cancels this shard's tasks that serve no call, and waits until it
+        serves no call, within the grace period."""
+        _cancel_background()
+        while not ctrl_c.pressed and self._state.fatal is None:
+            running = [t for t in _shardloop.call_tasks() if not t.done()]
+            left = self._state.grace_ends - self.time()  # type: ignore[operator]
+            if not running or left <= 0:
+                return
+            await asyncio.wait(running, timeout=min(left, _QUIET_POLL * 10))
+
     def _drain(self, runtime: _shardloop.Runtime, ctrl_c: _CtrlCStops) -> None:
         """Cancels the tasks that serve no call, on every shard, then waits
         (serving this shard) until no call is in flight between shards, for
@@ -279,6 +305,8 @@ class ShardLoop(asyncio.SelectorEventLoop):
         # Sent, not waited for: the wait for quiet below covers these calls.
         background = self.create_task(self._invoke_on_others(_cancel_background))
         limit = self._state.shutdown_timeout
+        if self._state.grace_ends is not None:
+            limit = max(0.0, self._state.grace_ends - self.time())
         quiet = _run_to_end(self, self._until_quiet(runtime, limit, ctrl_c))
         background.cancel()  # done by now, unless a shard is stuck
         if quiet:
@@ -292,7 +320,8 @@ class ShardLoop(asyncio.SelectorEventLoop):
         else:
             what = ", ".join(f"shard {i}: {t}" for i, on in enumerate(cancelled, 1) for t in on)
         warnings.warn(
-            f"shardloop: calls still running {limit:g} s after the runtime began to "
+            f"shardloop: calls still running {self._state.shutdown_timeout:g} s after the "
+            "runtime began to "
             f"shut down were cancelled: {what or 'none'}",
             RuntimeWarning,
             stacklevel=4,
@@ -379,12 +408,17 @@ class _CtrlCStops:
 
 class _RuntimeState:
     """What the shard loops of one runtime share: shard 0's loop, the
-    exception that stopped the runtime, and the shutdown grace period."""
+    exception that stopped the runtime, the shutdown grace period, and the
+    stall watchdog."""
 
     def __init__(self, shutdown_timeout: float = 5.0) -> None:
         self.shard0: ShardLoop | None = None
         self.fatal: BaseException | None = None
         self.shutdown_timeout = shutdown_timeout
+        self.watchdog: _shardloop.Watchdog | None = None
+        # When the grace period of the shutdown ends (on shard 0's clock),
+        # once run() has started it.
+        self.grace_ends: float | None = None
 
     def report_fatal(self, exc: BaseException) -> None:
         """From any shard: ``exc`` stops the whole runtime."""
@@ -483,10 +517,12 @@ async def _within(coro: Coroutine[Any, Any, T], limit: float) -> T | None:
 
 def _cancel_background() -> None:
     """Cancels the tasks of the current shard that serve no call from
-    another shard (servers, tasks spawned and left running)."""
+    another shard (servers, tasks spawned and left running), but not the
+    task that calls it."""
     serving = set(_shardloop.call_tasks())
+    me = asyncio.current_task()
     for task in asyncio.all_tasks():
-        if task not in serving:
+        if task not in serving and task is not me:
             task.cancel()
 
 
@@ -550,6 +586,7 @@ def new_event_loop(
     idle_poll: float = 200e-6,
     overprovisioned: bool | None = None,
     shutdown_timeout: float = 5.0,
+    stall_threshold: float | None = 0.025,
 ) -> ShardLoop:
     """Starts a runtime and returns shard 0's loop, for the calling thread.
 
@@ -561,6 +598,9 @@ def new_event_loop(
     they yield their core while they poll or wait for the GIL instead of
     spinning. Closing the loop shuts the runtime down, giving calls still in
     flight ``shutdown_timeout`` seconds to finish before they are cancelled.
+    A shard that runs Python for ``stall_threshold`` seconds (None: never
+    reported) without returning to its loop is reported through
+    ``logging`` (see ``shardloop.run``).
     Use it with
     ``asyncio.run(main(), loop_factory=shardloop.new_event_loop)``.
     """
@@ -569,6 +609,16 @@ def new_event_loop(
     for name, seconds in (("shutdown_timeout", shutdown_timeout), ("idle_poll", idle_poll)):
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
             raise TypeError(f"{name} must be a number of seconds, not {type(seconds).__name__}")
+    if stall_threshold is not None:
+        if isinstance(stall_threshold, bool) or not isinstance(stall_threshold, (int, float)):
+            raise TypeError(
+                "stall_threshold must be a number of seconds or None, "
+                f"not {type(stall_threshold).__name__}"
+            )
+        if not 0 < stall_threshold <= 3600:  # (NaN too)
+            raise ValueError(
+                f"stall_threshold must be above 0 and at most 3600 seconds, not {stall_threshold!r}"
+            )
     if not 0 <= shutdown_timeout:  # (NaN too)
         raise ValueError(f"shutdown_timeout must be at least 0, not {shutdown_timeout!r}")
     if not 0 <= idle_poll <= _MAX_IDLE_POLL:
@@ -586,10 +636,13 @@ def new_event_loop(
         pin=pin,
         idle_poll=idle_poll,
         overprovisioned=overprovisioned,
+        stall_threshold=stall_threshold,
     )
     driver = None
     try:
         driver = runtime.driver()
+        if stall_threshold is not None:
+            state.watchdog = _shardloop.Watchdog(driver.runtime_id, stall_threshold, _stall.report)
         return ShardLoop(driver, runtime, state)
     except BaseException:
         # Interrupted while starting (Ctrl-C): nothing is left running.

@@ -18,6 +18,7 @@ __all__ = [
     "ServiceGroup",
     "ShutdownError",
     "Waiting",
+    "Watchdog",
     "call_tasks",
     "prepare_exit",
     "relay",
@@ -34,6 +35,20 @@ NOT_ON_SHARD: str
 DEFAULT_MAX_INFLIGHT: int
 """The default group's bound on the calls in flight from one shard to
 another."""
+
+@final
+class Watchdog:
+    """Watches the shards of a runtime for stalls from a thread of its own."""
+
+    def __new__(
+        cls,
+        runtime_id: int,
+        threshold: float,
+        report: Callable[[int, float, int, Any, bool], None],
+        /,
+    ) -> Watchdog: ...
+    def stop(self) -> None:
+        """Stops the watchdog."""
 
 @disjoint_base
 class ServiceGroup:
@@ -60,6 +75,9 @@ class Driver:
     @property
     def shard_count(self) -> int:
         """The number of shards."""
+    @property
+    def runtime_id(self) -> int:
+        """The number that tells this shard's runtime from every other one."""
     def poll(self, event_loop: asyncio.AbstractEventLoop) -> bool:
         """One turn of the shard's loop without waiting, with the GIL
         released; then runs the calls that arrived and resolves the futures
@@ -95,6 +113,7 @@ class Runtime:
         pin: bool = True,
         idle_poll: float = 0.0002,
         overprovisioned: bool = False,
+        stall_threshold: float | None = None,
     ) -> Runtime:
         """Starts the shards; shards 1..N run ``worker(driver)`` on their own
         threads."""

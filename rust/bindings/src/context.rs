@@ -49,6 +49,8 @@ pub(crate) struct Shard {
     pub(crate) runtime: u64,
     /// The calls of each service group in flight from here, and waiting.
     pub(crate) admission: RefCell<crate::call::group::Admission>,
+    /// The shard's stall watch, when stall detection is on.
+    watch: Option<Arc<crate::stall::Watch>>,
     /// The core's handle of the shard; `None` once the driver is closed.
     driver: RefCell<Option<Rc<shardloop_core::embed::Driver>>>,
     /// Numbers this shard's calls (for the targets' running tasks).
@@ -217,11 +219,15 @@ pub(crate) fn forget_shards() {
 }
 
 impl Shard {
-    pub(crate) fn new(driver: shardloop_core::embed::Driver) -> Self {
+    pub(crate) fn new(
+        driver: shardloop_core::embed::Driver,
+        watch: Option<Arc<crate::stall::Watch>>,
+    ) -> Self {
         Self {
             id: driver.shard_id(),
             count: driver.shard_count(),
             runtime: driver.runtime_id(),
+            watch,
             admission: RefCell::new(crate::call::group::Admission::new(
                 driver.runtime_id(),
                 driver.shard_id(),
@@ -269,11 +275,34 @@ impl Shard {
         });
     }
 
+    /// A turn of the shard's loop begins: it came back into Python.
+    pub(crate) fn turn_begins(&self) {
+        if let Some(watch) = &self.watch {
+            watch.turn_begins();
+        }
+    }
+
+    /// The turn ends: the shard leaves Python for its poll loop.
+    pub(crate) fn turn_ends(&self) {
+        if let Some(watch) = &self.watch {
+            watch.turn_ends();
+        }
+    }
+
+    /// Names the plain function served now, for stall reports (`None`:
+    /// done).
+    pub(crate) fn serving(&self, func: Option<&Py<PyAny>>, py: Python<'_>) {
+        if let Some(watch) = &self.watch {
+            watch.serving(func.map(|f| f.clone_ref(py)));
+        }
+    }
+
     /// Ends the activation, if any. What the last turn registered (bytes
     /// written to connections) is still done; the loop object is released
     /// last, with nothing borrowed.
     pub(crate) fn deactivate(&self) {
         let activation = self.activation.borrow_mut().take();
+        self.turn_ends();
         if let Some(activation) = activation {
             end_turn();
             let previous = activation.previous.clone();

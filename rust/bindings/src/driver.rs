@@ -14,6 +14,7 @@ use crate::call::{group, serve};
 use crate::context::{self, Incoming, Shard};
 use crate::gil;
 use crate::home::Home;
+use crate::stall::Watch;
 use crate::stats;
 
 /// The shard this thread runs, as seen by its event loop. The shard's state
@@ -32,10 +33,15 @@ fn close_shard(shard: Rc<Shard>) {
 
 impl Driver {
     /// Keeps `driver`'s shard on this thread and returns its Python handle.
-    pub(crate) fn install(py: Python<'_>, driver: shardloop_core::embed::Driver) -> Self {
+    pub(crate) fn install(
+        py: Python<'_>,
+        driver: shardloop_core::embed::Driver,
+        stall: Option<Duration>,
+    ) -> Self {
         gil::set_overprovisioned(driver.is_overprovisioned());
         gil::enter_shard(py);
-        let shard = Rc::new(Shard::new(driver));
+        let watch = stall.map(|t| Watch::new(driver.runtime_id(), driver.shard_id(), t));
+        let shard = Rc::new(Shard::new(driver, watch));
         let id = shard.id;
         Self {
             shard: Home::new(shard, id, close_shard, "a shard driver"),
@@ -68,6 +74,13 @@ impl Driver {
         self.shard.shard()
     }
 
+    /// The number that tells this shard's runtime from every other one of
+    /// the process.
+    #[getter]
+    fn runtime_id(&self) -> PyResult<u64> {
+        Ok(self.shard.local()?.runtime)
+    }
+
     /// The number of shards.
     #[getter]
     fn shard_count(&self) -> PyResult<usize> {
@@ -80,11 +93,13 @@ impl Driver {
     /// descriptors signalled new readiness.
     fn poll(&self, py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyResult<bool> {
         let (shard, driver) = self.open()?;
+        shard.turn_ends();
         let fd_ready = gil::detached(py, shard.id, || {
             context::end_turn();
             driver.poll();
             driver.take_fd_ready()
         });
+        shard.turn_begins();
         run_arrived(py, event_loop, shard, &driver)?;
         Ok(fd_ready)
     }
@@ -114,11 +129,13 @@ impl Driver {
             } else {
                 until.map(|until| until.saturating_duration_since(Instant::now()))
             };
+            shard.turn_ends();
             let (fd_ready, closing) = gil::detached(py, shard.id, || {
                 context::end_turn();
                 driver.wait(left);
                 (driver.take_fd_ready(), driver.is_closing())
             });
+            shard.turn_begins();
             // Signals (Ctrl-C) are handled here, so that a shard that turns
             // without returning to its loop still answers them.
             py.check_signals()?;
@@ -151,7 +168,7 @@ impl Driver {
     /// The runtime's counters.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let (shard, driver) = self.open()?;
-        let stats = stats::to_dict(py, &driver.stats())?;
+        let stats = stats::to_dict(py, &driver.stats(), shard.runtime)?;
         stats.set_item("groups", group::stats(py, shard.runtime)?)?;
         Ok(stats)
     }
@@ -214,7 +231,7 @@ fn run_arrived(
             let handled = match item {
                 Incoming::Request(_) if driver.is_force_stopped() => Ok(false),
                 Incoming::Request(call) => {
-                    let served = serve::serve(py, event_loop, call, &mut fatal);
+                    let served = serve::serve(py, event_loop, shard, call, &mut fatal);
                     if let Err(interrupt) = py.check_signals() {
                         context::put_back(batch.collect());
                         shardloop_core::embed::count_tasks(count as u64);

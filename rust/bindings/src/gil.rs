@@ -125,6 +125,18 @@ pub(crate) fn may_enter() -> bool {
     })
 }
 
+/// Runs `f` with Python on a thread that is not a shard (a watchdog),
+/// unless the interpreter is exiting; its presence is announced while it
+/// runs, so that [`prepare_exit`] waits for it.
+pub(crate) fn attached_unless_exiting<R>(f: impl FnOnce(Python<'_>) -> R) -> Option<R> {
+    if !may_enter() {
+        return None;
+    }
+    let result = Python::attach(f);
+    set_present(false);
+    Some(result)
+}
+
 /// Blocks this thread for good, outside Python: the interpreter is exiting
 /// and the process ends with the thread parked here.
 fn park_for_good() -> ! {

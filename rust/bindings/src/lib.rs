@@ -12,7 +12,9 @@ mod errors;
 mod gil;
 mod home;
 mod runtime;
+mod stall;
 mod stats;
+mod watchdog;
 
 /// The native module. It is safe without the GIL (free-threaded CPython):
 /// `Driver`, `Runtime` and `Connection` hold their `!Send` state through
@@ -29,5 +31,6 @@ fn _shardloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     conn::register(m)?;
     driver::register(m)?;
     runtime::register(m)?;
+    watchdog::register(m)?;
     Ok(())
 }

@@ -22,6 +22,8 @@ type Owned = RefCell<Option<shardloop_core::Runtime>>;
 #[pyclass(frozen, module = "shardloop._shardloop")]
 pub(crate) struct Runtime {
     owned: Home<Owned>,
+    /// The stall threshold of every shard (None: stall detection is off).
+    stall: Option<Duration>,
 }
 
 impl Runtime {
@@ -52,12 +54,12 @@ fn stop_now(owned: Rc<Owned>) {
 /// What shards 1..N run: `worker(driver)` with the GIL, then the driver is
 /// closed on this thread whatever `worker` did. A thread that starts while
 /// the interpreter exits does not enter Python at all.
-fn worker_main(worker: &Py<PyAny>, driver: shardloop_core::embed::Driver) {
+fn worker_main(worker: &Py<PyAny>, driver: shardloop_core::embed::Driver, stall: Option<Duration>) {
     if !gil::may_enter() {
         return;
     }
     Python::attach(|py| {
-        let driver = match Bound::new(py, Driver::install(py, driver)) {
+        let driver = match Bound::new(py, Driver::install(py, driver, stall)) {
             Ok(driver) => driver,
             Err(err) => return err.display(py),
         };
@@ -84,14 +86,20 @@ impl Runtime {
     /// Starts `shards` shards (None: one per available core). Shards 1..N
     /// run `worker(driver)` on their own threads.
     #[new]
-    #[pyo3(signature = (worker, shards=None, pin=true, idle_poll=0.0002, overprovisioned=false))]
+    #[pyo3(signature = (
+        worker, shards=None, pin=true, idle_poll=0.0002, overprovisioned=false, stall_threshold=None
+    ))]
     fn new(
         worker: Py<PyAny>,
         shards: Option<usize>,
         pin: bool,
         idle_poll: f64,
         overprovisioned: bool,
+        stall_threshold: Option<f64>,
     ) -> PyResult<Self> {
+        let stall = stall_threshold
+            .map(|t| errors::duration("stall_threshold", t))
+            .transpose()?;
         if gil::exiting() {
             return Err(PyRuntimeError::new_err(
                 "the interpreter is exiting: no runtime can start",
@@ -106,18 +114,19 @@ impl Runtime {
             builder = builder.shards(shards);
         }
         let runtime = builder
-            .build_driven(move |driver| worker_main(&worker, driver))
+            .build_driven(move |driver| worker_main(&worker, driver, stall))
             .map_err(errors::build_error)?;
         let owned = Rc::new(RefCell::new(Some(runtime)));
         Ok(Self {
             owned: Home::new(owned, 0, stop_now, "a runtime"),
+            stall,
         })
     }
 
     /// The driver of shard 0, for the calling thread's event loop.
     fn driver(&self, py: Python<'_>) -> PyResult<Py<Driver>> {
         let driver = self.with(|rt| rt.driver())?;
-        Py::new(py, Driver::install(py, driver))
+        Py::new(py, Driver::install(py, driver, self.stall))
     }
 
     /// Refuses new calls and tells every shard to finish and stop.

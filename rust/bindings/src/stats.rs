@@ -4,7 +4,13 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use shardloop_core::Stats;
 
-pub(crate) fn to_dict<'py>(py: Python<'py>, stats: &Stats) -> PyResult<Bound<'py, PyDict>> {
+/// The counters of the core's `stats` of runtime `runtime`, with each
+/// shard's stall counts (zero when stall detection is off).
+pub(crate) fn to_dict<'py>(
+    py: Python<'py>,
+    stats: &Stats,
+    runtime: u64,
+) -> PyResult<Bound<'py, PyDict>> {
     let queues = PyList::empty(py);
     for q in &stats.queues {
         let d = PyDict::new(py);
@@ -27,6 +33,9 @@ pub(crate) fn to_dict<'py>(py: Python<'py>, stats: &Stats) -> PyResult<Bound<'py
         d.set_item("sleeps", s.sleeps)?;
         d.set_item("wakeups", s.wakeups)?;
         d.set_item("preempted", s.preempted)?;
+        let (stalls, worst) = crate::stall::counts(runtime, s.shard).unwrap_or((0, 0.0));
+        d.set_item("stalls", stalls)?;
+        d.set_item("worst_stall_seconds", worst)?;
         shards.append(d)?;
     }
     let result = PyDict::new(py);

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
 use super::{CallKey, PyCall, Request};
-use crate::context::{self, Incoming};
+use crate::context::{self, Incoming, Shard};
 
 impl shardloop_core::embed::Message for PyCall {
     fn run(self: Box<Self>) {
@@ -63,16 +63,19 @@ fn invoke<'py>(
 pub(crate) fn serve(
     py: Python<'_>,
     event_loop: &Bound<'_, PyAny>,
+    shard: &Shard,
     mut call: Box<PyCall>,
     fatal: &mut Option<PyErr>,
 ) -> PyResult<bool> {
     match call.request.take() {
         Some(Request::Call { func, args, kwargs }) => {
+            shard.serving(Some(&func), py);
             let served = invoke(
                 func.bind(py),
                 args.bind(py),
                 kwargs.as_ref().map(|k| k.bind(py)),
             );
+            shard.serving(None, py);
             // The callable and its arguments are released here, on the
             // target, where they were used.
             drop((func, args, kwargs));
