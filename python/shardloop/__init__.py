@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from . import shard
 from ._loop import EventLoopPolicy, ShardLoop, _CtrlCStops, current_loop, new_event_loop
 from ._shardloop import Connection, ShutdownError
+from .alien import Runtime, start
 from .connection import connect
 from .gate import Gate, GateClosedError
 from .groups import DEFAULT_MAX_INFLIGHT, ServiceGroup
@@ -38,6 +39,7 @@ __all__ = [
     "ForeignRef",
     "Gate",
     "GateClosedError",
+    "Runtime",
     "ServiceGroup",
     "ShardLoop",
     "Sharded",
@@ -49,6 +51,7 @@ __all__ = [
     "serve",
     "serve_connections",
     "shard",
+    "start",
     "stats",
 ]
 

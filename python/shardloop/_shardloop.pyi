@@ -20,6 +20,7 @@ __all__ = [
     "Waiting",
     "Watchdog",
     "call_tasks",
+    "check_shard",
     "prepare_exit",
     "relay",
     "sleep",
@@ -169,6 +170,10 @@ def sleep(delay: float, /) -> asyncio.Future[None]:
 def relay(awaitable: Any, /) -> asyncio.Future[Any]:
     """Awaits ``awaitable`` from a Rust task of this shard and resolves the
     returned future with its outcome."""
+
+def check_shard(shard_id: int, count: int, /) -> int:
+    """The index ``shard_id`` names among ``count`` shards; the errors of
+    ``submit_to`` for one out of range or not an int."""
 
 def submit_to(
     shard_id: int, func: Callable[..., Any], /, *args: Any, **kwargs: Any

@@ -159,6 +159,18 @@ impl ServiceGroup {
     }
 }
 
+/// check_shard(shard_id, count, /)
+/// --
+///
+/// The index `shard_id` names among `count` shards, with the errors of
+/// `submit_to` (`TypeError`, `ValueError`): for callers outside the
+/// runtime, which check before they hand a call to it.
+#[pyfunction]
+#[pyo3(signature = (shard_id, count, /))]
+fn check_shard(shard_id: &Bound<'_, PyAny>, count: usize) -> PyResult<usize> {
+    target_index(shard_id, count)
+}
+
 /// The index `shard_id` names among `count` shards: `TypeError` for what is
 /// not an integer, `ValueError` naming it for one out of range.
 fn target_index(shard_id: &Bound<'_, PyAny>, count: usize) -> PyResult<usize> {
@@ -219,6 +231,7 @@ impl CancelOnDone {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(submit_to, m)?)?;
+    m.add_function(wrap_pyfunction!(check_shard, m)?)?;
     m.add_class::<ServiceGroup>()?;
     m.add("DEFAULT_MAX_INFLIGHT", group::DEFAULT_MAX_INFLIGHT)
 }
