@@ -285,9 +285,14 @@ class ShardLoop(asyncio.SelectorEventLoop):
         _run_to_end(self, self._until_served(ctrl_c))
 
     async def _until_served(self, ctrl_c: _CtrlCStops) -> None:
-        """Cancels this shard's tasks that serve no call, and waits until it
-        serves no call, within the grace period."""
+        """Cancels the tasks that serve no call, on every shard (so that
+        servers elsewhere stop sending this shard work), and waits until
+        this shard serves no call, within the grace period."""
         _cancel_background()
+        # Sent, not waited for: a shard busy in a plain function, or one that
+        # Ctrl-C stopped, may never answer.
+        others = self.create_task(self._invoke_on_others(_cancel_background))
+        others.add_done_callback(_quietly)
         while not ctrl_c.pressed and self._state.fatal is None:
             running = [t for t in _shardloop.call_tasks() if not t.done()]
             left = self._state.grace_ends - self.time()  # type: ignore[operator]
@@ -515,6 +520,12 @@ async def _within(coro: Coroutine[Any, Any, T], limit: float) -> T | None:
     return None if task.cancelled() or task.exception() is not None else task.result()
 
 
+def _quietly(task: asyncio.Task[Any]) -> None:
+    """Retrieves the outcome of a task whose outcome does not matter."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _cancel_background() -> None:
     """Cancels the tasks of the current shard that serve no call from
     another shard (servers, tasks spawned and left running), but not the
@@ -646,6 +657,8 @@ def new_event_loop(
         return ShardLoop(driver, runtime, state)
     except BaseException:
         # Interrupted while starting (Ctrl-C): nothing is left running.
+        if state.watchdog is not None:
+            state.watchdog.stop()
         runtime.force_stop()
         if driver is not None:
             driver.close()

@@ -87,13 +87,21 @@ class Runtime:
         self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> concurrent.futures.Future[list[Any]]:
         """Runs ``fn`` on every shard; a future of the results in shard order."""
-        return self._on_shard0(shard.invoke_on_all, fn, *args, **kwargs)
+
+        def every_shard() -> asyncio.Future[list[Any]]:
+            # Gathered calls, not a task: a shutdown gives calls in flight
+            # their grace period, and cancels tasks.
+            return asyncio.gather(
+                *(shard.submit_to(i, fn, *args, **kwargs) for i in range(self._count))
+            )
+
+        return self._on_shard0(every_shard)
 
     def stats(self, timeout: float | None = 10.0) -> dict[str, Any]:
         """``shardloop.stats()`` of the runtime (waits for shard 0)."""
         from . import stats  # (the package imports this module)
 
-        return self._on_shard0(_plain_call, stats).result(timeout)  # type: ignore[no-any-return]
+        return self._on_shard0(_done_with, stats).result(timeout)  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """Stops the runtime as ``shardloop.run`` stops it when ``main()``
@@ -101,7 +109,7 @@ class Runtime:
         Raises what stopped the runtime, if something on a shard did
         (``SystemExit``, say). Closing again does nothing."""
         if threading.current_thread() is self._thread or _on_a_shard():
-            raise RuntimeError("a runtime cannot be closed from one of its own shards")
+            raise RuntimeError("a runtime cannot be closed from a shard (it would wait for itself)")
         if not self._closed:
             self._closed = True
             try:
@@ -150,8 +158,11 @@ class Runtime:
         return result
 
 
-async def _plain_call(fn: Callable[[], Any]) -> Any:
-    return fn()
+def _done_with(fn: Callable[[], Any]) -> asyncio.Future[Any]:
+    """A future of the running loop, done with ``fn()``'s result."""
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(fn())
+    return future
 
 
 # The asyncio future on shard 0 behind each running call's concurrent

@@ -28,7 +28,8 @@ class GateClosedError(RuntimeError):
 
 
 class Gate:
-    """Counts the work inside it on each shard; see the module's text.
+    """Counts the work inside it on each shard; see the module's text. A
+    gate belongs to one runtime at a time (its counts are by shard index).
 
     Each shard touches only its own count, so no lock is needed: ``close()``
     marks the gate closed and then asks every shard, with a cross-shard

@@ -139,9 +139,11 @@ impl Runtime {
         self.with(|rt| rt.force_stop())
     }
 
-    /// Whether no call between shards was in flight a moment ago.
+    /// Whether no call between shards was in flight a moment ago, and
+    /// none waited in a service group to be sent. (The waiting are looked
+    /// at first: a call leaves its group's queue only once it is sent.)
     fn is_quiet(&self) -> PyResult<bool> {
-        self.with(|rt| rt.is_quiet())
+        self.with(|rt| !crate::call::group::any_waiting(rt.id()) && rt.is_quiet())
     }
 
     /// Finishes submitted work and joins the shard threads (with the GIL

@@ -82,7 +82,7 @@ impl Watch {
     /// The shard leaves Python for its poll loop (or its loop stops): the
     /// turn ends, and is counted if it was a stall.
     pub(crate) fn turn_ends(&self) {
-        let since = self.turn_since.swap(0, Ordering::AcqRel);
+        let since = self.turn_since.load(Ordering::Relaxed);
         if since == 0 {
             return;
         }
@@ -95,6 +95,8 @@ impl Watch {
                 self.worst_ns.store(took, Ordering::Relaxed);
             }
         }
+        // Last, so that a watchdog that sees the turn end sees its length.
+        self.turn_since.store(0, Ordering::Release);
     }
 
     /// Names `func` as the plain function being served (`None`: done).

@@ -63,28 +63,58 @@ fn watch_over(runtime: u64, threshold: Duration, report: &Py<PyAny>, stop: &Atom
             if let Some(stalled) = *seen {
                 if turn != stalled {
                     *seen = None;
-                    let took = watch.last_stall_ns() as f64 / 1e9;
-                    call_report(report, &watch, took, true);
+                    report_end(report, &watch);
                 }
             }
             if turn != 0 && seen.is_none() {
                 let took = now_ns().saturating_sub(turn);
                 if took >= watch.threshold_ns {
-                    *seen = Some(turn);
-                    call_report(report, &watch, took as f64 / 1e9, false);
+                    *seen = report_stall(report, &watch, turn).then_some(turn);
                 }
             }
         }
     }
 }
 
-fn call_report(report: &Py<PyAny>, watch: &Watch, seconds: f64, ended: bool) {
+/// Reports that `watch`'s shard has been in turn `turn` too long, unless
+/// the turn ended while this thread waited for Python (with the GIL, a
+/// stalled shard may hold it): then it reports the stall as ended, and
+/// returns false.
+fn report_stall(report: &Py<PyAny>, watch: &Watch, turn: u64) -> bool {
     crate::gil::attached_unless_exiting(|py| {
-        let serving = if ended { None } else { watch.served(py) };
-        if let Err(err) = report.call1(py, (watch.shard, seconds, watch.thread, serving, ended)) {
-            err.display(py);
+        let serving = watch.served(py);
+        // Looked at with Python attached: the stack taken now is this turn's.
+        if watch.turn() != turn {
+            drop(serving);
+            call(py, report, watch, watch.last_stall_ns(), None, true);
+            return false;
         }
+        let took = now_ns().saturating_sub(turn);
+        call(py, report, watch, took, serving, false);
+        true
+    })
+    .unwrap_or(false)
+}
+
+/// Reports that `watch`'s shard's stall ended.
+fn report_end(report: &Py<PyAny>, watch: &Watch) {
+    crate::gil::attached_unless_exiting(|py| {
+        call(py, report, watch, watch.last_stall_ns(), None, true);
     });
+}
+
+fn call(
+    py: Python<'_>,
+    report: &Py<PyAny>,
+    watch: &Watch,
+    nanos: u64,
+    serving: Option<Py<PyAny>>,
+    ended: bool,
+) {
+    let seconds = nanos as f64 / 1e9;
+    if let Err(err) = report.call1(py, (watch.shard, seconds, watch.thread, serving, ended)) {
+        err.display(py);
+    }
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

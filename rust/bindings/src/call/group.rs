@@ -193,26 +193,36 @@ pub(crate) fn withdraw(
     target: usize,
     id: u64,
 ) -> bool {
-    let mut admission = admission.borrow_mut();
-    let Some(pair) = admission.existing(group, target) else {
-        return false;
+    let mut dropped = Vec::new();
+    let withdrawn = {
+        let mut admission = admission.borrow_mut();
+        let Some(pair) = admission.existing(group, target) else {
+            return false;
+        };
+        let withdrawn = pair.wanted.remove(&id);
+        if withdrawn {
+            pair.stats.set_waiting(pair.wanted.len());
+            pair.compact(&mut dropped);
+        }
+        withdrawn
     };
-    let withdrawn = pair.wanted.remove(&id);
-    if withdrawn {
-        pair.stats.set_waiting(pair.wanted.len());
-    }
+    // Released with nothing borrowed: a decref may run Python code.
+    drop(dropped);
     withdrawn
 }
 
 /// An answer of `group` came back from `target`: makes room for the next
-/// waiting call, and sends it. A call that cannot be sent (shutdown
-/// began) fails its caller with the error, and the next one is tried.
+/// waiting call, and sends it. A call that cannot be sent (the runtime
+/// stopped taking calls) fails its caller with the error, and the next one
+/// is tried. Nothing is borrowed while Python runs (withdrawn calls are
+/// dropped, and futures settled, after the borrow ends).
 pub(crate) fn release(
     py: Python<'_>,
     admission: &RefCell<Admission>,
     group: GroupId,
     target: usize,
 ) {
+    let mut dropped = Vec::new();
     let mut next = {
         let mut admission = admission.borrow_mut();
         let Some(pair) = admission.existing(group, target) else {
@@ -220,7 +230,7 @@ pub(crate) fn release(
         };
         pair.in_flight = pair.in_flight.saturating_sub(1);
         pair.stats.set_in_flight(pair.in_flight);
-        take_next(pair)
+        pair.take_next(&mut dropped)
     };
     while let Some(call) = next.take() {
         let future = call.future.as_ref().map(|f| f.clone_ref(py));
@@ -229,12 +239,15 @@ pub(crate) fn release(
         let Some(pair) = admission.existing(group, target) else {
             return;
         };
+        // Counted as waiting until now, so that a drain that looks in
+        // between sees it somewhere.
+        pair.stats.set_waiting(pair.wanted.len());
         match sent {
             Ok(()) => pair.stats.sent_one(pair.in_flight),
             Err(err) => {
                 pair.in_flight -= 1;
                 pair.stats.set_in_flight(pair.in_flight);
-                next = take_next(pair);
+                next = pair.take_next(&mut dropped);
                 drop(admission);
                 if let Some(future) = future {
                     let _ = settle(py, future.bind(py), Err(errors::call_error(err)), None);
@@ -242,19 +255,45 @@ pub(crate) fn release(
             }
         }
     }
+    drop(dropped);
 }
 
-/// The next waiting call that is still wanted, counted in flight.
-fn take_next(pair: &mut Pair) -> Option<Box<PyCall>> {
-    while let Some(waiting) = pair.waiting.pop_front() {
-        if pair.wanted.remove(&waiting.call.id) {
-            pair.in_flight += 1;
-            pair.stats.waited_one(waiting.since.elapsed().as_nanos());
-            pair.stats.set_waiting(pair.wanted.len());
-            return Some(waiting.call);
+impl Pair {
+    /// The next waiting call that is still wanted, counted in flight;
+    /// withdrawn ones met on the way go to `dropped`.
+    fn take_next(&mut self, dropped: &mut Vec<Waiting>) -> Option<Box<PyCall>> {
+        while let Some(waiting) = self.waiting.pop_front() {
+            if self.wanted.remove(&waiting.call.id) {
+                self.in_flight += 1;
+                self.stats.waited_one(waiting.since.elapsed().as_nanos());
+                return Some(waiting.call);
+            }
+            dropped.push(waiting);
+        }
+        None
+    }
+
+    /// Drops the withdrawn calls from the queue once they are most of it
+    /// (so that callers who give up cannot grow it for good, at a cost
+    /// that stays constant per call); they go to `dropped`.
+    fn compact(&mut self, dropped: &mut Vec<Waiting>) {
+        if self.waiting.len() >= 64 && self.wanted.len() < self.waiting.len() / 2 {
+            let wanted = &self.wanted;
+            let (keep, gone): (VecDeque<Waiting>, VecDeque<Waiting>) = self
+                .waiting
+                .drain(..)
+                .partition(|w| wanted.contains(&w.call.id));
+            self.waiting = keep;
+            dropped.extend(gone);
         }
     }
-    None
+}
+
+/// Whether any call of runtime `runtime` waits in a group's queue.
+pub(crate) fn any_waiting(runtime: u64) -> bool {
+    board()
+        .iter()
+        .any(|s| s.runtime == runtime && s.waiting.load(Ordering::Acquire) > 0)
 }
 
 /// The counters of one pair, for `stats()`: written by the sending shard
@@ -317,7 +356,7 @@ impl PairStats {
     }
 
     fn set_waiting(&self, n: usize) {
-        self.waiting.store(n, Ordering::Relaxed);
+        self.waiting.store(n, Ordering::Release);
     }
 
     fn sent_one(&self, in_flight: usize) {
