@@ -528,12 +528,13 @@ def _quietly(task: asyncio.Task[Any]) -> None:
 
 def _cancel_background() -> None:
     """Cancels the tasks of the current shard that serve no call from
-    another shard (servers, tasks spawned and left running), but not the
-    task that calls it."""
+    another shard (servers, tasks spawned and left running), once: not the
+    task that calls it, nor one cancelled already (shutdown asks more than
+    once, and a second cancel would interrupt the first one's clean-up)."""
     serving = set(_shardloop.call_tasks())
     me = asyncio.current_task()
     for task in asyncio.all_tasks():
-        if task not in serving and task is not me:
+        if task not in serving and task is not me and not task.cancelling():
             task.cancel()
 
 
