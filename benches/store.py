@@ -138,6 +138,17 @@ def run_shardloop(workers: int, seconds: float) -> float:
     return shardloop.run(main(), shards=workers) / seconds
 
 
+def on_threads(target: Callable[[int], None], workers: int, start: threading.Barrier) -> None:
+    """Runs `target(i)` for each worker on a thread of its own, lets them
+    all pass `start` together, and waits for them."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    start.wait()
+    for t in threads:
+        t.join()
+
+
 # --- threads and a lock per partition ---------------------------------------
 
 
@@ -161,12 +172,7 @@ def run_threads(workers: int, seconds: float) -> float:
                 done += 1
         counts[index] = done
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
-    for t in threads:
-        t.start()
-    start.wait()
-    for t in threads:
-        t.join()
+    on_threads(worker, workers, start)
     return sum(counts) / seconds
 
 
@@ -210,12 +216,7 @@ def run_asyncio_loops(workers: int, seconds: float) -> float:
         loop.close()
 
     loops.extend([None] * workers)  # type: ignore[list-item]
-    threads = [threading.Thread(target=thread, args=(i,)) for i in range(workers)]
-    for t in threads:
-        t.start()
-    ready.wait()
-    for t in threads:
-        t.join()
+    on_threads(thread, workers, ready)
     return sum(counts) / seconds
 
 

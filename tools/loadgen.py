@@ -184,9 +184,10 @@ def serving(
     port: int,
     cwd: str | os.PathLike[str] | None = None,
     env: dict[str, str] | None = None,
-) -> Iterator[None]:
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     """Runs the server processes of `commands` (listening on `port`) for the
-    body of the `with`, then stops them: SIGINT, and SIGKILL after 20 s."""
+    body of the `with`, which gets them, then stops them: SIGINT, and
+    SIGKILL after 20 s."""
     procs = [
         subprocess.Popen(
             list(cmd),
@@ -200,7 +201,7 @@ def serving(
     try:
         wait_for_port(port)
         time.sleep(0.3)
-        yield
+        yield procs
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGINT)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-from loadgen import binary, free_port, wait_for_port  # noqa: E402  (tools/, put on the path above)
+from loadgen import binary, free_port, serving  # noqa: E402  (tools/, put on the path above)
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -56,12 +55,8 @@ def servers(protocol: str, port: int, py: str) -> dict[str, tuple[list[list[str]
 
 def measure(commands: list[list[str]], core: str | None, protocol: str, port: int, seconds: float):
     pin = ["taskset", "-c", core] if core else []
-    procs = [
-        subprocess.Popen([*pin, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for cmd in commands
-    ]
-    try:
-        wait_for_port(port)
+    # (taskset execs the server: its pid is the server's.)
+    with serving([[*pin, *cmd] for cmd in commands], port) as procs:
         before = sum(cpu_seconds(p.pid) for p in procs)
         client = ["taskset", "-c", "1"] if core == "0" else []
         out = subprocess.run(
@@ -82,14 +77,6 @@ def measure(commands: list[list[str]], core: str | None, protocol: str, port: in
             timeout=seconds + 60,
         ).stdout
         used = sum(cpu_seconds(p.pid) for p in procs) - before
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
     report = json.loads(out)
     requests = report["requests"]
     return {

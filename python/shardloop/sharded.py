@@ -13,7 +13,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from . import shard
 from ._loop import ShardLoop, _running_loop, current_loop
@@ -25,6 +25,14 @@ R = TypeVar("R")
 
 async def _resolve(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
+
+
+class _Calls(Protocol):
+    """The calling verbs of the module ``shard`` and of a ServiceGroup."""
+
+    def submit_to(self, shard_id: int, fn: Callable[..., Any], /, *args: Any) -> Any: ...
+    async def invoke_on_all(self, fn: Callable[..., Any], /, *args: Any) -> list[Any]: ...
+    async def invoke_on_others(self, fn: Callable[..., Any], /, *args: Any) -> list[Any]: ...
 
 
 class Sharded(Generic[T]):
@@ -53,7 +61,9 @@ class Sharded(Generic[T]):
         if group is not None and not isinstance(group, ServiceGroup):
             raise TypeError(f"group must be a ServiceGroup, not {type(group).__name__}")
         self._factory = functools.partial(cls, *args, **kwargs)
-        self._submit = shard.submit_to if group is None else group.submit_to
+        # What sends the service's invocations: the group, or the module
+        # `shard` (the default group); both have the same three verbs.
+        self._calls: _Calls = shard if group is None else group
         self._instances: list[T | None] = []
         self._started = False
         self._busy: str | None = None  # "starting" or "stopping" while one runs
@@ -136,25 +146,20 @@ class Sharded(Generic[T]):
         self, shard_id: int, fn: str | Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> Any:
         """Calls a method (by name) or ``fn(instance, ...)`` on shard ``shard_id``."""
-        return await self._submit(shard_id, self._apply, fn, args, kwargs)
+        return await self._calls.submit_to(shard_id, self._apply, fn, args, kwargs)
 
     async def invoke_on_all(
         self, fn: str | Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> list[Any]:
         """Like :meth:`invoke_on` on every shard; results in shard order."""
-        calls = [self._submit(i, self._apply, fn, args, kwargs) for i in range(shard.count())]
-        return list(await asyncio.gather(*calls))
+        return await self._calls.invoke_on_all(self._apply, fn, args, kwargs)
 
     async def invoke_on_others(
         self, fn: str | Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> list[Any]:
         """Like :meth:`invoke_on` on every shard but this one; results in
         shard order."""
-        me = shard.id()
-        calls = [
-            self._submit(i, self._apply, fn, args, kwargs) for i in range(shard.count()) if i != me
-        ]
-        return list(await asyncio.gather(*calls))
+        return await self._calls.invoke_on_others(self._apply, fn, args, kwargs)
 
     async def map_reduce(
         self, mapper: str | Callable[..., Any], reducer: Callable[[R, Any], R], initial: R

@@ -168,8 +168,8 @@ pub(crate) fn admit(
         }
         pair.in_flight += 1;
     }
-    // Sending may run the call's `run` at once (a call to this shard), so
-    // nothing is borrowed meanwhile.
+    // Nothing is borrowed while it is sent: a send that fails drops the
+    // call, whose arguments' `__del__` may submit again.
     let sent = shardloop_core::embed::send(target, call);
     let mut admission = admission.borrow_mut();
     let pair = admission.pair(group, target);
