@@ -44,6 +44,7 @@ class Watchdog:
     def __new__(
         cls,
         runtime_id: int,
+        shard_count: int,
         threshold: float,
         report: Callable[[int, float, int, Any, bool], None],
         /,
