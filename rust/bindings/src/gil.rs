@@ -125,6 +125,16 @@ pub(crate) fn may_enter() -> bool {
     })
 }
 
+/// Registers this thread's presence flag now (see [`with_presence`]), on a
+/// thread that will enter Python later at a moment of its own choosing:
+/// registering takes a process-wide lock, and a lock held at a `fork` stays
+/// held for good in the child, so it had better be taken while nothing
+/// forks (a watchdog that reports a stall does so exactly while its shard
+/// is busy, in a `fork` say).
+pub(crate) fn register_thread() {
+    with_presence(|_| ());
+}
+
 /// Runs `f` with Python on a thread that is not a shard (a watchdog),
 /// unless the interpreter is exiting; its presence is announced while it
 /// runs, so that [`prepare_exit`] waits for it.

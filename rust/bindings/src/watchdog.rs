@@ -67,6 +67,7 @@ fn watch_over(
     // until every shard has made its own: a lock taken every look would
     // sooner or later be held at a `fork`, and the child would never get it.
     let mut watches: Vec<Arc<Watch>> = Vec::new();
+    crate::gil::register_thread();
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(interval);
         if watches.len() < shard_count {
