@@ -654,9 +654,7 @@ def new_event_loop(
     try:
         driver = runtime.driver()
         if stall_threshold is not None:
-            state.watchdog = _shardloop.Watchdog(
-                driver.runtime_id, driver.shard_count, stall_threshold, _stall.report
-            )
+            state.watchdog = _shardloop.Watchdog(driver, stall_threshold, _stall.report)
         return ShardLoop(driver, runtime, state)
     except BaseException:
         # Interrupted while starting (Ctrl-C): nothing is left running.

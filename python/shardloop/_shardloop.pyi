@@ -43,8 +43,7 @@ class Watchdog:
 
     def __new__(
         cls,
-        runtime_id: int,
-        shard_count: int,
+        driver: Driver,
         threshold: float,
         report: Callable[[int, float, int, Any, bool], None],
         /,
@@ -77,9 +76,6 @@ class Driver:
     @property
     def shard_count(self) -> int:
         """The number of shards."""
-    @property
-    def runtime_id(self) -> int:
-        """The number that tells this shard's runtime from every other one."""
     def poll(self, event_loop: asyncio.AbstractEventLoop) -> bool:
         """One turn of the shard's loop without waiting, with the GIL
         released; then runs the calls that arrived and resolves the futures

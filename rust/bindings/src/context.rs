@@ -45,8 +45,8 @@ pub(crate) trait EndOfTurn {
 pub(crate) struct Shard {
     pub(crate) id: usize,
     pub(crate) count: usize,
-    /// The runtime's number (see `shardloop_core::runtime_id`).
-    pub(crate) runtime: u64,
+    /// What the runtime's shards share (group and stall counters).
+    pub(crate) board: Arc<crate::board::Board>,
     /// The calls of each service group in flight from here, and waiting.
     pub(crate) admission: RefCell<crate::call::group::Admission>,
     /// The shard's stall watch, when stall detection is on.
@@ -222,17 +222,18 @@ impl Shard {
     pub(crate) fn new(
         driver: shardloop_core::embed::Driver,
         watch: Option<Arc<crate::stall::Watch>>,
+        board: Arc<crate::board::Board>,
     ) -> Self {
         Self {
             id: driver.shard_id(),
             count: driver.shard_count(),
-            runtime: driver.runtime_id(),
             watch,
             admission: RefCell::new(crate::call::group::Admission::new(
-                driver.runtime_id(),
+                board.pairs.clone(),
                 driver.shard_id(),
                 driver.shard_count(),
             )),
+            board,
             driver: RefCell::new(Some(Rc::new(driver))),
             next_call: Cell::new(0),
             activation: RefCell::new(None),

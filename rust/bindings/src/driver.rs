@@ -3,12 +3,14 @@
 //! GIL, what arrived for Python.
 
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::board::Board;
 use crate::call::settle::{exception_with_traceback, settle, settle_answered};
 use crate::call::{group, serve};
 use crate::context::{self, Incoming, Shard};
@@ -37,15 +39,21 @@ impl Driver {
         py: Python<'_>,
         driver: shardloop_core::embed::Driver,
         stall: Option<Duration>,
+        board: Arc<Board>,
     ) -> Self {
         gil::set_overprovisioned(driver.is_overprovisioned());
         gil::enter_shard(py);
-        let watch = stall.map(|t| Watch::new(driver.runtime_id(), driver.shard_id(), t));
-        let shard = Rc::new(Shard::new(driver, watch));
+        let watch = stall.map(|t| Watch::new(driver.shard_id(), t, &board.watches));
+        let shard = Rc::new(Shard::new(driver, watch, board));
         let id = shard.id;
         Self {
             shard: Home::new(shard, id, close_shard, "a shard driver"),
         }
+    }
+
+    /// What the shards of this driver's runtime share.
+    pub(crate) fn board(&self) -> PyResult<Arc<Board>> {
+        Ok(self.shard.local()?.board.clone())
     }
 
     /// The shard and its core driver: `RuntimeError` once closed or off
@@ -72,13 +80,6 @@ impl Driver {
     #[getter]
     fn shard_id(&self) -> usize {
         self.shard.shard()
-    }
-
-    /// The number that tells this shard's runtime from every other one of
-    /// the process.
-    #[getter]
-    fn runtime_id(&self) -> PyResult<u64> {
-        Ok(self.shard.local()?.runtime)
     }
 
     /// The number of shards.
@@ -168,8 +169,8 @@ impl Driver {
     /// The runtime's counters.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let (shard, driver) = self.open()?;
-        let stats = stats::to_dict(py, &driver.stats(), shard.runtime)?;
-        stats.set_item("groups", group::stats(py, shard.runtime)?)?;
+        let stats = stats::to_dict(py, &driver.stats(), &shard.board.watches)?;
+        stats.set_item("groups", group::stats(py, &shard.board.pairs)?)?;
         Ok(stats)
     }
 

@@ -3,6 +3,7 @@
 
 use pyo3::prelude::*;
 
+mod board;
 mod bridge;
 mod call;
 mod conn;

@@ -3,11 +3,13 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
+use crate::board::Board;
 use crate::driver::Driver;
 use crate::errors;
 use crate::gil;
@@ -24,6 +26,8 @@ pub(crate) struct Runtime {
     owned: Home<Owned>,
     /// The stall threshold of every shard (None: stall detection is off).
     stall: Option<Duration>,
+    /// What the shards share in the bindings.
+    board: Arc<Board>,
 }
 
 impl Runtime {
@@ -54,12 +58,17 @@ fn stop_now(owned: Rc<Owned>) {
 /// What shards 1..N run: `worker(driver)` with the GIL, then the driver is
 /// closed on this thread whatever `worker` did. A thread that starts while
 /// the interpreter exits does not enter Python at all.
-fn worker_main(worker: &Py<PyAny>, driver: shardloop_core::embed::Driver, stall: Option<Duration>) {
+fn worker_main(
+    worker: &Py<PyAny>,
+    driver: shardloop_core::embed::Driver,
+    stall: Option<Duration>,
+    board: Arc<Board>,
+) {
     if !gil::may_enter() {
         return;
     }
     Python::attach(|py| {
-        let driver = match Bound::new(py, Driver::install(py, driver, stall)) {
+        let driver = match Bound::new(py, Driver::install(py, driver, stall, board)) {
             Ok(driver) => driver,
             Err(err) => return err.display(py),
         };
@@ -105,6 +114,8 @@ impl Runtime {
                 "the interpreter is exiting: no runtime can start",
             ));
         }
+        let board = Arc::new(Board::default());
+        let shared = board.clone();
         let mut builder = shardloop_core::Runtime::builder()
             .pin(pin)
             .overprovisioned(overprovisioned)
@@ -114,19 +125,23 @@ impl Runtime {
             builder = builder.shards(shards);
         }
         let runtime = builder
-            .build_driven(move |driver| worker_main(&worker, driver, stall))
+            .build_driven(move |driver| worker_main(&worker, driver, stall, shared.clone()))
             .map_err(errors::build_error)?;
         let owned = Rc::new(RefCell::new(Some(runtime)));
         Ok(Self {
             owned: Home::new(owned, 0, stop_now, "a runtime"),
             stall,
+            board,
         })
     }
 
     /// The driver of shard 0, for the calling thread's event loop.
     fn driver(&self, py: Python<'_>) -> PyResult<Py<Driver>> {
         let driver = self.with(|rt| rt.driver())?;
-        Py::new(py, Driver::install(py, driver, self.stall))
+        Py::new(
+            py,
+            Driver::install(py, driver, self.stall, self.board.clone()),
+        )
     }
 
     /// Refuses new calls and tells every shard to finish and stop.
@@ -143,7 +158,7 @@ impl Runtime {
     /// none waited in a service group to be sent. (The waiting are looked
     /// at first: a call leaves its group's queue only once it is sent.)
     fn is_quiet(&self) -> PyResult<bool> {
-        self.with(|rt| !crate::call::group::any_waiting(rt.id()) && rt.is_quiet())
+        self.with(|rt| !self.board.pairs.any_waiting() && rt.is_quiet())
     }
 
     /// Finishes submitted work and joins the shard threads (with the GIL

@@ -28,7 +28,6 @@ pub(crate) fn now_ns() -> u64 {
 
 /// One shard's turn, written by its thread only, read by the watchdog.
 pub(crate) struct Watch {
-    pub(crate) runtime: u64,
     pub(crate) shard: usize,
     /// `threading.get_ident()` of the shard's thread.
     pub(crate) thread: u64,
@@ -43,20 +42,39 @@ pub(crate) struct Watch {
     last_stall_ns: AtomicU64,
 }
 
-/// Every watch of the process, for `stats()` and the watchdog.
-static WATCHES: Mutex<Vec<Weak<Watch>>> = Mutex::new(Vec::new());
+/// The watches of one runtime's shards, for `stats()` and the watchdog.
+/// Per runtime, not per process: a lock of the process's could be held by
+/// one of its threads at a `fork`, and stay held in the child for good.
+#[derive(Default)]
+pub(crate) struct Watches(Mutex<Vec<Weak<Watch>>>);
 
-fn watches() -> std::sync::MutexGuard<'static, Vec<Weak<Watch>>> {
-    WATCHES
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+impl Watches {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Weak<Watch>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The watches whose shards are still there.
+    pub(crate) fn live(&self) -> Vec<Arc<Watch>> {
+        self.lock().iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// The stall counters of shard `shard`: (stalls, worst in seconds), or
+    /// `None` when stall detection is off.
+    pub(crate) fn counts(&self, shard: usize) -> Option<(u64, f64)> {
+        self.live()
+            .into_iter()
+            .find(|w| w.shard == shard)
+            .map(|w| w.counts())
+    }
 }
 
 impl Watch {
-    /// The watch of shard `shard` of runtime `runtime`, on this thread.
-    pub(crate) fn new(runtime: u64, shard: usize, threshold: Duration) -> Arc<Self> {
+    /// The watch of shard `shard`, on this thread, kept in its runtime's
+    /// `watches`.
+    pub(crate) fn new(shard: usize, threshold: Duration, watches: &Watches) -> Arc<Self> {
         let watch = Arc::new(Self {
-            runtime,
             shard,
             // SAFETY: `pthread_self` has no preconditions; CPython's
             // thread ident is this value.
@@ -68,9 +86,7 @@ impl Watch {
             worst_ns: AtomicU64::new(0),
             last_stall_ns: AtomicU64::new(0),
         });
-        let mut all = watches();
-        all.retain(|w| w.strong_count() > 0);
-        all.push(Arc::downgrade(&watch));
+        watches.lock().push(Arc::downgrade(&watch));
         watch
     }
 
@@ -139,23 +155,4 @@ impl Watch {
             self.worst_ns.load(Ordering::Relaxed) as f64 / 1e9,
         )
     }
-}
-
-/// The watches of runtime `runtime` whose shards are still there.
-pub(crate) fn watches_of(runtime: u64) -> Vec<Arc<Watch>> {
-    watches()
-        .iter()
-        .filter_map(Weak::upgrade)
-        .filter(|w| w.runtime == runtime)
-        .collect()
-}
-
-/// The stall counters of shard `shard` of runtime `runtime`: (stalls,
-/// worst in seconds), or `None` when stall detection is off.
-pub(crate) fn counts(runtime: u64, shard: usize) -> Option<(u64, f64)> {
-    watches()
-        .iter()
-        .filter_map(Weak::upgrade)
-        .find(|w| w.runtime == runtime && w.shard == shard)
-        .map(|w| w.counts())
 }

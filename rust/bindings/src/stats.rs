@@ -4,12 +4,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use shardloop_core::Stats;
 
-/// The counters of the core's `stats` of runtime `runtime`, with each
-/// shard's stall counts (zero when stall detection is off).
+/// The counters of the core's `stats`, with each shard's stall counts from
+/// the runtime's `watches` (zero when stall detection is off).
 pub(crate) fn to_dict<'py>(
     py: Python<'py>,
     stats: &Stats,
-    runtime: u64,
+    watches: &crate::stall::Watches,
 ) -> PyResult<Bound<'py, PyDict>> {
     let queues = PyList::empty(py);
     for q in &stats.queues {
@@ -33,7 +33,7 @@ pub(crate) fn to_dict<'py>(
         d.set_item("sleeps", s.sleeps)?;
         d.set_item("wakeups", s.wakeups)?;
         d.set_item("preempted", s.preempted)?;
-        let (stalls, worst) = crate::stall::counts(runtime, s.shard).unwrap_or((0, 0.0));
+        let (stalls, worst) = watches.counts(s.shard).unwrap_or((0, 0.0));
         d.set_item("stalls", stalls)?;
         d.set_item("worst_stall_seconds", worst)?;
         shards.append(d)?;

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use pyo3::prelude::*;
 
-use crate::stall::{now_ns, watches_of, Watch};
+use crate::driver::Driver;
+use crate::stall::{now_ns, Watch, Watches};
 
 /// The watchdog of one runtime: a thread that looks at the runtime's
 /// watches every half threshold, without Python, and calls `report` (with
@@ -20,29 +21,25 @@ pub(crate) struct Watchdog {
 
 #[pymethods]
 impl Watchdog {
-    /// Watchdog(runtime_id, shard_count, threshold, report, /)
+    /// Watchdog(driver, threshold, report, /)
     /// --
     ///
-    /// Starts watching the `shard_count` shards of runtime `runtime_id`:
+    /// Starts watching the shards of `driver`'s runtime:
     /// `report(shard, seconds, thread_id, serving, ended)` is called from
     /// the watchdog's thread once when a shard's turn passes `threshold`
     /// seconds (`ended` False; `serving` is the plain function being
     /// served, or None) and once when that turn ends (`ended` True,
     /// `seconds` its whole length).
     #[new]
-    #[pyo3(signature = (runtime_id, shard_count, threshold, report, /))]
-    fn new(
-        runtime_id: u64,
-        shard_count: usize,
-        threshold: f64,
-        report: Py<PyAny>,
-    ) -> PyResult<Self> {
+    #[pyo3(signature = (driver, threshold, report, /))]
+    fn new(driver: &Driver, threshold: f64, report: Py<PyAny>) -> PyResult<Self> {
+        let watches = driver.board()?.watches.clone();
         let threshold = crate::errors::duration("stall_threshold", threshold)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         std::thread::Builder::new()
             .name("shardloop-stalls".into())
-            .spawn(move || watch_over(runtime_id, shard_count, threshold, &report, &stopped))
+            .spawn(move || watch_over(&watches, threshold, &report, &stopped))
             .map_err(|err| pyo3::exceptions::PyOSError::new_err(err.to_string()))?;
         Ok(Self { stop })
     }
@@ -53,27 +50,14 @@ impl Watchdog {
     }
 }
 
-fn watch_over(
-    runtime: u64,
-    shard_count: usize,
-    threshold: Duration,
-    report: &Py<PyAny>,
-    stop: &AtomicBool,
-) {
+fn watch_over(watches: &Watches, threshold: Duration, report: &Py<PyAny>, stop: &AtomicBool) {
     let interval = (threshold / 2).clamp(Duration::from_micros(500), Duration::from_millis(100));
     // The turn reported for each shard, until it ends.
     let mut reported: Vec<Option<u64>> = Vec::new();
-    // The shards' watches, looked up (under the process-wide lock) only
-    // until every shard has made its own: a lock taken every look would
-    // sooner or later be held at a `fork`, and the child would never get it.
-    let mut watches: Vec<Arc<Watch>> = Vec::new();
     crate::gil::register_thread();
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(interval);
-        if watches.len() < shard_count {
-            watches = watches_of(runtime);
-        }
-        for watch in &watches {
+        for watch in &watches.live() {
             if reported.len() <= watch.shard {
                 reported.resize(watch.shard + 1, None);
             }

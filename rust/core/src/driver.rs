@@ -42,12 +42,6 @@ impl Driver {
         self.shard.id
     }
 
-    /// The number that tells this driver's runtime from every other one of
-    /// the process (see [`runtime_id`](crate::runtime_id)).
-    pub fn runtime_id(&self) -> u64 {
-        self.shard.shared.serial
-    }
-
     /// The number of shards.
     pub fn shard_count(&self) -> usize {
         self.shard.shared.count

@@ -340,12 +340,6 @@ impl Runtime {
         self.shared.close(true);
     }
 
-    /// The number that tells this runtime from every other one of the
-    /// process (see [`runtime_id`](crate::runtime_id)).
-    pub fn id(&self) -> u64 {
-        self.shared.serial
-    }
-
     /// Whether, at some moment during this call, every call sent between
     /// shards had completed (calls a shard makes to itself are not counted).
     /// Cheap enough to poll while a runtime drains.

@@ -99,7 +99,7 @@ struct Pair {
 
 /// The admission state of one shard: its pairs, by group and target.
 pub(crate) struct Admission {
-    runtime: u64,
+    pairs: Arc<Pairs>,
     origin: usize,
     count: usize,
     default: Vec<Option<Pair>>,
@@ -107,10 +107,11 @@ pub(crate) struct Admission {
 }
 
 impl Admission {
-    /// The state of shard `origin` of `count` shards of runtime `runtime`.
-    pub(crate) fn new(runtime: u64, origin: usize, count: usize) -> Self {
+    /// The state of shard `origin` of `count` shards, whose pairs' counters
+    /// go to its runtime's `pairs`.
+    pub(crate) fn new(pairs: Arc<Pairs>, origin: usize, count: usize) -> Self {
         Self {
-            runtime,
+            pairs,
             origin,
             count,
             default: Vec::new(),
@@ -119,7 +120,8 @@ impl Admission {
     }
 
     fn pair(&mut self, group: &GroupSpec, target: usize) -> &mut Pair {
-        let (runtime, origin, count) = (self.runtime, self.origin, self.count);
+        let (origin, count) = (self.origin, self.count);
+        let all = &self.pairs;
         let pairs = if group.id == 0 {
             &mut self.default
         } else {
@@ -132,7 +134,7 @@ impl Admission {
             in_flight: 0,
             waiting: VecDeque::new(),
             wanted: HashSet::new(),
-            stats: PairStats::register(runtime, origin, group, target),
+            stats: all.register(origin, group, target),
         })
     }
 
@@ -289,36 +291,64 @@ impl Pair {
     }
 }
 
-/// Whether any call of runtime `runtime` waits in a group's queue.
-pub(crate) fn any_waiting(runtime: u64) -> bool {
-    board()
-        .iter()
-        .any(|s| s.runtime == runtime && s.waiting.load(Ordering::Acquire) > 0)
-}
-
 /// The counters of one pair, for `stats()`: written by the sending shard
 /// only (plain loads and stores), read by any.
 pub(crate) struct PairStats {
-    runtime: u64,
     group: Arc<str>,
     max_inflight: usize,
     origin: usize,
     target: usize,
     in_flight: AtomicUsize,
     waiting: AtomicUsize,
+    /// The runtime's count of waiting calls, which this pair's adds to.
+    all_waiting: Arc<AtomicUsize>,
     sent: AtomicU64,
     waited: AtomicU64,
     wait_ns: AtomicU64,
     max_wait_ns: AtomicU64,
 }
 
-/// The counters of every live pair of the process.
-static BOARD: Mutex<Vec<Arc<PairStats>>> = Mutex::new(Vec::new());
+/// The counters of one runtime's pairs. Per runtime, not per process: a
+/// lock of the process's could be held by one of its threads at a `fork`,
+/// and stay held in the child for good.
+#[derive(Default)]
+pub(crate) struct Pairs {
+    list: Mutex<Vec<Arc<PairStats>>>,
+    /// Calls waiting in every pair's queue, for the drain.
+    waiting: Arc<AtomicUsize>,
+}
 
-fn board() -> std::sync::MutexGuard<'static, Vec<Arc<PairStats>>> {
-    BOARD
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+impl Pairs {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Arc<PairStats>>> {
+        self.list
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The counters of a new pair.
+    fn register(&self, origin: usize, group: &GroupSpec, target: usize) -> Arc<PairStats> {
+        let stats = Arc::new(PairStats {
+            group: group.name.clone(),
+            max_inflight: group.max_inflight,
+            origin,
+            target,
+            in_flight: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            all_waiting: self.waiting.clone(),
+            sent: AtomicU64::new(0),
+            waited: AtomicU64::new(0),
+            wait_ns: AtomicU64::new(0),
+            max_wait_ns: AtomicU64::new(0),
+        });
+        self.list().push(stats.clone());
+        stats
+    }
+
+    /// Whether any call waits in a group's queue (a call leaves it only
+    /// once it is sent).
+    pub(crate) fn any_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) > 0
+    }
 }
 
 /// Adds `by` to a counter that only this thread writes.
@@ -330,33 +360,17 @@ fn add(counter: &AtomicU64, by: u64) {
 }
 
 impl PairStats {
-    fn register(runtime: u64, origin: usize, group: &GroupSpec, target: usize) -> Arc<Self> {
-        let stats = Arc::new(Self {
-            runtime,
-            group: group.name.clone(),
-            max_inflight: group.max_inflight,
-            origin,
-            target,
-            in_flight: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
-            sent: AtomicU64::new(0),
-            waited: AtomicU64::new(0),
-            wait_ns: AtomicU64::new(0),
-            max_wait_ns: AtomicU64::new(0),
-        });
-        let mut board = board();
-        // The pairs of shards that are gone are only held here.
-        board.retain(|s| Arc::strong_count(s) > 1);
-        board.push(stats.clone());
-        stats
-    }
-
     fn set_in_flight(&self, n: usize) {
         self.in_flight.store(n, Ordering::Relaxed);
     }
 
     fn set_waiting(&self, n: usize) {
-        self.waiting.store(n, Ordering::Release);
+        let was = self.waiting.swap(n, Ordering::AcqRel);
+        if n > was {
+            self.all_waiting.fetch_add(n - was, Ordering::AcqRel);
+        } else {
+            self.all_waiting.fetch_sub(was - n, Ordering::AcqRel);
+        }
     }
 
     fn sent_one(&self, in_flight: usize) {
@@ -374,14 +388,10 @@ impl PairStats {
     }
 }
 
-/// The groups' counters of runtime `runtime`, one dict per group and
-/// ordered pair of shards that has sent a call.
-pub(crate) fn stats<'py>(py: Python<'py>, runtime: u64) -> PyResult<Bound<'py, PyList>> {
-    let mut pairs: Vec<Arc<PairStats>> = board()
-        .iter()
-        .filter(|s| s.runtime == runtime)
-        .cloned()
-        .collect();
+/// The counters of a runtime's `pairs`, one dict per group and ordered
+/// pair of shards that has sent a call.
+pub(crate) fn stats<'py>(py: Python<'py>, pairs: &Pairs) -> PyResult<Bound<'py, PyList>> {
+    let mut pairs: Vec<Arc<PairStats>> = pairs.list().clone();
     pairs.sort_by(|a, b| (&a.group, a.origin, a.target).cmp(&(&b.group, b.origin, b.target)));
     let list = PyList::empty(py);
     for s in pairs {
