@@ -77,15 +77,18 @@ class ShardLoop(asyncio.SelectorEventLoop):
     callbacks) works on it as on the default loop.
     """
 
+    # Until it is whole, a loop interrupted in its construction (Ctrl-C at
+    # start-up) is one that never opened: its __del__ then has nothing to
+    # say. A class default, as the signal may land before __init__'s first
+    # line has run; BaseEventLoop.__init__ sets the instance's own.
+    _closed = True
+
     def __init__(
         self,
         driver: _shardloop.Driver,
         runtime: _shardloop.Runtime | None = None,
         state: _RuntimeState | None = None,
     ) -> None:
-        # Until it is whole, a loop interrupted here (Ctrl-C at start-up) is
-        # one that never opened: its __del__ then has nothing to say.
-        self._closed = True
         try:
             self._setup(driver, runtime, state)
         except BaseException:
