@@ -52,6 +52,51 @@ def test_new_event_loop_reads_shardloop_shards(monkeypatch: pytest.MonkeyPatch) 
         shardloop.new_event_loop(pin=False)
 
 
+def test_a_cpuset_places_shard_i_on_its_ith_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pinned, shard i runs on the i-th CPU of the cpuset alone, and the
+    number of shards defaults to the cpuset's; unpinned, every shard stays
+    within the set. SHARDLOOP_CPUSET is read when no cpuset is given."""
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus = list(reversed(allowed))
+
+    def where() -> set[int]:
+        return os.sched_getaffinity(0)
+
+    async def main() -> list[set[int]]:
+        return await shard.invoke_on_all(where)
+
+    assert shardloop.run(main(), cpuset=cpus) == [{cpu} for cpu in cpus]
+    monkeypatch.setenv("SHARDLOOP_CPUSET", f"{allowed[-1]}")
+    assert shardloop.run(main()) == [{allowed[-1]}]
+    monkeypatch.delenv("SHARDLOOP_CPUSET")
+    last = allowed[-1]
+    assert shardloop.run(main(), cpuset=[last], shards=2, overprovisioned=True) == [{last}] * 2
+    assert shardloop.run(main(), cpuset=str(last), shards=1, pin=False) == [{last}]
+    assert os.sched_getaffinity(0) == set(allowed), "shard 0's affinity is given back"
+
+
+def test_a_bad_cpuset_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    outside = max(allowed) + 1
+    cases: list[tuple[Any, dict[str, Any], type[Exception], str]] = [
+        ([outside], {}, ValueError, f"CPU {outside} that this process may not run on"),
+        ([], {}, ValueError, "names no CPU"),
+        ([allowed[0], allowed[0]], {}, ValueError, f"CPU {allowed[0]} twice"),
+        ([allowed[0]], {"shards": 2}, ValueError, "2 shards on a cpuset of 1 CPU"),
+        ([-1], {}, ValueError, "0 or more"),
+        (["0"], {}, TypeError, "CPU numbers"),
+        (3, {}, TypeError, "cpuset must be a list"),
+        ("0-", {}, ValueError, "CPU list such as"),
+        ("3-1", {}, ValueError, "empty or negative range"),
+    ]
+    for cpuset, options, error, words in cases:
+        with pytest.raises(error, match=re.escape(words)):
+            shardloop.new_event_loop(cpuset=cpuset, **options)
+    monkeypatch.setenv("SHARDLOOP_CPUSET", "zero")
+    with pytest.raises(ValueError, match="SHARDLOOP_CPUSET must be a CPU list"):
+        shardloop.new_event_loop()
+
+
 def test_asyncio_run_with_loop_factory_and_policy() -> None:
     async def main() -> int:
         return shard.count()

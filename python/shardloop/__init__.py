@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 from . import shard
@@ -65,13 +65,21 @@ def run(
     overprovisioned: bool | None = None,
     shutdown_timeout: float = 5.0,
     stall_threshold: float | None = 0.025,
+    cpuset: str | Iterable[int] | None = None,
 ) -> T:
     """Runs ``main()`` on shard 0 (this thread) of a new runtime and returns
     its result.
 
     The other shards start on their own threads, pinned to cores when
-    ``pin``; ``shards=None`` means ``SHARDLOOP_SHARDS`` or one per available
-    core. An idle shard polls for ``idle_poll`` seconds before it sleeps.
+    ``pin``; ``shards=None`` means ``SHARDLOOP_SHARDS`` or one per CPU of
+    the cpuset. ``cpuset`` (Seastar's ``--cpuset``; default
+    ``SHARDLOOP_CPUSET``, else every CPU the process may use) names the CPUs
+    the shards run on, as a list (``[2, 3]``) or a CPU list string
+    (``"0-3,8"``): pinned, shard ``i`` runs on its ``i``-th CPU; unpinned or
+    overprovisioned, the shards share them. A CPU the process may not use
+    (see ``os.sched_getaffinity``), one named twice, or fewer CPUs than
+    shards without ``overprovisioned`` is a ValueError. An idle shard
+    polls for ``idle_poll`` seconds before it sleeps.
     ``overprovisioned=True`` (or ``SHARDLOOP_OVERPROVISIONED=1``) is for
     shards that share their cores with other busy threads, such as a client
     on the same machine: shards are not pinned and yield their core while
@@ -105,6 +113,7 @@ def run(
         overprovisioned=overprovisioned,
         shutdown_timeout=shutdown_timeout,
         stall_threshold=stall_threshold,
+        cpuset=cpuset,
     )
     runner = asyncio.Runner(loop_factory=factory)
     loop: ShardLoop | None = None

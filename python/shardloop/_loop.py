@@ -22,7 +22,7 @@ import signal
 import threading
 import warnings
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 from . import _shardloop, _stall
@@ -594,6 +594,51 @@ def _shard_count(shards: int | None) -> int | None:
     return shards
 
 
+def _cpuset(cpuset: str | Iterable[int] | None) -> list[int] | None:
+    """The CPUs asked for (None: every CPU the process may use), from
+    ``cpuset`` or else ``SHARDLOOP_CPUSET``: a list such as ``[0, 1, 2]`` or
+    a string such as ``"0-3,8"`` (Seastar's ``--cpuset``, the kernel's CPU
+    lists). TypeError or ValueError for one that is not, saying where it
+    came from; whether the process may use them the runtime checks."""
+    what = "cpuset"
+    if cpuset is None:
+        cpuset = os.environ.get("SHARDLOOP_CPUSET") or None
+        if cpuset is None:
+            return None
+        what = "SHARDLOOP_CPUSET"
+    if isinstance(cpuset, str):
+        return _parse_cpu_list(cpuset, what)
+    try:
+        cpus = list(cpuset)
+    except TypeError:
+        raise TypeError(
+            f"cpuset must be a list of CPU numbers or a string such as '0-3,8', "
+            f"not {type(cpuset).__name__}"
+        ) from None
+    for cpu in cpus:
+        if isinstance(cpu, bool) or not isinstance(cpu, int):
+            raise TypeError(f"cpuset must hold CPU numbers (int), not {type(cpu).__name__}")
+        if cpu < 0:
+            raise ValueError(f"cpuset must hold CPU numbers of 0 or more, not {cpu}")
+    return cpus
+
+
+def _parse_cpu_list(text: str, what: str) -> list[int]:
+    """``"0-3,8"`` as ``[0, 1, 2, 3, 8]``; ValueError naming ``what``."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            low = int(first)
+            high = int(last) if dash else low
+        except ValueError:
+            raise ValueError(f"{what} must be a CPU list such as '0-3,8', not {text!r}") from None
+        if low < 0 or high < low:
+            raise ValueError(f"{what} has an empty or negative range {part.strip()!r}: {text!r}")
+        cpus.extend(range(low, high + 1))
+    return cpus
+
+
 def new_event_loop(
     shards: int | None = None,
     *,
@@ -602,20 +647,26 @@ def new_event_loop(
     overprovisioned: bool | None = None,
     shutdown_timeout: float = 5.0,
     stall_threshold: float | None = 0.025,
+    cpuset: str | Iterable[int] | None = None,
 ) -> ShardLoop:
     """Starts a runtime and returns shard 0's loop, for the calling thread.
 
-    ``shards`` defaults to ``SHARDLOOP_SHARDS`` or one per available core;
-    ``idle_poll`` is how long (seconds) an idle shard keeps polling before it
-    sleeps. ``overprovisioned`` (default: ``SHARDLOOP_OVERPROVISIONED=1``)
-    says the shards share their cores with other busy threads, such as a
-    load generator on the same machine: shards are then not pinned, and
-    they yield their core while they poll or wait for the GIL instead of
-    spinning. Closing the loop shuts the runtime down, giving calls still in
-    flight ``shutdown_timeout`` seconds to finish before they are cancelled.
-    A shard that runs Python for ``stall_threshold`` seconds (None: never
-    reported) without returning to its loop is reported through
-    ``logging`` (see ``shardloop.run``).
+    ``shards`` defaults to ``SHARDLOOP_SHARDS`` or one per CPU of the
+    cpuset. ``cpuset`` (default ``SHARDLOOP_CPUSET``, else every CPU the
+    process may use) names the CPUs the shards run on, as a list or a string
+    such as ``"0-3,8"``: pinned, shard ``i`` runs on its ``i``-th CPU;
+    otherwise every shard may run on any of them. A CPU the process may not
+    use, one named twice, or fewer CPUs than shards (unless overprovisioned)
+    is a ValueError. ``idle_poll`` is how long (seconds) an idle shard keeps
+    polling before it sleeps. ``overprovisioned`` (default:
+    ``SHARDLOOP_OVERPROVISIONED=1``) says the shards share their cores with
+    other busy threads, such as a load generator on the same machine: shards
+    are then not pinned, and they yield their core while they poll or wait
+    for the GIL instead of spinning. Closing the loop shuts the runtime
+    down, giving calls still in flight ``shutdown_timeout`` seconds to
+    finish before they are cancelled. A shard that runs Python for
+    ``stall_threshold`` seconds (None: never reported) without returning to
+    its loop is reported through ``logging`` (see ``shardloop.run``).
     Use it with
     ``asyncio.run(main(), loop_factory=shardloop.new_event_loop)``.
     """
@@ -644,10 +695,12 @@ def new_event_loop(
         # Pinning shard 0 pins the calling thread; that is only expected of
         # the main thread.
         pin = False
+    cpus = _cpuset(cpuset)
     state = _RuntimeState(shutdown_timeout)
     runtime = _shardloop.Runtime(
         functools.partial(_serve_shard, state),
         shards=_shard_count(shards),
+        cpuset=cpus,
         pin=pin,
         idle_poll=idle_poll,
         overprovisioned=overprovisioned,

@@ -112,9 +112,11 @@ class Runtime:
         idle_poll: float = 0.0002,
         overprovisioned: bool = False,
         stall_threshold: float | None = None,
+        cpuset: list[int] | None = None,
     ) -> Runtime:
-        """Starts the shards; shards 1..N run ``worker(driver)`` on their own
-        threads."""
+        """Starts ``shards`` shards (None: one per CPU of ``cpuset``, by
+        default every available one). Shards 1..N run ``worker(driver)`` on
+        their own threads."""
     def driver(self) -> Driver:
         """The driver of shard 0, for the calling thread's event loop."""
     def begin_shutdown(self) -> None:

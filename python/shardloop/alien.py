@@ -205,7 +205,8 @@ def start(shards: int | None = None, **options: Any) -> Runtime:
     """Starts a runtime in the background (shard 0 on a thread of its own,
     never pinned) and returns its :class:`Runtime` handle once every shard
     runs. ``options`` are those of ``shardloop.run`` (``idle_poll``,
-    ``shutdown_timeout``, ``stall_threshold``, ...). Close it with
+    ``shutdown_timeout``, ``stall_threshold``, ``cpuset``, ...); its shards
+    are not pinned, but a cpuset keeps them on its CPUs. Close it with
     ``rt.close()``, or use it as a context manager."""
     ready = threading.Event()
     started: dict[str, Any] = {}

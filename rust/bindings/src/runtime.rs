@@ -92,12 +92,15 @@ const STUCK_THREAD_LIMIT: Duration = Duration::from_secs(1);
 
 #[pymethods]
 impl Runtime {
-    /// Starts `shards` shards (None: one per available core). Shards 1..N
-    /// run `worker(driver)` on their own threads.
+    /// Starts `shards` shards (None: one per CPU of `cpuset`, by default
+    /// every available one). Shards 1..N run `worker(driver)` on their own
+    /// threads.
     #[new]
     #[pyo3(signature = (
-        worker, shards=None, pin=true, idle_poll=0.0002, overprovisioned=false, stall_threshold=None
+        worker, shards=None, pin=true, idle_poll=0.0002, overprovisioned=false, stall_threshold=None,
+        cpuset=None
     ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         worker: Py<PyAny>,
         shards: Option<usize>,
@@ -105,6 +108,7 @@ impl Runtime {
         idle_poll: f64,
         overprovisioned: bool,
         stall_threshold: Option<f64>,
+        cpuset: Option<Vec<usize>>,
     ) -> PyResult<Self> {
         let stall = stall_threshold
             .map(|t| errors::duration("stall_threshold", t))
@@ -123,6 +127,9 @@ impl Runtime {
             .stack_size(SHARD_STACK_SIZE);
         if let Some(shards) = shards {
             builder = builder.shards(shards);
+        }
+        if let Some(cpuset) = cpuset {
+            builder = builder.cpuset(cpuset);
         }
         let runtime = builder
             .build_driven(move |driver| worker_main(&worker, driver, stall, shared.clone()))

@@ -6,6 +6,7 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) shards: Option<usize>,
+    pub(crate) cpuset: Option<Vec<usize>>,
     pub(crate) pin: bool,
     pub(crate) overprovisioned: bool,
     pub(crate) idle_poll: Duration,
@@ -18,6 +19,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             shards: None,
+            cpuset: None,
             pin: true,
             overprovisioned: false,
             idle_poll: Duration::from_micros(200),

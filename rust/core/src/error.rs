@@ -89,6 +89,27 @@ pub enum BuildError {
         /// The most a runtime may have.
         max: usize,
     },
+    /// The cpuset given names no CPU.
+    EmptyCpuset,
+    /// The cpuset given names a CPU twice.
+    RepeatedCpu {
+        /// The CPU named twice.
+        cpu: usize,
+    },
+    /// The cpuset given names CPUs this process may not run on.
+    CpusNotAllowed {
+        /// The CPUs refused.
+        cpus: Vec<usize>,
+        /// The CPUs this process may run on.
+        allowed: Vec<usize>,
+    },
+    /// More shards than CPUs in the cpuset given, without overprovisioning.
+    CpusetTooSmall {
+        /// The number of shards asked for.
+        shards: usize,
+        /// The number of CPUs in the cpuset.
+        cpus: usize,
+    },
     /// The operating system refused a resource a shard needs.
     Io {
         /// What was being done.
@@ -114,6 +135,21 @@ impl fmt::Display for BuildError {
                 "{shards} shards: a runtime has at most {max} (every ordered pair of shards has \
                  two rings, so their number grows with the square of the shards)"
             ),
+            BuildError::EmptyCpuset => f.write_str("the cpuset names no CPU"),
+            BuildError::RepeatedCpu { cpu } => write!(f, "the cpuset names CPU {cpu} twice"),
+            BuildError::CpusNotAllowed { cpus, allowed } => write!(
+                f,
+                "the cpuset names CPU{} {} that this process may not run on (it may run on {})",
+                if cpus.len() == 1 { "" } else { "s" },
+                cpu_list(cpus),
+                cpu_list(allowed),
+            ),
+            BuildError::CpusetTooSmall { shards, cpus } => write!(
+                f,
+                "{shards} shards on a cpuset of {cpus} CPU{}: give one CPU per shard, or ask for \
+                 overprovisioned shards, which share their CPUs",
+                if *cpus == 1 { "" } else { "s" },
+            ),
             BuildError::Io { what, source } => write!(f, "{what}: {source}"),
         }
     }
@@ -128,5 +164,38 @@ impl std::error::Error for BuildError {
     }
 }
 
+/// `cpus` as a cpuset list, ranges joined: "0-3,8".
+pub(crate) fn cpu_list(cpus: &[usize]) -> String {
+    let mut sorted = cpus.to_vec();
+    sorted.sort_unstable();
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut j = i;
+        while j + 1 < sorted.len() && sorted[j + 1] == sorted[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            sorted[i].to_string()
+        } else {
+            format!("{}-{}", sorted[i], sorted[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
 /// The result type of cross-shard calls.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_list;
+
+    #[test]
+    fn cpu_lists_join_ranges() {
+        assert_eq!(cpu_list(&[8, 0, 1, 2, 3]), "0-3,8");
+        assert_eq!(cpu_list(&[5]), "5");
+        assert_eq!(cpu_list(&[]), "");
+    }
+}

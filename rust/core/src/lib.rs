@@ -28,6 +28,7 @@ mod io;
 mod loom_tests;
 mod matrix;
 mod message;
+mod placement;
 mod reactor;
 pub mod ring;
 mod runtime;

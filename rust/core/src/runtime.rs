@@ -17,6 +17,7 @@ use crate::error::BuildError;
 use crate::executor::RemoteWakes;
 use crate::matrix::Matrix;
 use crate::message::Envelope;
+use crate::placement::{self, Placement};
 use crate::reactor::WAKE_TOKEN;
 use crate::shard::{Parts, Shard, ShardHandle, Shared};
 use crate::stats::Stats;
@@ -36,11 +37,24 @@ impl Builder {
         self
     }
 
-    /// Whether to pin shard `i` to the `i`-th available core (default `true`;
-    /// turned off, with a message, when there are more shards than cores).
-    /// Shard 0 is the thread that builds the runtime.
+    /// Whether to pin shard `i` to the `i`-th available core, or to the
+    /// `i`-th CPU of the [`cpuset`](Self::cpuset) (default `true`; turned
+    /// off, with a message, when there are more shards than cores). Shard 0
+    /// is the thread that builds the runtime.
     pub fn pin(mut self, pin: bool) -> Self {
         self.config.pin = pin;
+        self
+    }
+
+    /// The CPUs the shards run on (Seastar's `--cpuset`), in the order of
+    /// the shards; by default every CPU the process may run on. The number
+    /// of shards then defaults to their number. Pinned, shard `i` runs on
+    /// `cpus[i]`; unpinned or overprovisioned, every shard may run on any of
+    /// them. At [`build`](Self::build), a CPU named twice, one the process
+    /// may not run on, or fewer CPUs than shards (unless overprovisioned) is
+    /// an error.
+    pub fn cpuset(mut self, cpus: impl IntoIterator<Item = usize>) -> Self {
+        self.config.cpuset = Some(cpus.into_iter().collect());
         self
     }
 
@@ -123,25 +137,13 @@ struct AffinityGuard {
 impl AffinityGuard {
     /// Saves the calling thread's affinity, or `None` if it cannot be read.
     fn save() -> Option<Self> {
-        // SAFETY: `cpu_set_t` is a plain bit array, valid when zeroed.
-        let mut saved: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `saved` is a valid, writable `cpu_set_t` of the size
-        // given; pid 0 is the calling thread.
-        let read = unsafe {
-            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut saved)
-        };
-        (read == 0).then_some(Self { saved })
+        placement::current_affinity().map(|saved| Self { saved })
     }
 }
 
 impl Drop for AffinityGuard {
     fn drop(&mut self) {
-        // SAFETY: `saved` is the `cpu_set_t` that `sched_getaffinity` filled
-        // on this thread; pid 0 is the calling thread. A failure leaves the
-        // thread pinned, which is all that is lost.
-        unsafe {
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.saved);
-        }
+        placement::set_affinity(&self.saved);
     }
 }
 
@@ -154,15 +156,6 @@ pub const MAX_SHARDS: usize = 256;
 /// Numbers the runtimes of the process (see [`crate::runtime_id`]).
 static SERIALS: AtomicU64 = AtomicU64::new(1);
 
-static PIN_NOTICE: std::sync::Once = std::sync::Once::new();
-
-/// The cores this process may run on, read once: pinning shard 0 narrows the
-/// calling thread's own affinity, which must not shrink later runtimes.
-fn available_cores() -> &'static [core_affinity::CoreId] {
-    static CORES: std::sync::OnceLock<Vec<core_affinity::CoreId>> = std::sync::OnceLock::new();
-    CORES.get_or_init(|| core_affinity::get_core_ids().unwrap_or_default())
-}
-
 impl Runtime {
     /// A builder with the defaults.
     pub fn builder() -> Builder {
@@ -170,26 +163,8 @@ impl Runtime {
     }
 
     fn start(config: Config, main: Option<ThreadMain>) -> Result<Self, BuildError> {
-        let cores = available_cores();
-        let count = config.shards.unwrap_or(cores.len().max(1));
-        if count == 0 {
-            return Err(BuildError::NoShards);
-        }
-        if count > MAX_SHARDS {
-            return Err(BuildError::TooManyShards {
-                shards: count,
-                max: MAX_SHARDS,
-            });
-        }
-        let pinned = config.pin && !config.overprovisioned && count <= cores.len();
-        if config.pin && !config.overprovisioned && !pinned {
-            PIN_NOTICE.call_once(|| {
-                eprintln!(
-                    "shardloop: {count} shards on {} available cores: pinning is off",
-                    cores.len()
-                );
-            });
-        }
+        let (count, placement) = placement::plan(&config)?;
+        let pinned = matches!(placement, Placement::Pinned(_));
 
         let mut polls = Vec::with_capacity(count);
         let mut handles = Vec::with_capacity(count);
@@ -244,15 +219,15 @@ impl Runtime {
         for parts in parts.drain(1..) {
             let shared = shared.clone();
             let main = main.clone();
-            let core = pinned.then(|| cores[parts.id]);
+            let affinity = placement.affinity(parts.id);
             let mut thread = thread::Builder::new().name(format!("shard-{}", parts.id));
             if let Some(bytes) = config.stack_size {
                 thread = thread.stack_size(bytes);
             }
             let thread = thread
                 .spawn(move || {
-                    if let Some(core) = core {
-                        core_affinity::set_for_current(core);
+                    if let Some(affinity) = &affinity {
+                        placement::set_affinity(affinity);
                     }
                     let shard = Rc::new(Shard::new(parts, shared));
                     match &main {
@@ -275,9 +250,10 @@ impl Runtime {
                 .map_err(BuildError::io("spawning a shard thread"))?;
             threads.push(thread);
         }
-        let affinity = pinned.then(AffinityGuard::save).flatten();
-        if pinned {
-            core_affinity::set_for_current(cores[0]);
+        let shard0_affinity = placement.affinity(0);
+        let affinity = shard0_affinity.as_ref().and_then(|_| AffinityGuard::save());
+        if let Some(shard0_affinity) = &shard0_affinity {
+            placement::set_affinity(shard0_affinity);
         }
         let shard0 = Rc::new(Shard::new(parts.pop().expect("shard 0"), shared.clone()));
         Ok(Self {

@@ -524,6 +524,50 @@ fn the_building_thread_gets_its_affinity_back() {
     .unwrap();
 }
 
+/// With a cpuset, pinned shard `i` runs on its `i`-th CPU alone; unpinned,
+/// every shard stays within the set; and the building thread gets its
+/// affinity back after.
+#[test]
+fn a_cpuset_places_the_shards() {
+    fn affinity() -> Vec<usize> {
+        core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|core| core.id)
+            .collect()
+    }
+    std::thread::spawn(|| {
+        let before = affinity();
+        let cpus: Vec<usize> = before.iter().rev().copied().collect();
+        let rt = Runtime::builder().cpuset(cpus.clone()).build().unwrap();
+        assert_eq!(rt.driver().shard_count(), cpus.len());
+        assert_eq!(affinity(), [cpus[0]]);
+        if cpus.len() > 1 {
+            let on_1 = rt.block_on(async { submit_to_async(1, || async { affinity() }).await });
+            assert_eq!(on_1.unwrap(), [cpus[1]]);
+        }
+        rt.shutdown();
+        assert_eq!(affinity(), before);
+
+        let within = vec![before[before.len() - 1]];
+        let rt = Runtime::builder()
+            .cpuset(within.clone())
+            .shards(2)
+            .overprovisioned(true)
+            .build()
+            .unwrap();
+        let on_1 = rt.block_on(async { submit_to_async(1, || async { affinity() }).await });
+        assert_eq!(on_1.unwrap(), within);
+        rt.shutdown();
+        assert_eq!(affinity(), before);
+
+        let err = Runtime::builder().cpuset([100_000]).build().err().unwrap();
+        assert!(err.to_string().contains("may not run on"), "{err}");
+    })
+    .join()
+    .unwrap();
+}
+
 #[test]
 fn quiet_only_when_no_call_is_in_flight() {
     let rt = runtime(2);
