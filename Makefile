@@ -5,6 +5,9 @@ CARGO ?= cargo
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# What the pytest suite needs besides the package, in every environment
+# that runs it.
+TEST_DEPS := "pytest>=8" "pytest-asyncio>=0.23" "pymemcache>=4" "prometheus_client>=0.17"
 LOOM_ENV := RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR=target/loom
 
 .PHONY: run test test-ft develop-ft test-313 develop-313 wheel tools develop load-bin lint lint-rust lint-python test-rust loom test-python test-asyncio-suite miri tsan soak bench bench-rust bench-python bench-scaling bench-net clean
@@ -30,8 +33,7 @@ tools:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.5,<2" "pytest>=8" "ruff>=0.6" "mypy>=1.10" "uvloop>=0.19" \
-		"pymemcache>=4"
+	$(PY) -m pip install -q "maturin>=1.5,<2" "ruff>=0.6" "mypy>=1.10" "uvloop>=0.19" $(TEST_DEPS)
 	touch $@
 
 # Builds the extension (release) into the virtual environment.
@@ -73,8 +75,7 @@ test-python: $(VENV)/.installed load-bin
 	rm -rf target/wheel-311 $(WHEEL_VENV)
 	$(VENV)/bin/maturin build --release -q --auditwheel check -i $(PY) --out target/wheel-311
 	$(PYTHON) -m venv $(WHEEL_VENV)
-	$(WHEEL_VENV)/bin/python -m pip install -q target/wheel-311/*.whl "pytest>=8" "uvloop>=0.19" \
-		"pymemcache>=4"
+	$(WHEEL_VENV)/bin/python -m pip install -q target/wheel-311/*.whl "uvloop>=0.19" $(TEST_DEPS)
 	$(WHEEL_VENV)/bin/python -P -c 'import pathlib, shardloop; \
 		where = pathlib.Path(shardloop.__file__).resolve(); \
 		assert "site-packages" in where.parts, f"testing {where}, not the wheel"'
@@ -93,7 +94,7 @@ FT_ENV := VIRTUAL_ENV=$(abspath $(FT_VENV)) CARGO_TARGET_DIR=target/ft
 
 $(FT_VENV)/.installed: pyproject.toml scripts/python-from-source.sh
 	FT_PYTHON=$$(scripts/python-from-source.sh --free-threaded) && $$FT_PYTHON -m venv $(FT_VENV)
-	$(FT_VENV)/bin/python -m pip install -q "maturin>=1.5,<2" "pytest>=8" "pymemcache>=4"
+	$(FT_VENV)/bin/python -m pip install -q "maturin>=1.5,<2" $(TEST_DEPS)
 	touch $@
 
 develop-ft: $(FT_VENV)/.installed
@@ -109,7 +110,7 @@ GIL313_ENV := VIRTUAL_ENV=$(abspath $(GIL313_VENV)) CARGO_TARGET_DIR=target/313
 
 $(GIL313_VENV)/.installed: pyproject.toml scripts/python-from-source.sh
 	PY313=$$(scripts/python-from-source.sh) && $$PY313 -m venv $(GIL313_VENV)
-	$(GIL313_VENV)/bin/python -m pip install -q "maturin>=1.5,<2" "pytest>=8" "pymemcache>=4"
+	$(GIL313_VENV)/bin/python -m pip install -q "maturin>=1.5,<2" $(TEST_DEPS)
 	touch $@
 
 develop-313: $(GIL313_VENV)/.installed

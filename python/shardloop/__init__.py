@@ -153,7 +153,8 @@ def run(
 
 def stats() -> dict[str, Any]:
     """The runtime's counters as plain dicts: ``queues`` (per ordered pair of
-    shards: sent, received, completed, batches, max_depth, max_pending) and
+    shards: sent, received, completed, batches, depth and in_flight now,
+    max_depth, max_pending) and
     ``shards`` (per shard: polls, tasks_run, sleeps, wakeups, and preempted:
     how often the kernel took the core from the shard while it could run)
     and ``groups`` (per service group and ordered pair of shards that has

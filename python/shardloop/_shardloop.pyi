@@ -17,6 +17,7 @@ __all__ = [
     "Runtime",
     "ServiceGroup",
     "ShutdownError",
+    "StatsReader",
     "Waiting",
     "Watchdog",
     "call_tasks",
@@ -66,6 +67,16 @@ class ServiceGroup:
         """``submit_to`` within this group's bound."""
 
 @final
+class StatsReader:
+    """A runtime's ``stats()``, readable from any thread (a metrics
+    exporter's): it holds the counters alone, so it keeps no shard, thread
+    or descriptor alive; once the runtime has stopped it reads their last
+    values."""
+
+    def read(self) -> dict[str, Any]:
+        """The runtime's counters, as ``shardloop.stats()`` returns them."""
+
+@final
 class Driver:
     """The shard this thread runs, as seen by its event loop. Only usable on
     the shard's own thread."""
@@ -92,6 +103,8 @@ class Driver:
         """Whether shutdown has begun and every shard has finished its calls."""
     def stats(self) -> dict[str, Any]:
         """The runtime's counters as plain dicts."""
+    def stats_reader(self) -> StatsReader:
+        """The runtime's counters, for reading from any thread."""
     def activate(self, event_loop: asyncio.AbstractEventLoop) -> None:
         """Makes this shard the thread's current one while ``event_loop``
         (its loop) runs."""

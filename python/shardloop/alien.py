@@ -44,8 +44,10 @@ class Runtime:
         stop: asyncio.Future[None],
         count: int,
         failure: list[BaseException],
+        stats: _shardloop.StatsReader,
     ) -> None:
         self._thread = thread
+        self._stats = stats
         self._loop = loop
         self._stop = stop
         self._count = count
@@ -97,11 +99,16 @@ class Runtime:
 
         return self._on_shard0(every_shard)
 
-    def stats(self, timeout: float | None = 10.0) -> dict[str, Any]:
-        """``shardloop.stats()`` of the runtime (waits for shard 0)."""
-        from . import stats  # (the package imports this module)
+    def stats(self) -> dict[str, Any]:
+        """``shardloop.stats()`` of the runtime, read from this thread
+        without waiting for a shard (after ``close()``, the last values)."""
+        return self._stats.read()
 
-        return self._on_shard0(_done_with, stats).result(timeout)  # type: ignore[no-any-return]
+    @property
+    def stats_reader(self) -> _shardloop.StatsReader:
+        """Reads this runtime's counters from any thread (what
+        ``shardloop.metrics.Collector(rt)`` reads)."""
+        return self._stats
 
     def close(self) -> None:
         """Stops the runtime as ``shardloop.run`` stops it when ``main()``
@@ -158,13 +165,6 @@ class Runtime:
         return result
 
 
-def _done_with(fn: Callable[[], Any]) -> asyncio.Future[Any]:
-    """A future of the running loop, done with ``fn()``'s result."""
-    future = asyncio.get_running_loop().create_future()
-    future.set_result(fn())
-    return future
-
-
 # The asyncio future on shard 0 behind each running call's concurrent
 # future (only touched on shard 0).
 _STARTED: weakref.WeakKeyDictionary[concurrent.futures.Future[Any], asyncio.Future[Any]] = (
@@ -217,6 +217,7 @@ def start(shards: int | None = None, **options: Any) -> Runtime:
         started["loop"] = loop
         started["stop"] = stop = loop.create_future()
         started["count"] = shard.count()
+        started["stats"] = loop._driver.stats_reader()  # type: ignore[attr-defined]
         ready.set()
         await stop
 
@@ -238,4 +239,6 @@ def start(shards: int | None = None, **options: Any) -> Runtime:
     if "loop" not in started:
         thread.join()
         raise failure.pop()
-    return Runtime(thread, started["loop"], started["stop"], started["count"], failure)
+    return Runtime(
+        thread, started["loop"], started["stop"], started["count"], failure, started["stats"]
+    )

@@ -169,9 +169,16 @@ impl Driver {
     /// The runtime's counters.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let (shard, driver) = self.open()?;
-        let stats = stats::to_dict(py, &driver.stats(), &shard.board.watches)?;
-        stats.set_item("groups", group::stats(py, &shard.board.pairs)?)?;
-        Ok(stats)
+        stats::runtime_stats(py, &driver.stats(), &shard.board)
+    }
+
+    /// The runtime's counters, for reading from any thread.
+    fn stats_reader(&self) -> PyResult<stats::StatsReader> {
+        let (shard, driver) = self.open()?;
+        Ok(stats::StatsReader {
+            reader: driver.stats_reader(),
+            board: shard.board.clone(),
+        })
     }
 
     /// Makes this shard the thread's current one while `event_loop` (its
@@ -297,5 +304,6 @@ fn loop_queue_len(
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<Driver>()
+    m.add_class::<Driver>()?;
+    m.add_class::<stats::StatsReader>()
 }

@@ -1,12 +1,47 @@
-//! Runtime counters as plain Python dicts.
+//! Runtime counters as plain Python dicts, and `StatsReader`, which reads
+//! them from any thread.
+
+use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use shardloop_core::Stats;
 
+use crate::board::Board;
+use crate::call::group;
+
+/// `stats()`: the core's counters, each shard's stalls and the service
+/// groups' counters of the runtime whose bindings share `board`.
+pub(crate) fn runtime_stats<'py>(
+    py: Python<'py>,
+    stats: &Stats,
+    board: &Board,
+) -> PyResult<Bound<'py, PyDict>> {
+    let dict = to_dict(py, stats, &board.watches)?;
+    dict.set_item("groups", group::stats(py, &board.pairs)?)?;
+    Ok(dict)
+}
+
+/// A runtime's `stats()`, readable from any thread (a metrics exporter's):
+/// it holds the counters alone, so it keeps no shard, thread or descriptor
+/// alive; once the runtime has stopped it reads their last values.
+#[pyclass(frozen, module = "shardloop._shardloop")]
+pub(crate) struct StatsReader {
+    pub(crate) reader: shardloop_core::StatsReader,
+    pub(crate) board: Arc<Board>,
+}
+
+#[pymethods]
+impl StatsReader {
+    /// The runtime's counters, as ``shardloop.stats()`` returns them.
+    fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        runtime_stats(py, &self.reader.stats(), &self.board)
+    }
+}
+
 /// The counters of the core's `stats`, with each shard's stall counts from
 /// the runtime's `watches` (zero when stall detection is off).
-pub(crate) fn to_dict<'py>(
+fn to_dict<'py>(
     py: Python<'py>,
     stats: &Stats,
     watches: &crate::stall::Watches,
@@ -22,6 +57,8 @@ pub(crate) fn to_dict<'py>(
         d.set_item("batches", q.batches)?;
         d.set_item("max_depth", q.max_depth)?;
         d.set_item("max_pending", q.max_pending)?;
+        d.set_item("depth", q.depth)?;
+        d.set_item("in_flight", q.in_flight)?;
         queues.append(d)?;
     }
     let shards = PyList::empty(py);

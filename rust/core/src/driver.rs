@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::context::Enter;
 use crate::shard::Shard;
-use crate::stats::Stats;
+use crate::stats::{Stats, StatsReader};
 
 /// Lets another event loop drive a shard: while that loop runs it keeps the
 /// driver [activated](Self::activate), and calls [`poll`](Self::poll) or
@@ -107,5 +107,10 @@ impl Driver {
     /// A snapshot of the runtime's counters.
     pub fn stats(&self) -> Stats {
         self.shard.shared.stats()
+    }
+
+    /// The runtime's counters, for reading from any thread.
+    pub fn stats_reader(&self) -> StatsReader {
+        self.shard.shared.stats_reader()
     }
 }

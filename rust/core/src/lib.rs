@@ -46,4 +46,4 @@ pub use executor::JoinHandle;
 pub use io::Async;
 pub use runtime::{Builder, Runtime, MAX_SHARDS};
 pub use sleep::{sleep, Sleep};
-pub use stats::{QueueStats, ShardStats, Stats};
+pub use stats::{QueueStats, ShardStats, Stats, StatsReader};

@@ -23,7 +23,7 @@ use crate::executor::{Executor, RemoteWakes, TaskId, TaskWaker, MAIN_TASK};
 use crate::matrix::{Direction, Inbox, Outbox};
 use crate::message::Envelope;
 use crate::reactor::Reactor;
-use crate::stats::{self, QueueCounters, ShardCounters, Stats};
+use crate::stats::{self, QueueCounters, ShardCounters, Stats, StatsReader};
 use crate::timer::Timers;
 use crate::wake::SleepFlag;
 
@@ -56,12 +56,20 @@ pub(crate) struct Shared {
     pub(crate) forced: AtomicBool,
     pub(crate) drained: Vec<CachePadded<AtomicBool>>,
     pub(crate) queues: Vec<Arc<QueueCounters>>,
-    pub(crate) counters: Vec<CachePadded<ShardCounters>>,
+    pub(crate) counters: Arc<[CachePadded<ShardCounters>]>,
 }
 
 impl Shared {
     pub(crate) fn stats(&self) -> Stats {
         stats::snapshot_from(&self.queues, &self.counters)
+    }
+
+    /// The counters alone, for reading from any thread.
+    pub(crate) fn stats_reader(&self) -> StatsReader {
+        StatsReader {
+            queues: self.queues.clone(),
+            shards: self.counters.clone(),
+        }
     }
 
     /// Calls sent and calls completed, summed over every ordered pair.

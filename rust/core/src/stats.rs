@@ -98,6 +98,11 @@ pub struct QueueStats {
     pub max_depth: u64,
     /// The most requests `from` held in its overflow FIFO at once.
     pub max_pending: u64,
+    /// Requests sent and not yet taken off the ring by `to` (those in
+    /// `from`'s overflow FIFO included): the queue's depth now.
+    pub depth: u64,
+    /// Requests sent whose completion has not yet come back to `from`.
+    pub in_flight: u64,
 }
 
 /// A snapshot of one shard's own loop.
@@ -130,6 +135,22 @@ pub struct Stats {
     pub shards: Vec<ShardStats>,
 }
 
+/// A runtime's counters, readable from any thread (a metrics exporter's,
+/// say) for as long as it is held; once the runtime has stopped, their last
+/// values. It holds the counters alone, not the runtime's other resources.
+#[derive(Debug, Clone)]
+pub struct StatsReader {
+    pub(crate) queues: Vec<std::sync::Arc<QueueCounters>>,
+    pub(crate) shards: std::sync::Arc<[CachePadded<ShardCounters>]>,
+}
+
+impl StatsReader {
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        snapshot_from(&self.queues, &self.shards)
+    }
+}
+
 pub(crate) fn snapshot_from(
     queues: &[std::sync::Arc<QueueCounters>],
     shards: &[CachePadded<ShardCounters>],
@@ -140,12 +161,19 @@ pub(crate) fn snapshot_from(
         .filter(|(from, to)| from != to)
         .map(|(from, to)| {
             let q = &queues[from * count + to];
+            // Read before `sent` (acquiring what was counted before them),
+            // so that neither exceeds the `sent` read after.
+            let received = q.receiver.received.get_acquire();
+            let completed = q.sender.completed.get_acquire();
+            let sent = q.sender.sent.get_acquire();
             QueueStats {
                 from,
                 to,
-                sent: q.sender.sent.get(),
-                received: q.receiver.received.get(),
-                completed: q.sender.completed.get(),
+                sent,
+                received,
+                completed,
+                depth: sent.saturating_sub(received),
+                in_flight: sent.saturating_sub(completed),
                 batches: q.sender.batches.get(),
                 max_depth: q.receiver.max_depth.get(),
                 max_pending: q.sender.max_pending.get(),
