@@ -7,7 +7,6 @@ import asyncio
 import gc
 import socket
 import warnings
-from typing import Any
 
 import prometheus_client
 import pytest
@@ -53,16 +52,14 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 TYPES: dict[str, str] = {}
 
 
-def test_a_scrape_over_http_has_every_counter_with_its_labels_and_type() -> None:
-    async def main() -> tuple[str, dict[str, str], str, dict[str, Any]]:
-        await asyncio.gather(*(shard.submit_to(1, abs, -i) for i in range(50)))
-        async with await metrics.serve_metrics() as server:
-            assert server.url == f"http://127.0.0.1:{server.port}/metrics"
-            # Scraped from shard 1: the endpoint answers on shard 0.
-            status, headers, body = await shard.submit_to(1, fetch, server.port, get())
-        return status, headers, body.decode(), shardloop.stats()
-
-    status, headers, text, stats = run2(main())
+@pytest.mark.shardloop(shards=2)
+async def test_a_scrape_over_http_has_every_counter_with_its_labels_and_type() -> None:
+    await asyncio.gather(*(shard.submit_to(1, abs, -i) for i in range(50)))
+    async with await metrics.serve_metrics() as server:
+        assert server.url == f"http://127.0.0.1:{server.port}/metrics"
+        # Scraped from shard 1: the endpoint answers on shard 0.
+        status, headers, body = await shard.submit_to(1, fetch, server.port, get())
+    text, stats = body.decode(), shardloop.stats()
     assert status == "HTTP/1.1 200 OK"
     assert headers["content-type"].startswith("text/plain; version=0.0.4")
     found = samples(text)
@@ -95,28 +92,25 @@ def test_a_scrape_over_http_has_every_counter_with_its_labels_and_type() -> None
                 assert (name, where) in found, (name, where)
 
 
-def test_the_gauges_show_calls_in_flight_and_waiting_now() -> None:
+@pytest.mark.shardloop(shards=2)
+async def test_the_gauges_show_calls_in_flight_and_waiting_now() -> None:
     """With a group of 2 and 5 calls held on shard 1: 2 in flight, 3
     waiting on the sender, and the queue's in-flight gauge says 2."""
+    release = shardloop.Sharded(asyncio.Event)
+    await release.start()
+    group = shardloop.ServiceGroup(max_inflight=2, name="held")
 
-    async def main() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        release = shardloop.Sharded(asyncio.Event)
-        await release.start()
-        group = shardloop.ServiceGroup(max_inflight=2, name="held")
+    async def held() -> None:
+        await release.local().wait()
 
-        async def held() -> None:
-            await release.local().wait()
-
-        calls = [group.submit_to(1, held) for _ in range(5)]
-        await asyncio.sleep(0.05)
-        async with await metrics.serve_metrics() as server:
-            _, _, body = await shard.submit_to(1, fetch, server.port, get())
-        await release.invoke_on_all(lambda e: e.set())
-        await asyncio.gather(*calls)
-        await release.stop()
-        return samples(body.decode())
-
-    found = run2(main())
+    calls = [group.submit_to(1, held) for _ in range(5)]
+    await asyncio.sleep(0.05)
+    async with await metrics.serve_metrics() as server:
+        _, _, body = await shard.submit_to(1, fetch, server.port, get())
+    await release.invoke_on_all(lambda e: e.set())
+    await asyncio.gather(*calls)
+    await release.stop()
+    found = samples(body.decode())
     where = (("from", "0"), ("group", "held"), ("to", "1"))
     assert found[("shardloop_group_in_flight", where)] == 2
     assert found[("shardloop_group_waiting", where)] == 3
@@ -124,14 +118,11 @@ def test_the_gauges_show_calls_in_flight_and_waiting_now() -> None:
     assert found[("shardloop_queue_in_flight", (("from", "0"), ("to", "1")))] >= 2
 
 
-def test_openmetrics_when_the_scraper_asks_for_it() -> None:
-    async def main() -> tuple[dict[str, str], bytes]:
-        async with await metrics.serve_metrics(registry=None) as server:
-            accept = "application/openmetrics-text; version=1.0.0"
-            _, headers, body = await shard.submit_to(1, fetch, server.port, get("/", accept))
-        return headers, body
-
-    headers, body = run2(main())
+@pytest.mark.shardloop(shards=2)
+async def test_openmetrics_when_the_scraper_asks_for_it() -> None:
+    async with await metrics.serve_metrics(registry=None) as server:
+        accept = "application/openmetrics-text; version=1.0.0"
+        _, headers, body = await shard.submit_to(1, fetch, server.port, get("/", accept))
     assert headers["content-type"].startswith("application/openmetrics-text")
     families = {f.name: f for f in parse_openmetrics(body.decode())}
     assert families["shardloop_queue_sent"].type == "counter"
@@ -140,37 +131,33 @@ def test_openmetrics_when_the_scraper_asks_for_it() -> None:
     assert not any(name.startswith("process_") for name in families)
 
 
-def test_bad_requests_get_http_errors_and_the_server_keeps_serving() -> None:
-    async def main() -> list[str]:
-        statuses = []
-        async with await metrics.serve_metrics() as server:
-            for request in (
-                get("/other"),
-                b"POST /metrics HTTP/1.1\r\n\r\n",
-                b"nonsense\r\n\r\n",
-                b"GET /metrics HTTP/1.1\r\nX: " + b"y" * 20000 + b"\r\n\r\n",
-                get(),
-            ):
-                status, _, _ = await shard.submit_to(1, fetch, server.port, request)
-                statuses.append(status.split(" ", 2)[1])
-        return statuses
-
-    assert run2(main()) == ["404", "405", "400", "431", "200"]
+@pytest.mark.shardloop(shards=2)
+async def test_bad_requests_get_http_errors_and_the_server_keeps_serving() -> None:
+    statuses = []
+    async with await metrics.serve_metrics() as server:
+        for request in (
+            get("/other"),
+            b"POST /metrics HTTP/1.1\r\n\r\n",
+            b"nonsense\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\nX: " + b"y" * 20000 + b"\r\n\r\n",
+            get(),
+        ):
+            status, _, _ = await shard.submit_to(1, fetch, server.port, request)
+            statuses.append(status.split(" ", 2)[1])
+    assert statuses == ["404", "405", "400", "431", "200"]
 
 
-def test_a_closed_server_refuses_scrapes() -> None:
-    async def main() -> None:
-        # Started and closed from shard 1: both happen on shard 0.
-        async def start_and_close() -> int:
-            server = await metrics.serve_metrics()
-            await server.close()
-            return server.port
+@pytest.mark.shardloop(shards=2)
+async def test_a_closed_server_refuses_scrapes() -> None:
+    # Started and closed from shard 1: both happen on shard 0.
+    async def start_and_close() -> int:
+        server = await metrics.serve_metrics()
+        await server.close()
+        return server.port
 
-        port = await shard.submit_to(1, start_and_close)
-        with pytest.raises(ConnectionRefusedError):
-            await asyncio.open_connection("127.0.0.1", port)
-
-    run2(main())
+    port = await shard.submit_to(1, start_and_close)
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", port)
 
 
 def test_bad_arguments_are_clear_errors() -> None:
@@ -189,16 +176,17 @@ def test_bad_arguments_are_clear_errors() -> None:
         metrics.Collector()
 
 
-def test_a_collector_of_a_background_runtime_reads_from_any_thread() -> None:
+def test_a_collector_of_a_background_runtime_reads_from_any_thread(
+    shardloop_runtime: shardloop.Runtime,
+) -> None:
+    rt = shardloop_runtime
     registry = prometheus_client.CollectorRegistry()
-    with shardloop.start(shards=2, pin=False) as rt:
-        registry.register(metrics.Collector(rt))
-        rt.submit_to(1, abs, -1).result(10)
-        text = prometheus_client.generate_latest(registry).decode()
-    found = samples(text)
+    registry.register(metrics.Collector(rt))
+    rt.submit_to(1, abs, -1).result(10)
+    found = samples(prometheus_client.generate_latest(registry).decode())
     assert found[("shardloop_queue_completed_total", (("from", "0"), ("to", "1")))] >= 1
-    # After close, the collector still reads (the last values), and holds
-    # no shard.
+    # After close, the collector still reads (the last values).
+    rt.close()
     assert "shardloop_polls_total" in prometheus_client.generate_latest(registry).decode()
     assert rt.stats()["queues"][0]["completed"] >= 1
 
