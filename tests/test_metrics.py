@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+import time
 import warnings
 
 import prometheus_client
@@ -183,12 +184,17 @@ def test_a_collector_of_a_background_runtime_reads_from_any_thread(
     registry = prometheus_client.CollectorRegistry()
     registry.register(metrics.Collector(rt))
     rt.submit_to(1, abs, -1).result(10)
+    rt.submit_to(1, time.sleep, 0.1).result(10)  # a stall (threshold 25 ms)
     found = samples(prometheus_client.generate_latest(registry).decode())
-    assert found[("shardloop_queue_completed_total", (("from", "0"), ("to", "1")))] >= 1
-    # After close, the collector still reads (the last values).
+    assert found[("shardloop_queue_completed_total", (("from", "0"), ("to", "1")))] >= 2
+    assert found[("shardloop_stalls_total", (("shard", "1"),))] == 1
+    # After close, the collector still reads the last values; the stall
+    # counts too (they read 0 once the shards had gone).
     rt.close()
-    assert "shardloop_polls_total" in prometheus_client.generate_latest(registry).decode()
-    assert rt.stats()["queues"][0]["completed"] >= 1
+    found = samples(prometheus_client.generate_latest(registry).decode())
+    assert found[("shardloop_stalls_total", (("shard", "1"),))] == 1
+    assert found[("shardloop_queue_completed_total", (("from", "0"), ("to", "1")))] >= 2
+    assert rt.stats()["shards"][1]["stalls"] == 1
 
 
 def test_a_server_left_open_closes_with_the_runtime() -> None:

@@ -183,13 +183,19 @@ def test_misuse_is_a_clear_error(pytester: pytest.Pytester) -> None:
         @pytest.mark.shardloop(shards=0)
         async def test_no_shards():
             pass
+
+        @pytest.mark.shardloop(shard=3)
+        async def test_a_typo():
+            pass
         """,
-        failed=3,
+        failed=4,
     )
     result.stdout.fnmatch_lines(
         [
             "*runs an async def test; test_not_async is not one*",
             "*timeout must be a positive number of seconds, not 0*",
             "*shards must be at least 1*",
+            "*has no option shard (it takes shards=, timeout= and cpuset, *",
         ]
     )
+    assert "never awaited" not in result.stdout.str() + result.stderr.str()

@@ -76,7 +76,7 @@ def run(
     ``SHARDLOOP_CPUSET``, else every CPU the process may use) names the CPUs
     the shards run on, as a list (``[2, 3]``) or a CPU list string
     (``"0-3,8"``): pinned, shard ``i`` runs on its ``i``-th CPU; unpinned or
-    overprovisioned, the shards share them. A CPU the process may not use
+    overprovisioned, every shard may run on any of them. A CPU the process may not use
     (see ``os.sched_getaffinity``), one named twice, or fewer CPUs than
     shards without ``overprovisioned`` is a ValueError. An idle shard
     polls for ``idle_poll`` seconds before it sleeps.

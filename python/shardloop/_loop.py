@@ -575,7 +575,8 @@ def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def _shard_count(shards: int | None) -> int | None:
-    """The number of shards asked for (None: one per core); ValueError for
+    """The number of shards asked for (None: one per CPU of the cpuset);
+    ValueError for
     one that is not a positive integer, saying where it came from."""
     what = "shards"
     if shards is None:
@@ -618,9 +619,17 @@ def _cpuset(cpuset: str | Iterable[int] | None) -> list[int] | None:
     for cpu in cpus:
         if isinstance(cpu, bool) or not isinstance(cpu, int):
             raise TypeError(f"cpuset must hold CPU numbers (int), not {type(cpu).__name__}")
-        if cpu < 0:
-            raise ValueError(f"cpuset must hold CPU numbers of 0 or more, not {cpu}")
+        _check_cpu(cpu, what)
     return cpus
+
+
+# Linux's cpu_set_t holds CPUs 0 to 1023.
+_CPU_SETSIZE = 1024
+
+
+def _check_cpu(cpu: int, what: str) -> None:
+    if not 0 <= cpu < _CPU_SETSIZE:
+        raise ValueError(f"{what} must hold CPU numbers from 0 to {_CPU_SETSIZE - 1}, not {cpu}")
 
 
 def _parse_cpu_list(text: str, what: str) -> list[int]:
@@ -633,8 +642,10 @@ def _parse_cpu_list(text: str, what: str) -> list[int]:
             high = int(last) if dash else low
         except ValueError:
             raise ValueError(f"{what} must be a CPU list such as '0-3,8', not {text!r}") from None
-        if low < 0 or high < low:
-            raise ValueError(f"{what} has an empty or negative range {part.strip()!r}: {text!r}")
+        if high < low:
+            raise ValueError(f"{what} has an empty range {part.strip()!r}: {text!r}")
+        _check_cpu(low, what)
+        _check_cpu(high, what)
         cpus.extend(range(low, high + 1))
     return cpus
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -45,6 +46,8 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 
 from . import _shardloop, shard
 from ._loop import current_loop
+
+logger = logging.getLogger("shardloop")
 
 __all__ = ["METRICS", "Collector", "MetricsServer", "serve_metrics"]
 
@@ -188,8 +191,9 @@ class MetricsServer:
         return f"http://{host}:{self.port}/metrics"
 
     async def close(self) -> None:
-        """Stops listening and waits until the server is closed (open
-        connections are closed too)."""
+        """Stops listening and waits until the server is closed (on Python
+        3.13 and later, open connections are closed too; before, a scrape
+        in progress is waited for)."""
         await shard.submit_to(0, self._close_here)
 
     async def _close_here(self) -> None:
@@ -216,7 +220,10 @@ async def serve_metrics(
     calls it) on ``host``:``port`` (0: a free port; see ``.port``), for a
     Prometheus scraper. Each scrape also exposes ``registry``'s metrics
     (default: prometheus_client's, where the process's and the
-    application's own metrics are; None: the runtime's alone). The server
+    application's own metrics are; None: the runtime's alone), so a
+    :class:`Collector` of this runtime must not be registered there too
+    (its series would appear twice). ``host`` is loopback by default:
+    ``"0.0.0.0"`` for a scraper on another machine. The server
     closes when ``close()`` is awaited or the runtime stops."""
     if isinstance(port, bool) or not isinstance(port, int):
         raise TypeError(f"port must be an int, not {type(port).__name__}")
@@ -238,6 +245,10 @@ async def _start(port: int, host: str, registry: Any) -> MetricsServer:
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             writer.close()
             return
+        except Exception:
+            # A collector of the registry failed: say so, and keep serving.
+            logger.exception("shardloop.metrics: collecting the metrics failed")
+            status, headers, body = "500 Internal Server Error", [], b"collecting failed\n"
         head = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", "Connection: close"]
         head += [f"{name}: {value}" for name, value in headers]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)

@@ -12,8 +12,9 @@ The marker takes ``shards`` (default 2), ``timeout`` (seconds, default 60)
 and any other option of ``shardloop.run`` (``stall_threshold``,
 ``shutdown_timeout``, ``cpuset``, ...); the shards are unpinned unless it
 says ``pin=True``. A test still running at its timeout fails with the
-Python stack of every thread, and its runtime is stopped as Ctrl-C stops
-it.
+Python stack of every thread and every shard's tasks, and its runtime is
+stopped as Ctrl-C stops it (by interrupting the main thread: a test run on
+another thread, as some runners do, fails so only once it ends).
 
 Fixtures:
 
@@ -53,6 +54,8 @@ __all__ = ["ServerStarter"]
 _MARKER = "shardloop"
 _DEFAULT_SHARDS = 2
 _DEFAULT_TIMEOUT = 60.0
+# The options of shardloop.run that a marker may pass on.
+_RUN_OPTIONS = frozenset(inspect.signature(shardloop.run).parameters) - {"main", "shards"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -120,13 +123,22 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
     starter = args.get("shardloop_server")
     assert starter is None or isinstance(starter, ServerStarter)
-    with _Deadline(timeout, pyfuncitem.nodeid) as deadline:
-        try:
-            main = _test_main(test(**args), starter, deadline)
+    unknown = sorted(set(options) - _RUN_OPTIONS)
+    if unknown:
+        raise pytest.UsageError(
+            f"{pyfuncitem.nodeid}: @pytest.mark.{_MARKER} has no option {', '.join(unknown)} "
+            f"(it takes shards=, timeout= and {', '.join(sorted(_RUN_OPTIONS))})"
+        )
+    deadline = _Deadline(timeout, pyfuncitem.nodeid)
+    main = _test_main(test, args, starter, deadline)
+    try:
+        with deadline:
             shardloop.run(main, shards=shards, **options)
-        except KeyboardInterrupt:
-            if deadline.stacks is None:
-                raise
+    except KeyboardInterrupt:
+        if deadline.stacks is None:
+            raise
+    finally:
+        main.close()  # (never started if the runtime could not start)
     if deadline.stacks is not None:
         pytest.fail(
             f"{pyfuncitem.nodeid} still ran after {timeout:g} s; every thread's stack "
@@ -137,11 +149,14 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 
 
 async def _test_main(
-    test: Coroutine[Any, Any, Any], starter: ServerStarter | None, deadline: _Deadline
+    test: Callable[..., Coroutine[Any, Any, Any]],
+    args: dict[str, Any],
+    starter: ServerStarter | None,
+    deadline: _Deadline,
 ) -> None:
     deadline.shard0 = asyncio.get_running_loop()
     try:
-        await test
+        await test(**args)
     finally:
         if starter is not None:
             await starter.close_all()
@@ -169,6 +184,9 @@ class _Deadline:
         self.shard0: asyncio.AbstractEventLoop | None = None
         self._seconds = seconds
         self._over = threading.Event()
+        # Held to interrupt, and to say the test is over: no interrupt is
+        # sent once __exit__ has returned.
+        self._lock = threading.Lock()
         self._watch = threading.Thread(target=self._expire, name="shardloop-test-deadline")
         self._watch.daemon = True
         self._main = threading.get_ident()
@@ -176,11 +194,16 @@ class _Deadline:
     def _expire(self) -> None:
         if self._over.wait(self._seconds):
             return
-        self.stacks = _every_stack() + "\n" + _every_task(self.shard0)
+        stacks = _every_stack() + "\n" + _every_task(self.shard0)
         if threading.main_thread().ident != self._main:
+            self.stacks = stacks
             return  # only the main thread can be interrupted
         for _ in range(1 + _INTERRUPTS):
-            signal.pthread_kill(self._main, signal.SIGINT)
+            with self._lock:
+                if self._over.is_set():
+                    return  # it ended meanwhile: in time after all
+                self.stacks = stacks
+                signal.pthread_kill(self._main, signal.SIGINT)
             if self._over.wait(_INTERRUPT_EVERY):
                 return
 
@@ -189,7 +212,8 @@ class _Deadline:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._over.set()
+        with self._lock:
+            self._over.set()
         self._watch.join()
 
 
@@ -216,9 +240,15 @@ def _every_task(shard0: asyncio.AbstractEventLoop | None) -> str:
         return "(the runtime had not started or had stopped: no tasks)"
     try:
         told = asyncio.run_coroutine_threadsafe(_describe_shards(), shard0)
+    except RuntimeError:  # closed meanwhile
+        return "(the runtime had stopped: no tasks)"
+    try:
         return told.result(_DESCRIBE_LIMIT * 2)
-    except (TimeoutError, RuntimeError, concurrent.futures.TimeoutError):
+    except concurrent.futures.TimeoutError:
+        told.cancel()
         return "(shard 0 is busy: its tasks cannot be listed)"
+    except BaseException as exc:  # (cancelled as the runtime stopped, say)
+        return f"(the shards' tasks could not be listed: {exc!r})"
 
 
 _DESCRIBING = "shardloop-test-describe"

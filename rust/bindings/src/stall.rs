@@ -37,19 +37,42 @@ pub(crate) struct Watch {
     turn_since: AtomicU64,
     /// The plain function being served, if any.
     serving: Mutex<Option<Py<PyAny>>>,
+    /// Shared with the runtime's `watches`, which read them after the
+    /// shard has gone too.
+    tally: Arc<Tally>,
+    last_stall_ns: AtomicU64,
+}
+
+/// A shard's stall counters.
+#[derive(Default)]
+struct Tally {
     stalls: AtomicU64,
     worst_ns: AtomicU64,
-    last_stall_ns: AtomicU64,
+}
+
+impl Tally {
+    /// (stalls, worst stall in seconds) so far.
+    fn counts(&self) -> (u64, f64) {
+        (
+            self.stalls.load(Ordering::Relaxed),
+            self.worst_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        )
+    }
 }
 
 /// The watches of one runtime's shards, for `stats()` and the watchdog.
 /// Per runtime, not per process: a lock of the process's could be held by
 /// one of its threads at a `fork`, and stay held in the child for good.
+/// Each shard's watch (while the shard is there) and its counters (for
+/// good: `stats()` read after the runtime stopped shows its last values).
 #[derive(Default)]
-pub(crate) struct Watches(Mutex<Vec<Weak<Watch>>>);
+pub(crate) struct Watches(Mutex<Vec<Watched>>);
+
+/// A shard, its watch while it is there, and its counters.
+type Watched = (usize, Weak<Watch>, Arc<Tally>);
 
 impl Watches {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Weak<Watch>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Watched>> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -57,16 +80,21 @@ impl Watches {
 
     /// The watches whose shards are still there.
     pub(crate) fn live(&self) -> Vec<Arc<Watch>> {
-        self.lock().iter().filter_map(Weak::upgrade).collect()
+        self.lock()
+            .iter()
+            .filter_map(|(_, w, _)| w.upgrade())
+            .collect()
     }
 
     /// The stall counters of shard `shard`: (stalls, worst in seconds), or
     /// `None` when stall detection is off.
     pub(crate) fn counts(&self, shard: usize) -> Option<(u64, f64)> {
-        self.live()
-            .into_iter()
-            .find(|w| w.shard == shard)
-            .map(|w| w.counts())
+        let tally = self
+            .lock()
+            .iter()
+            .find(|(id, _, _)| *id == shard)
+            .map(|(_, _, tally)| tally.clone());
+        tally.map(|tally| tally.counts())
     }
 }
 
@@ -82,11 +110,12 @@ impl Watch {
             threshold_ns: u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX),
             turn_since: AtomicU64::new(0),
             serving: Mutex::new(None),
-            stalls: AtomicU64::new(0),
-            worst_ns: AtomicU64::new(0),
+            tally: Arc::default(),
             last_stall_ns: AtomicU64::new(0),
         });
-        watches.lock().push(Arc::downgrade(&watch));
+        watches
+            .lock()
+            .push((shard, Arc::downgrade(&watch), watch.tally.clone()));
         watch
     }
 
@@ -104,11 +133,13 @@ impl Watch {
         }
         let took = now_ns().saturating_sub(since);
         if took >= self.threshold_ns {
-            self.stalls
-                .store(self.stalls.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            let tally = &self.tally;
+            tally
+                .stalls
+                .store(tally.stalls.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
             self.last_stall_ns.store(took, Ordering::Relaxed);
-            if took > self.worst_ns.load(Ordering::Relaxed) {
-                self.worst_ns.store(took, Ordering::Relaxed);
+            if took > tally.worst_ns.load(Ordering::Relaxed) {
+                tally.worst_ns.store(took, Ordering::Relaxed);
             }
         }
         // Last, so that a watchdog that sees the turn end sees its length.
@@ -146,13 +177,5 @@ impl Watch {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
             .map(|f| f.clone_ref(py))
-    }
-
-    /// (stalls, worst stall in seconds) of this shard so far.
-    fn counts(&self) -> (u64, f64) {
-        (
-            self.stalls.load(Ordering::Relaxed),
-            self.worst_ns.load(Ordering::Relaxed) as f64 / 1e9,
-        )
     }
 }

@@ -38,9 +38,10 @@ impl Builder {
     }
 
     /// Whether to pin shard `i` to the `i`-th available core, or to the
-    /// `i`-th CPU of the [`cpuset`](Self::cpuset) (default `true`; turned
-    /// off, with a message, when there are more shards than cores). Shard 0
-    /// is the thread that builds the runtime.
+    /// `i`-th CPU of the [`cpuset`](Self::cpuset) (default `true`). Without
+    /// a cpuset, more shards than cores turns it off, with a message; with
+    /// one, that is an error unless overprovisioned. Shard 0 is the thread
+    /// that builds the runtime.
     pub fn pin(mut self, pin: bool) -> Self {
         self.config.pin = pin;
         self
