@@ -62,33 +62,27 @@ def test_a_group_bounds_the_calls_in_flight_per_pair_and_keeps_their_order() -> 
     assert serial["waited"] == 49
 
 
-def test_plain_submit_to_is_bounded_by_the_default_group() -> None:
+@pytest.mark.shardloop(shards=2)
+async def test_plain_submit_to_is_bounded_by_the_default_group() -> None:
     extra = 100
-
-    async def main() -> tuple[dict[str, Any], list[int]]:
-        calls = [shard.submit_to(1, operator.neg, i) for i in range(DEFAULT_MAX_INFLIGHT + extra)]
-        # Before this coroutine yields: the bound went out, the rest waits.
-        at_once = dict(pair("default", 0, 1))
-        return at_once, list(await asyncio.gather(*calls))
-
-    at_once, results = run2(main())
+    calls = [shard.submit_to(1, operator.neg, i) for i in range(DEFAULT_MAX_INFLIGHT + extra)]
+    # Before this coroutine yields: the bound went out, the rest waits.
+    at_once = dict(pair("default", 0, 1))
+    results = list(await asyncio.gather(*calls))
     assert at_once["max_inflight"] == DEFAULT_MAX_INFLIGHT
     assert (at_once["in_flight"], at_once["waiting"]) == (DEFAULT_MAX_INFLIGHT, extra)
     assert results == [-i for i in range(DEFAULT_MAX_INFLIGHT + extra)]
 
 
-def test_a_waiting_call_that_is_cancelled_is_never_sent() -> None:
+@pytest.mark.shardloop(shards=2)
+async def test_a_waiting_call_that_is_cancelled_is_never_sent() -> None:
     group = ServiceGroup(1, name="cancel")
     ORDER.clear()
-
-    async def main() -> tuple[list[Any], dict[str, Any]]:
-        first = group.submit_to(1, asyncio.sleep, 0.05)
-        waiting = [group.submit_to(1, record, i) for i in range(3)]
-        waiting[1].cancel()
-        outcomes = await asyncio.gather(first, *waiting, return_exceptions=True)
-        return outcomes, pair("cancel", 0, 1)
-
-    outcomes, stats = run2(main())
+    first = group.submit_to(1, asyncio.sleep, 0.05)
+    waiting = [group.submit_to(1, record, i) for i in range(3)]
+    waiting[1].cancel()
+    outcomes = await asyncio.gather(first, *waiting, return_exceptions=True)
+    stats = pair("cancel", 0, 1)
     assert outcomes[0] is None and outcomes[1] == 0 and outcomes[3] == 2
     assert isinstance(outcomes[2], asyncio.CancelledError)
     assert ORDER == [0, 2], "the cancelled call ran on its target"
@@ -177,20 +171,18 @@ def test_a_sharded_service_calls_through_its_group() -> None:
         Sharded(Counter, group=3)  # type: ignore[arg-type]
 
 
-def test_map_reduce_over_the_shards() -> None:
+@pytest.mark.shardloop(shards=3)
+async def test_map_reduce_over_the_shards() -> None:
     async def doubled_id() -> int:
         await asyncio.sleep(0)
         return 2 * shard.id()
 
-    async def main() -> tuple[int, list[int]]:
-        total = await shard.map_reduce(doubled_id, operator.add, 1)
-        ids = await shard.map_reduce(shard.id, lambda acc, i: [*acc, i], [])
-        return total, ids
-
-    assert run2(main(), shards=3) == (1 + 0 + 2 + 4, [0, 1, 2])
+    assert await shard.map_reduce(doubled_id, operator.add, 1) == 1 + 0 + 2 + 4
+    assert await shard.map_reduce(shard.id, lambda acc, i: [*acc, i], []) == [0, 1, 2]
 
 
-def test_a_gate_waits_for_the_work_inside_it_on_every_shard() -> None:
+@pytest.mark.shardloop(shards=2)
+async def test_a_gate_waits_for_the_work_inside_it_on_every_shard() -> None:
     gate = Gate()
     finished: list[int] = []
 
@@ -199,28 +191,22 @@ def test_a_gate_waits_for_the_work_inside_it_on_every_shard() -> None:
             await asyncio.sleep(seconds)
             finished.append(shard.id())
 
-    async def main() -> tuple[int, list[int], bool]:
-        started = [shard.submit_to(i, work, 0.05 * (i + 1)) for i in range(2)]
-        await asyncio.sleep(0.01)
-        inside_here = gate.count()
-        await gate.close()
-        done_at_close = sorted(finished)
-        with pytest.raises(GateClosedError):
-            gate.enter()
-        await asyncio.gather(*started)
-        return inside_here, done_at_close, gate.closed
-
-    assert run2(main()) == (1, [0, 1], True)
-
-
-def test_a_gate_refuses_a_leave_without_an_enter() -> None:
-    gate = Gate()
-
-    async def main() -> None:
+    started = [shard.submit_to(i, work, 0.05 * (i + 1)) for i in range(2)]
+    await asyncio.sleep(0.01)
+    assert gate.count() == 1  # this shard's
+    await gate.close()
+    assert sorted(finished) == [0, 1], "close() returned before the work inside left"
+    with pytest.raises(GateClosedError):
         gate.enter()
-        gate.leave()
-        with pytest.raises(RuntimeError, match="without a matching enter"):
-            gate.leave()
-        await gate.close()  # nothing inside: at once
+    await asyncio.gather(*started)
+    assert gate.closed
 
-    run2(main())
+
+@pytest.mark.shardloop(shards=2)
+async def test_a_gate_refuses_a_leave_without_an_enter() -> None:
+    gate = Gate()
+    gate.enter()
+    gate.leave()
+    with pytest.raises(RuntimeError, match="without a matching enter"):
+        gate.leave()
+    await gate.close()  # nothing inside: at once
