@@ -576,8 +576,8 @@ def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
 
 def _shard_count(shards: int | None) -> int | None:
     """The number of shards asked for (None: one per CPU of the cpuset);
-    ValueError for
-    one that is not a positive integer, saying where it came from."""
+    ValueError for one that is not a positive integer, saying where it came
+    from."""
     what = "shards"
     if shards is None:
         env = os.environ.get("SHARDLOOP_SHARDS")

@@ -60,11 +60,11 @@ impl Tally {
     }
 }
 
-/// The watches of one runtime's shards, for `stats()` and the watchdog.
+/// The watches of one runtime's shards, for `stats()` and the watchdog:
+/// each shard's watch while the shard is there, and its counters for good
+/// (`stats()` read after the runtime stopped shows their last values).
 /// Per runtime, not per process: a lock of the process's could be held by
 /// one of its threads at a `fork`, and stay held in the child for good.
-/// Each shard's watch (while the shard is there) and its counters (for
-/// good: `stats()` read after the runtime stopped shows its last values).
 #[derive(Default)]
 pub(crate) struct Watches(Mutex<Vec<Watched>>);
 
@@ -89,12 +89,10 @@ impl Watches {
     /// The stall counters of shard `shard`: (stalls, worst in seconds), or
     /// `None` when stall detection is off.
     pub(crate) fn counts(&self, shard: usize) -> Option<(u64, f64)> {
-        let tally = self
-            .lock()
+        self.lock()
             .iter()
             .find(|(id, _, _)| *id == shard)
-            .map(|(_, _, tally)| tally.clone());
-        tally.map(|tally| tally.counts())
+            .map(|(_, _, tally)| tally.counts())
     }
 }
 
