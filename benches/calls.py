@@ -8,6 +8,12 @@ one call at a time (round trip) and 1,000 in flight (collected with
 as the same calls between two asyncio loops (and two uvloop loops, when
 uvloop is installed) on two threads, with ``run_coroutine_threadsafe`` and
 ``call_soon_threadsafe``. Each figure is the median of several rounds.
+
+Placement is the same for every contender: the calling loop runs on CPU 0
+and the remote one on CPU 1 (shardloop pins its shards so; the peers' two
+threads are pinned here). ``--placement same`` puts both peer threads on
+CPU 0 instead, for comparison: a cross-thread wake-up then costs no
+cross-core interrupt, which flatters the peers' one-call-at-a-time figures.
 """
 
 from __future__ import annotations
@@ -103,12 +109,26 @@ def _bench_shardloop() -> dict[str, float]:
         return runner.run(main())
 
 
+PLACEMENT = "split"
+
+
+def _peer_cpus() -> tuple[set[int], set[int]]:
+    """The CPUs of the peers' calling thread and remote thread."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if PLACEMENT == "same" or len(cpus) < 2:
+        return {cpus[0]}, {cpus[0]}
+    return {cpus[0]}, {cpus[1]}
+
+
 def _bench_threads(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> dict[str, float]:
     """Two event loops on two threads, the way it is done without shardloop."""
     remote = loop_factory()
     started = threading.Event()
+    here_cpus, remote_cpus = _peer_cpus()
+    allowed = os.sched_getaffinity(0)
 
     def serve() -> None:
+        os.sched_setaffinity(0, remote_cpus)
         asyncio.set_event_loop(remote)
         remote.call_soon(started.set)
         remote.run_forever()
@@ -136,10 +156,12 @@ def _bench_threads(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> dic
             {"call_soon_threadsafe": call_soon, "run_coroutine_threadsafe": run_coroutine}
         )
 
+    os.sched_setaffinity(0, here_cpus)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(main())
     finally:
+        os.sched_setaffinity(0, allowed)
         remote.call_soon_threadsafe(remote.stop)
         thread.join()
         remote.close()
@@ -151,6 +173,7 @@ def run_benchmarks() -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
             "gil": getattr(sys, "_is_gil_enabled", lambda: True)(),
+            "peer_placement": PLACEMENT,
         },
         "calls_per_second": {},
     }
@@ -195,8 +218,15 @@ def main() -> None:
         default="0.025",
         help="the shards' stall_threshold in seconds, or 'off' (default 0.025, as run())",
     )
+    parser.add_argument(
+        "--placement",
+        choices=["split", "same"],
+        default="split",
+        help="the peers' two threads on CPUs 0 and 1 (split, as the shards) or both on CPU 0",
+    )
     args = parser.parse_args()
-    global STALL_THRESHOLD
+    global STALL_THRESHOLD, PLACEMENT
+    PLACEMENT = args.placement
     STALL_THRESHOLD = None if args.stall_threshold == "off" else float(args.stall_threshold)
     results = run_benchmarks()
     if args.json:
@@ -205,6 +235,8 @@ def main() -> None:
     machine = results["machine"]
     gil = "on" if machine["gil"] else "off"
     print(f"{machine['cpus']} CPUs, Python {machine['python']}, GIL {gil}")
+    where = "CPU 0 and CPU 1" if PLACEMENT == "split" else "both on CPU 0"
+    print(f"shards pinned to CPU 0 and CPU 1; the peers' two threads {where}")
     print(f"median of {ROUNDS} rounds; sequential = one call at a time, ", end="")
     print(f"in_flight = {IN_FLIGHT} at once\n")
     for name, rate in results["calls_per_second"].items():
