@@ -12,10 +12,12 @@ _T = TypeVar("_T")
 __all__ = [
     "DEFAULT_MAX_INFLIGHT",
     "NOT_ON_SHARD",
+    "AwaitShard",
     "Connection",
     "Driver",
     "Runtime",
     "ServiceGroup",
+    "ShardFuture",
     "ShutdownError",
     "StatsReader",
     "Waiting",
@@ -63,7 +65,7 @@ class ServiceGroup:
     def max_inflight(self) -> int: ...
     def submit_to(
         self, shard_id: int, func: Callable[..., Any], /, *args: Any, **kwargs: Any
-    ) -> asyncio.Future[Any]:
+    ) -> ShardFuture[Any]:
         """``submit_to`` within this group's bound."""
 
 @final
@@ -162,6 +164,37 @@ class Connection:
     def closed(self) -> bool: ...
 
 @final
+class ShardFuture(Generic[_T]):
+    """The future of a cross-shard call, of a Connection's read or drain, or
+    of a Rust task: an asyncio-compatible future of one shard's loop."""
+
+    _asyncio_future_blocking: bool
+    def __await__(self) -> Generator[Any, None, _T]: ...
+    def __iter__(self) -> Generator[Any, None, _T]: ...
+    def get_loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def _cancel_message(self) -> Any: ...
+    def _make_cancelled_error(self) -> asyncio.CancelledError: ...
+    def done(self) -> bool: ...
+    def cancelled(self) -> bool: ...
+    def result(self) -> _T: ...
+    def exception(self) -> BaseException | None: ...
+    def add_done_callback(
+        self, fn: Callable[[ShardFuture[_T]], object], *, context: Any = None
+    ) -> None: ...
+    def remove_done_callback(self, fn: Callable[[ShardFuture[_T]], object], /) -> int: ...
+    def cancel(self, msg: Any = None) -> bool: ...
+
+@final
+class AwaitShard:
+    """What ``await`` iterates on a ShardFuture."""
+
+    def __iter__(self) -> AwaitShard: ...
+    def __next__(self) -> Any: ...
+
+@final
 class Waiting(Generic[_T]):
     """The awaitable of a read or a drain of a Connection."""
 
@@ -189,5 +222,5 @@ def check_shard(shard_id: int, count: int, /) -> int:
 
 def submit_to(
     shard_id: int, func: Callable[..., Any], /, *args: Any, **kwargs: Any
-) -> asyncio.Future[Any]:
+) -> ShardFuture[Any]:
     """Runs ``func(*args, **kwargs)`` on shard ``shard_id``; await the result."""

@@ -11,9 +11,11 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::board::Board;
-use crate::call::settle::{exception_with_traceback, settle, settle_answered};
+use crate::call::settle::{settle, settle_answered};
 use crate::call::{group, serve};
 use crate::context::{self, Incoming, Shard};
+use crate::errors;
+use crate::future::Ready;
 use crate::gil;
 use crate::home::Home;
 use crate::stall::Watch;
@@ -229,6 +231,9 @@ fn run_arrived(
     let mut count = 0;
     let mut scheduled = false;
     let mut fatal: Option<PyErr> = None;
+    // The done-callbacks of the calls answered in a batch run once the whole
+    // batch is settled: a task awaiting several answers finds them all done.
+    let mut ready: Vec<Ready> = Vec::new();
     loop {
         let mut batch = context::take_arrived().into_iter();
         if batch.len() == 0 {
@@ -242,6 +247,9 @@ fn run_arrived(
                     let served = serve::serve(py, event_loop, shard, call, &mut fatal);
                     if let Err(interrupt) = py.check_signals() {
                         context::put_back(batch.collect());
+                        for callbacks in ready.drain(..) {
+                            let _ = callbacks.schedule(py);
+                        }
                         shardloop_core::embed::count_tasks(count as u64);
                         return Err(fatal.unwrap_or(interrupt));
                     }
@@ -249,11 +257,11 @@ fn run_arrived(
                 }
                 Incoming::Answered(call) => {
                     let counted = call.group.map(|group| (group, call.target));
-                    let settled = settle_answered(py, *call);
+                    ready.extend(settle_answered(py, *call));
                     if let Some((group, target)) = counted {
                         group::release(py, &shard.admission, group, target);
                     }
-                    settled.map(|()| true)
+                    Ok(true)
                 }
                 Incoming::Settle { future, produce } => {
                     settle(py, future.bind(py), produce(py), None).map(|()| true)
@@ -261,13 +269,24 @@ fn run_arrived(
             };
             match handled {
                 Ok(started) => scheduled |= started,
-                Err(err) if serve::stops_a_loop(py, &err) => {
+                Err(err) if errors::stops_a_loop(py, &err) => {
                     fatal.get_or_insert(err);
                     scheduled = true;
                 }
                 Err(err) => {
                     report(py, event_loop, err);
                     scheduled = true;
+                }
+            }
+        }
+        let mut settled = ready.drain(..);
+        while let Some(callbacks) = settled.next() {
+            if let Err(err) = callbacks.run(py) {
+                // Only what stops a loop comes out of a callback; the loop
+                // runs the rest after it, as it would have.
+                fatal.get_or_insert(err);
+                for rest in settled.by_ref() {
+                    let _ = rest.schedule(py);
                 }
             }
         }
@@ -288,7 +307,7 @@ fn report(py: Python<'_>, event_loop: &Bound<'_, PyAny>, err: PyErr) {
         "message",
         "shardloop: a cross-shard call could not be completed",
     );
-    let _ = context.set_item("exception", exception_with_traceback(py, err));
+    let _ = context.set_item("exception", errors::exception_with_traceback(py, err));
     if let Err(err) = event_loop.call_method1(intern!(py, "call_exception_handler"), (context,)) {
         err.write_unraisable(py, Some(event_loop));
     }

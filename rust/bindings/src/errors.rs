@@ -5,6 +5,7 @@
 
 use pyo3::create_exception;
 use pyo3::exceptions::{PyConnectionAbortedError, PyRuntimeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyTuple};
@@ -103,6 +104,27 @@ fn asyncio_error(py: Python<'_>, name: &'static str, args: Bound<'_, PyTuple>) -
         Ok(err) => PyErr::from_value(err),
         Err(err) => err,
     }
+}
+
+/// Whether `err` is one that stops an event loop rather than a callback
+/// (asyncio lets `SystemExit` and `KeyboardInterrupt` through).
+pub(crate) fn stops_a_loop(py: Python<'_>, err: &PyErr) -> bool {
+    err.is_instance_of::<pyo3::exceptions::PySystemExit>(py)
+        || err.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py)
+}
+
+/// The exception object of `err`, carrying its traceback (so the frames of
+/// the other shard show where it was raised).
+pub(crate) fn exception_with_traceback(
+    py: Python<'_>,
+    err: PyErr,
+) -> Bound<'_, pyo3::exceptions::PyBaseException> {
+    let traceback = err.traceback(py);
+    let value = err.into_value(py).into_bound(py);
+    if let Some(traceback) = traceback {
+        let _ = value.setattr(intern!(py, "__traceback__"), traceback);
+    }
+    value
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -10,6 +10,7 @@ mod conn;
 mod context;
 mod driver;
 mod errors;
+mod future;
 mod gil;
 mod home;
 mod runtime;
@@ -26,6 +27,7 @@ mod watchdog;
 #[pymodule(gil_used = false)]
 fn _shardloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
+    future::register(m)?;
     bridge::register(m)?;
     call::send::register(m)?;
     call::serve::register(m)?;

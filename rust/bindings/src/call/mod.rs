@@ -13,8 +13,9 @@
 //!    back on the core's response ring.
 //! 3. [`settle`]: back on the origin the answer is parked in the inbox too,
 //!    and the driver hands it to `settle::settle_answered`, which completes
-//!    the caller's asyncio future on its own loop: no
-//!    `call_soon_threadsafe` anywhere.
+//!    the caller's future (a [`crate::future::ShardFuture`]) and resumes
+//!    whoever awaits it in the same pass: no `call_soon_threadsafe`, and no
+//!    turn of the event loop.
 //!
 //! Before step 1 sends a call, its service group admits it
 //! ([`group::admit`]) or keeps it waiting on the origin; each answer
@@ -58,10 +59,7 @@ pub(crate) struct PyCall {
     /// Taken, and dropped, on the target.
     pub(crate) request: Option<Request>,
     /// The caller's future; only touched on the origin.
-    pub(crate) future: Option<Py<PyAny>>,
-    /// The future's done-callback that sends the cancel (see
-    /// `send::CancelOnDone`); taken off the future when the answer comes.
-    pub(crate) hook: Option<Py<PyAny>>,
+    pub(crate) future: Option<Py<crate::future::ShardFuture>>,
     /// Written on the target, read on the origin.
     pub(crate) outcome: Option<PyResult<Py<PyAny>>>,
 }

@@ -1,13 +1,13 @@
 //! Step 1 of a call: `submit_to` on the origin shard.
 
-use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
-use super::group::{self, GroupId, GroupSpec, DEFAULT_GROUP};
+use super::group::{self, GroupSpec, DEFAULT_GROUP};
 use super::{PyCall, Request};
 use crate::context;
 use crate::errors;
+use crate::future::{CallRef, ShardFuture};
 
 /// submit_to(shard_id, fn, /, *args, **kwargs)
 /// --
@@ -52,21 +52,17 @@ pub(crate) fn submit<'py>(
     let target = target_index(shard_id, shard.count)?;
     shardloop_core::embed::check_target(target).map_err(errors::call_error)?;
     let id = shard.next_call();
-    let future = event_loop.call_method0(intern!(py, "create_future"))?;
-    // Whatever the call starts as a task there (a coroutine function's
-    // coroutine, or one a plain function returns) is cancelled with the
-    // caller's future; a call still waiting for room in its group is
-    // withdrawn.
-    let hook = Bound::new(
-        py,
-        CancelOnDone {
-            origin: shard.id,
-            target,
-            id,
-            group: group.id(),
-        },
-    )?
-    .into_any();
+    // Cancelling the future cancels whatever the call starts as a task
+    // there (a coroutine function's coroutine, or one a plain function
+    // returns); a call still waiting for room in its group is withdrawn.
+    let call = CallRef {
+        origin: shard.id,
+        target,
+        id,
+        group: group.id(),
+        cancel: cancel_call,
+    };
+    let future = Bound::new(py, ShardFuture::new(event_loop.unbind(), Some(call)))?;
     let message = PyCall {
         origin: shard.id,
         target,
@@ -78,7 +74,6 @@ pub(crate) fn submit<'py>(
             kwargs: kwargs.map(Bound::unbind),
         }),
         future: Some(future.clone().unbind()),
-        hook: Some(hook.clone().unbind()),
         outcome: None,
     };
     // To this shard itself, the core runs the message at once, which parks
@@ -86,8 +81,7 @@ pub(crate) fn submit<'py>(
     // this turn's calls to other shards have gone out, and settled like a
     // remote call.
     group::admit(&shard.admission, group, target, Box::new(message))?;
-    future.call_method1(intern!(py, "add_done_callback"), (hook,))?;
-    Ok(future)
+    Ok(future.into_any())
 }
 
 /// ServiceGroup(max_inflight, name=None)
@@ -190,43 +184,27 @@ fn target_index(shard_id: &Bound<'_, PyAny>, count: usize) -> PyResult<usize> {
     }
 }
 
-/// Done-callback of a caller's future for a cancellable call: when the
-/// caller cancels, the task running the call on its shard is cancelled too.
-#[pyclass(frozen)]
-pub(crate) struct CancelOnDone {
-    origin: usize,
-    target: usize,
-    id: u64,
-    group: GroupId,
-}
-
-#[pymethods]
-impl CancelOnDone {
-    fn __call__(&self, py: Python<'_>, future: &Bound<'_, PyAny>) -> PyResult<()> {
-        if !future.call_method0(intern!(py, "cancelled"))?.is_truthy()? {
-            return Ok(());
-        }
-        if context::active().is_some_and(|shard| {
-            shard.id == self.origin
-                && group::withdraw(&shard.admission, self.group, self.target, self.id)
-        }) {
-            // It never left: nothing to cancel there.
-            return Ok(());
-        }
-        let cancel = PyCall {
-            origin: self.origin,
-            target: self.target,
-            id: self.id,
-            group: None,
-            request: Some(Request::Cancel),
-            future: None,
-            hook: None,
-            outcome: None,
-        };
-        // A cancel during shutdown cannot be sent; the call then finishes.
-        let _ = shardloop_core::embed::send(self.target, Box::new(cancel));
-        Ok(())
+/// Sends the cancel of `call` to its shard, or withdraws it if its group
+/// still holds it back on this shard.
+pub(crate) fn cancel_call(call: CallRef) {
+    if context::active().is_some_and(|shard| {
+        shard.id == call.origin
+            && group::withdraw(&shard.admission, call.group, call.target, call.id)
+    }) {
+        // It never left: nothing to cancel there.
+        return;
     }
+    let cancel = PyCall {
+        origin: call.origin,
+        target: call.target,
+        id: call.id,
+        group: None,
+        request: Some(Request::Cancel),
+        future: None,
+        outcome: None,
+    };
+    // A cancel during shutdown cannot be sent; the call then finishes.
+    let _ = shardloop_core::embed::send(call.target, Box::new(cancel));
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -10,6 +10,7 @@ use pyo3::types::{PyDict, PyTuple};
 
 use super::{CallKey, PyCall, Request};
 use crate::context::{self, Incoming, Shard};
+use crate::errors;
 
 impl shardloop_core::embed::Message for PyCall {
     fn run(self: Box<Self>) {
@@ -29,13 +30,6 @@ fn call_key(origin: usize, id: u64) -> CallKey {
 fn answer(call: Box<PyCall>) {
     let origin = call.origin;
     shardloop_core::embed::respond(origin, call);
-}
-
-/// Whether `err` is one that stops an event loop rather than a callback
-/// (asyncio lets `SystemExit` and `KeyboardInterrupt` through).
-pub(crate) fn stops_a_loop(py: Python<'_>, err: &PyErr) -> bool {
-    err.is_instance_of::<pyo3::exceptions::PySystemExit>(py)
-        || err.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py)
 }
 
 /// What calling a function gave: its outcome, or a coroutine to run as a
@@ -81,7 +75,7 @@ pub(crate) fn serve(
             drop((func, args, kwargs));
             match served {
                 Served::Coroutine(coroutine) => return start_task(py, event_loop, call, coroutine),
-                Served::Outcome(Err(err)) if stops_a_loop(py, &err) => {
+                Served::Outcome(Err(err)) if errors::stops_a_loop(py, &err) => {
                     // The caller gets it, and it stops this loop too.
                     fatal.get_or_insert_with(|| err.clone_ref(py));
                     call.outcome = Some(Err(err));

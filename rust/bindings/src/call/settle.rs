@@ -7,22 +7,25 @@ use pyo3::intern;
 use pyo3::prelude::*;
 
 use super::PyCall;
+use crate::errors::exception_with_traceback;
+use crate::future::{Ready, ShardFuture};
 
-/// Settles the caller's future with the answer of its call.
-pub(crate) fn settle_answered(py: Python<'_>, mut call: PyCall) -> PyResult<()> {
+/// Settles the caller's future with the answer of its call; returns its
+/// done-callbacks, which resume whoever awaits it (see
+/// `ShardFuture::settle`).
+pub(crate) fn settle_answered(py: Python<'_>, mut call: PyCall) -> Option<Ready> {
     let (Some(future), Some(outcome)) = (call.future.take(), call.outcome.take()) else {
-        return Ok(());
+        return None;
     };
     let future = future.bind(py);
-    if let Some(hook) = call.hook.take() {
-        // Answered: nothing is left to cancel, and a callback that is not
-        // there costs no turn of the loop.
-        future.call_method1(intern!(py, "remove_done_callback"), (hook,))?;
+    if ShardFuture::is_done(future) {
+        // A caller that gave up: the outcome is dropped here.
+        return None;
     }
-    settle(py, future, outcome, Some(call.target))
+    ShardFuture::settle(future, deliverable(py, outcome, Some(call.target)))
 }
 
-/// Completes an asyncio future with `outcome`, unless it is done already (a
+/// Completes a future (a `ShardFuture`, or an asyncio one) with `outcome`, unless it is done already (a
 /// caller that gave up: the outcome is dropped here). An error raised on
 /// shard `shard` gets a note naming it; a `StopIteration`, which a future
 /// cannot hold, reaches the caller as asyncio hands it over from a task: a
@@ -33,10 +36,19 @@ pub(crate) fn settle(
     outcome: PyResult<Py<PyAny>>,
     shard: Option<usize>,
 ) -> PyResult<()> {
+    if let Ok(future) = future.cast::<ShardFuture>() {
+        if ShardFuture::is_done(future) {
+            return Ok(());
+        }
+        return match ShardFuture::settle(future, deliverable(py, outcome, shard)) {
+            Some(ready) => ready.run(py),
+            None => Ok(()),
+        };
+    }
     if future.call_method0(intern!(py, "done"))?.is_truthy()? {
         return Ok(());
     }
-    match outcome {
+    match deliverable(py, outcome, shard) {
         Ok(value) => {
             future.call_method1(intern!(py, "set_result"), (value,))?;
         }
@@ -44,12 +56,6 @@ pub(crate) fn settle(
             future.call_method0(intern!(py, "cancel"))?;
         }
         Err(err) => {
-            let err = deliverable(py, err);
-            if let Some(shard) = shard {
-                // PEP 678; an exception whose `__notes__` is not a list
-                // keeps its own: the exception matters more than the note.
-                let _ = err.add_note(py, format!("raised on shard {shard}"));
-            }
             future.call_method1(
                 intern!(py, "set_exception"),
                 (exception_with_traceback(py, err),),
@@ -59,28 +65,30 @@ pub(crate) fn settle(
     Ok(())
 }
 
-/// `err`, or for a `StopIteration` (which asyncio futures refuse) a
-/// `RuntimeError` caused by it.
-fn deliverable(py: Python<'_>, err: PyErr) -> PyErr {
-    if !err.is_instance_of::<pyo3::exceptions::PyStopIteration>(py) {
-        return err;
-    }
-    let wrapped =
-        pyo3::exceptions::PyRuntimeError::new_err("the called function raised StopIteration");
-    wrapped.set_cause(py, Some(err));
-    wrapped
-}
-
-/// The exception object of `err`, carrying its traceback (so the frames of
-/// the other shard show where it was raised).
-pub(crate) fn exception_with_traceback(
+/// `outcome` as a future may hold it: an error raised on shard `shard`
+/// gets a note naming it, and a `StopIteration` (which a future cannot
+/// hold) becomes a `RuntimeError` caused by it.
+fn deliverable(
     py: Python<'_>,
-    err: PyErr,
-) -> Bound<'_, pyo3::exceptions::PyBaseException> {
-    let traceback = err.traceback(py);
-    let value = err.into_value(py).into_bound(py);
-    if let Some(traceback) = traceback {
-        let _ = value.setattr(intern!(py, "__traceback__"), traceback);
+    outcome: PyResult<Py<PyAny>>,
+    shard: Option<usize>,
+) -> PyResult<Py<PyAny>> {
+    let err = match outcome {
+        Ok(value) => return Ok(value),
+        Err(err) if err.is_instance_of::<CancelledError>(py) => return Err(err),
+        Err(err) if err.is_instance_of::<pyo3::exceptions::PyStopIteration>(py) => {
+            let wrapped = pyo3::exceptions::PyRuntimeError::new_err(
+                "the called function raised StopIteration",
+            );
+            wrapped.set_cause(py, Some(err));
+            wrapped
+        }
+        Err(err) => err,
+    };
+    if let Some(shard) = shard {
+        // PEP 678; an exception whose `__notes__` is not a list keeps its
+        // own: the exception matters more than the note.
+        let _ = err.add_note(py, format!("raised on shard {shard}"));
     }
-    value
+    Err(err)
 }
