@@ -1,9 +1,9 @@
 //! The bridge between Rust futures and Python awaitables on a shard.
 //!
 //! * [`spawn_for_python`] runs a Rust future as a task of the shard's own
-//!   executor and gives Python an asyncio future of its output. The task is
-//!   woken through the shard's executor (a waker used on another thread goes
-//!   through the shard's remote-wake queue), and the asyncio future is
+//!   executor and gives Python a future of its output (a `ShardFuture`).
+//!   The task is woken through the shard's executor (a waker used on another
+//!   thread goes through the shard's remote-wake queue), and the future is
 //!   settled on the shard's loop thread through the inbox: nothing goes
 //!   through `call_soon_threadsafe`.
 //! * [`PyAwait`] is a Rust future that completes when an asyncio future of
@@ -21,9 +21,10 @@ use pyo3::intern;
 use pyo3::prelude::*;
 
 use crate::context;
+use crate::future::ShardFuture;
 use crate::home::Home;
 
-/// Runs `future` on the current shard's executor; returns an asyncio future
+/// Runs `future` on the current shard's executor; returns a future
 /// on `event_loop` that resolves with what its output produces.
 pub(crate) fn spawn_for_python<'py, F>(
     py: Python<'py>,
@@ -33,13 +34,13 @@ pub(crate) fn spawn_for_python<'py, F>(
 where
     F: Future<Output = context::Produce> + 'static,
 {
-    let py_future = event_loop.call_method0(intern!(py, "create_future"))?;
+    let py_future = Bound::new(py, ShardFuture::new(event_loop.clone().unbind(), None))?;
     let target = py_future.clone().unbind();
     drop(shardloop_core::spawn_local(async move {
         let produce = future.await;
         context::settle_later(target, produce);
     }));
-    Ok(py_future)
+    Ok(py_future.into_any())
 }
 
 struct AwaitState {

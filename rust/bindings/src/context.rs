@@ -17,6 +17,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 
 use crate::call::{CallKey, PyCall};
+use crate::future::ShardFuture;
 
 /// Makes a Python value (or error) from the output of a Rust task.
 pub(crate) type Produce = Box<dyn FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send>;
@@ -29,7 +30,10 @@ pub(crate) enum Incoming {
     /// A call of this shard, answered.
     Answered(Box<PyCall>),
     /// A Rust task finished: settle `future` with what `produce` makes.
-    Settle { future: Py<PyAny>, produce: Produce },
+    Settle {
+        future: Py<ShardFuture>,
+        produce: Produce,
+    },
 }
 
 /// Work that must be done when the shard's turn ends, before it looks for
@@ -156,10 +160,10 @@ pub(crate) fn put_back(mut unhandled: Vec<Incoming>) {
     });
 }
 
-/// Has `future` (an asyncio future of this shard) settled with what
+/// Has `future` (a future of this shard) settled with what
 /// `produce` makes, by the driver at its next look at the inbox: how a
 /// Rust task hands its output to Python.
-pub(crate) fn settle_later(future: Py<PyAny>, produce: Produce) {
+pub(crate) fn settle_later(future: Py<ShardFuture>, produce: Produce) {
     if shardloop_core::shard_id().is_none() {
         // No shard runs here any more (a connection closed after its
         // runtime): nothing will look, and nothing may carry over to the

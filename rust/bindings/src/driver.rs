@@ -264,7 +264,8 @@ fn run_arrived(
                     Ok(true)
                 }
                 Incoming::Settle { future, produce } => {
-                    settle(py, future.bind(py), produce(py), None).map(|()| true)
+                    ready.extend(settle(py, future.bind(py), produce(py), None));
+                    Ok(true)
                 }
             };
             match handled {

@@ -86,6 +86,12 @@ impl ShardFuture {
         }
     }
 
+    /// The future as a task finds it when an awaitable yields it.
+    pub(crate) fn yielded(mut self) -> Self {
+        self.blocking = true;
+        self
+    }
+
     fn is_pending(&self) -> bool {
         matches!(self.state, State::Pending)
     }

@@ -252,12 +252,10 @@ pub(crate) fn release(
                 next = pair.take_next(&mut dropped);
                 drop(admission);
                 if let Some(future) = future {
-                    let _ = settle(
-                        py,
-                        future.bind(py).as_any(),
-                        Err(errors::call_error(err)),
-                        None,
-                    );
+                    let failed = settle(py, future.bind(py), Err(errors::call_error(err)), None);
+                    if let Some(callbacks) = failed {
+                        let _ = callbacks.run(py);
+                    }
                 }
             }
         }

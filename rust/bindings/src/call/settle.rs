@@ -1,13 +1,12 @@
-//! Step 3 of a call: completing the caller's asyncio future on its own
-//! shard, with the answer of a call or of a call served here. (The driver
-//! settles the futures of Rust tasks with the same [`settle`].)
+//! Step 3 of a call: completing the caller's future (a `ShardFuture`) on
+//! its own shard, with the answer of a call or of a call served here. (The
+//! driver settles the futures of Rust tasks and of a `Connection`'s reads
+//! with the same [`settle`].)
 
 use pyo3::exceptions::asyncio::CancelledError;
-use pyo3::intern;
 use pyo3::prelude::*;
 
 use super::PyCall;
-use crate::errors::exception_with_traceback;
 use crate::future::{Ready, ShardFuture};
 
 /// Settles the caller's future with the answer of its call; returns its
@@ -17,52 +16,24 @@ pub(crate) fn settle_answered(py: Python<'_>, mut call: PyCall) -> Option<Ready>
     let (Some(future), Some(outcome)) = (call.future.take(), call.outcome.take()) else {
         return None;
     };
-    let future = future.bind(py);
-    if ShardFuture::is_done(future) {
-        // A caller that gave up: the outcome is dropped here.
-        return None;
-    }
-    ShardFuture::settle(future, deliverable(py, outcome, Some(call.target)))
+    settle(py, future.bind(py), outcome, Some(call.target))
 }
 
-/// Completes a future (a `ShardFuture`, or an asyncio one) with `outcome`, unless it is done already (a
-/// caller that gave up: the outcome is dropped here). An error raised on
-/// shard `shard` gets a note naming it; a `StopIteration`, which a future
-/// cannot hold, reaches the caller as asyncio hands it over from a task: a
-/// `RuntimeError` caused by it.
+/// Settles `future` with `outcome`, unless it is done already (a caller
+/// that gave up: the outcome is dropped here); returns its done-callbacks.
+/// An error raised on shard `shard` gets a note naming it; a
+/// `StopIteration`, which a future cannot hold, reaches the caller as
+/// asyncio hands it over from a task: a `RuntimeError` caused by it.
 pub(crate) fn settle(
     py: Python<'_>,
-    future: &Bound<'_, PyAny>,
+    future: &Bound<'_, ShardFuture>,
     outcome: PyResult<Py<PyAny>>,
     shard: Option<usize>,
-) -> PyResult<()> {
-    if let Ok(future) = future.cast::<ShardFuture>() {
-        if ShardFuture::is_done(future) {
-            return Ok(());
-        }
-        return match ShardFuture::settle(future, deliverable(py, outcome, shard)) {
-            Some(ready) => ready.run(py),
-            None => Ok(()),
-        };
+) -> Option<Ready> {
+    if ShardFuture::is_done(future) {
+        return None;
     }
-    if future.call_method0(intern!(py, "done"))?.is_truthy()? {
-        return Ok(());
-    }
-    match deliverable(py, outcome, shard) {
-        Ok(value) => {
-            future.call_method1(intern!(py, "set_result"), (value,))?;
-        }
-        Err(err) if err.is_instance_of::<CancelledError>(py) => {
-            future.call_method0(intern!(py, "cancel"))?;
-        }
-        Err(err) => {
-            future.call_method1(
-                intern!(py, "set_exception"),
-                (exception_with_traceback(py, err),),
-            )?;
-        }
-    }
-    Ok(())
+    ShardFuture::settle(future, deliverable(py, outcome, shard))
 }
 
 /// `outcome` as a future may hold it: an error raised on shard `shard`

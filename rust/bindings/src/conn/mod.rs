@@ -34,6 +34,7 @@ use pyo3::types::PyBytes;
 use self::stream::{is_stream_socket, Inner, Want};
 use crate::context;
 use crate::errors;
+use crate::future::ShardFuture;
 use crate::gil;
 use crate::home::Home;
 
@@ -296,10 +297,10 @@ impl Waiting {
                 "another task is already waiting to {what} on this connection"
             )));
         }
-        let future = context::running_loop(py)?.call_method0(intern!(py, "create_future"))?;
-        future.setattr(intern!(py, "_asyncio_future_blocking"), true)?;
-        inner.wait_on(future.clone().unbind(), &self.want);
-        Ok(Some(future.unbind()))
+        let event_loop = context::running_loop(py)?.unbind();
+        let future = Py::new(py, ShardFuture::new(event_loop, None).yielded())?;
+        inner.wait_on(future.clone_ref(py), &self.want);
+        Ok(Some(future.into_any()))
     }
 }
 

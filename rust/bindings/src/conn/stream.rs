@@ -9,7 +9,6 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::RawFd;
 use std::rc::Rc;
 
-use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use shardloop_core::Async;
@@ -17,6 +16,7 @@ use shardloop_core::Async;
 use super::buffer::{ReadBuffer, Until, WriteBuffer, READ_CHUNK};
 use crate::context::{self, EndOfTurn};
 use crate::errors;
+use crate::future::ShardFuture;
 
 /// `drain()` waits while more than this is buffered for sending.
 const HIGH_WATER: usize = 64 * 1024;
@@ -53,8 +53,8 @@ pub(crate) struct Inner {
     /// The asyncio future a waiting read sleeps on, and what it needs; and
     /// the one a waiting drain sleeps on. A connection is full duplex: one
     /// task may read while another writes and drains.
-    read_waiter: RefCell<Option<(Py<PyAny>, Want)>>,
-    drain_waiter: RefCell<Option<Py<PyAny>>>,
+    read_waiter: RefCell<Option<(Py<ShardFuture>, Want)>>,
+    drain_waiter: RefCell<Option<Py<ShardFuture>>>,
 }
 
 impl Inner {
@@ -176,13 +176,7 @@ impl Inner {
                 .as_ref()
                 .map(|(f, _)| f.clone_ref(py)),
         };
-        match future {
-            Some(future) => Ok(!future
-                .bind(py)
-                .call_method0(intern!(py, "done"))?
-                .is_truthy()?),
-            None => Ok(false),
-        }
+        Ok(future.is_some_and(|future| !ShardFuture::is_done(future.bind(py))))
     }
 
     /// Starts the task that reads until the waiter can finish.
@@ -239,7 +233,7 @@ impl Inner {
 
     /// Makes `future` the waiter for `want` (replacing a finished one) and
     /// starts the task that reads, or sends, until it can be woken.
-    pub(crate) fn wait_on(self: &Rc<Self>, future: Py<PyAny>, want: &Want) {
+    pub(crate) fn wait_on(self: &Rc<Self>, future: Py<ShardFuture>, want: &Want) {
         if matches!(want, Want::Drained) {
             let replaced = self.drain_waiter.borrow_mut().replace(future);
             drop(replaced);
@@ -404,8 +398,9 @@ impl EndOfTurn for Inner {
 }
 
 /// Resolves a waiter's future (a wake-up only: the awaitable then takes
-/// its answer from the buffers) from the shard's loop.
-fn wake(future: Py<PyAny>) {
+/// its answer from the buffers) from the shard's loop, which resumes the
+/// waiting task in the same pass.
+fn wake(future: Py<ShardFuture>) {
     context::settle_later(
         future,
         Box::new(|py: Python<'_>| Ok(py.None())) as context::Produce,
