@@ -108,11 +108,13 @@ impl Driver {
     }
 
     /// Turns the shard's loop with the GIL released until there is work for
-    /// `event_loop`: a watched descriptor is readable, a call came back or
-    /// started a task, shutdown lets the shard stop, or `timeout` seconds
-    /// pass (None: no limit). Calls of plain functions that arrive meanwhile
-    /// are run and answered here, without a turn of the event loop. Returns
-    /// whether the watched descriptors signalled new readiness.
+    /// `event_loop`: a watched descriptor is readable, a call started a
+    /// task, something scheduled a callback or a timer or stopped the loop,
+    /// shutdown lets the shard stop, or `timeout` seconds pass (None: no
+    /// limit). Calls of plain functions that arrive meanwhile are run and
+    /// answered here, and answers (and a `Connection`'s data) resume the
+    /// tasks that await them here, without a turn of the event loop.
+    /// Returns whether the watched descriptors signalled new readiness.
     #[pyo3(signature = (event_loop, timeout=None))]
     fn wait(
         &self,
@@ -147,10 +149,13 @@ impl Driver {
             if fd_ready || scheduled || closing || timed_out || ran == 0 {
                 return Ok(fd_ready);
             }
-            // A plain call may still have left work for the loop: callbacks
-            // (a cancelled task, a resolved future) or a new timer.
+            // A plain call, or a task resumed by an answer, may still have
+            // left work for the loop: callbacks (a finished task, a resolved
+            // future), a new timer, or a stop. (A new descriptor to watch
+            // makes the loop's epoll set readable, which ends the wait.)
             if loop_queue_len(event_loop, intern!(py, "_ready")) != Some(0)
                 || loop_queue_len(event_loop, intern!(py, "_scheduled")) != timers
+                || is_stopping(event_loop)
             {
                 return Ok(fd_ready);
             }
@@ -261,11 +266,13 @@ fn run_arrived(
                     if let Some((group, target)) = counted {
                         group::release(py, &shard.admission, group, target);
                     }
-                    Ok(true)
+                    // Its callbacks run in this pass; what they leave for
+                    // the loop is looked for after it.
+                    Ok(false)
                 }
                 Incoming::Settle { future, produce } => {
                     ready.extend(settle(py, future.bind(py), produce(py), None));
-                    Ok(true)
+                    Ok(false)
                 }
             };
             match handled {
@@ -312,6 +319,15 @@ fn report(py: Python<'_>, event_loop: &Bound<'_, PyAny>, err: PyErr) {
     if let Err(err) = event_loop.call_method1(intern!(py, "call_exception_handler"), (context,)) {
         err.write_unraisable(py, Some(event_loop));
     }
+}
+
+/// Whether `loop.stop()` was called (asyncio's `_stopping`).
+fn is_stopping(event_loop: &Bound<'_, PyAny>) -> bool {
+    let py = event_loop.py();
+    event_loop
+        .getattr(intern!(py, "_stopping"))
+        .and_then(|stopping| stopping.is_truthy())
+        .unwrap_or(true)
 }
 
 /// The length of one of the asyncio loop's own queues (`_ready`, the
