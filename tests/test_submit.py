@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 import traceback
+from typing import Any
 
 import pytest
 import shardloop
@@ -334,3 +336,44 @@ def test_a_call_to_the_calling_shard_is_settled_as_a_remote_one() -> None:
         assert cancelled == [True]
 
     run2(main())
+
+
+async def task_facts() -> tuple[bool, str]:
+    task = asyncio.current_task()
+    return task is not None, VAR.get()
+
+
+VAR: contextvars.ContextVar[str] = contextvars.ContextVar("VAR", default="unset")
+
+
+async def sets_var() -> str:
+    VAR.set("set by a call")
+    return VAR.get()
+
+
+@pytest.mark.shardloop(shards=2)
+async def test_a_coroutine_call_runs_as_a_task_in_a_context_of_its_own() -> None:
+    # It may finish in its first step (eagerly, on 3.12+), and is still a task.
+    assert await shard.submit_to(1, task_facts) == (True, "unset")
+    assert await shard.submit_to(1, sets_var) == "set by a call"
+    assert await shard.submit_to(1, task_facts) == (True, "unset")
+
+
+def install_factory() -> None:
+    loop = asyncio.get_running_loop()
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        MADE.append(getattr(coro, "__name__", "?"))
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(factory)
+
+
+MADE: list[str] = []
+
+
+@pytest.mark.shardloop(shards=2)
+async def test_a_task_factory_of_the_target_makes_the_call_tasks() -> None:
+    await shard.submit_to(1, install_factory)
+    assert await shard.submit_to(1, sets_var) == "set by a call"
+    assert await shard.submit_to(1, lambda: list(MADE)) == ["sets_var"]

@@ -74,7 +74,9 @@ pub(crate) fn serve(
             // target, where they were used.
             drop((func, args, kwargs));
             match served {
-                Served::Coroutine(coroutine) => return start_task(py, event_loop, call, coroutine),
+                Served::Coroutine(coroutine) => {
+                    return start_task(py, event_loop, shard, call, coroutine, fatal)
+                }
                 Served::Outcome(Err(err)) if errors::stops_a_loop(py, &err) => {
                     // The caller gets it, and it stops this loop too.
                     fatal.get_or_insert_with(|| err.clone_ref(py));
@@ -105,24 +107,42 @@ pub(crate) fn serve(
 }
 
 /// Runs the coroutine a call produced as a task of this shard, which
-/// answers the call when it is done; cancellable from the caller.
+/// answers the call when it is done; cancellable from the caller. Where
+/// asyncio has eager tasks (3.12+) and the loop has no task factory of its
+/// own, the task starts eagerly: its first step runs here, and a coroutine
+/// that finishes without waiting is answered at once, without a turn of
+/// the loop. Returns whether the task is left for the loop to run.
 fn start_task(
     py: Python<'_>,
     event_loop: &Bound<'_, PyAny>,
+    shard: &Shard,
     mut call: Box<PyCall>,
     coroutine: Bound<'_, PyAny>,
+    fatal: &mut Option<PyErr>,
 ) -> PyResult<bool> {
-    let task = match event_loop.call_method1(intern!(py, "create_task"), (&coroutine,)) {
+    shard.serving(Some(coroutine.as_unbound()), py);
+    let created = create_task(py, event_loop, &coroutine);
+    shard.serving(None, py);
+    let task = match created {
         Ok(task) => task,
         Err(err) => {
-            // The loop refused it (closed, say): the caller gets the error,
-            // and the coroutine is closed rather than never awaited.
+            // The loop refused it (closed, say), or its eager first step let
+            // a SystemExit or KeyboardInterrupt through: the caller gets the
+            // error, and the coroutine is closed rather than never awaited.
             let _ = coroutine.call_method0(intern!(py, "close"));
+            if errors::stops_a_loop(py, &err) {
+                fatal.get_or_insert_with(|| err.clone_ref(py));
+            }
             call.outcome = Some(Err(err));
             answer(call);
             return Ok(false);
         }
     };
+    if task.call_method0(intern!(py, "done"))?.is_truthy()? {
+        call.outcome = Some(task_outcome(py, &task)?);
+        answer(call);
+        return Ok(false);
+    }
     let key = call_key(call.origin, call.id);
     let responder = Bound::new(
         py,
@@ -134,6 +154,50 @@ fn start_task(
     let replaced = context::with(|c| c.running.borrow_mut().insert(key, task.unbind()));
     drop(replaced);
     Ok(true)
+}
+
+/// A task of `coroutine` on `event_loop`: an eager one where asyncio has
+/// them and the loop makes its tasks itself.
+fn create_task<'py>(
+    py: Python<'py>,
+    event_loop: &Bound<'py, PyAny>,
+    coroutine: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    static EAGER_TASK: pyo3::sync::PyOnceLock<Option<Py<PyAny>>> = pyo3::sync::PyOnceLock::new();
+    let eager = EAGER_TASK.get_or_init(py, || {
+        if py.version_info() < (3, 12) {
+            return None;
+        }
+        py.import("asyncio")
+            .and_then(|asyncio| asyncio.getattr("Task"))
+            .ok()
+            .map(Bound::unbind)
+    });
+    let own_factory = event_loop
+        .getattr(intern!(py, "_task_factory"))
+        .map_or(true, |factory| !factory.is_none());
+    match eager {
+        Some(task_type) if !own_factory => {
+            let kwargs = pyo3::types::PyDict::new(py);
+            kwargs.set_item(intern!(py, "loop"), event_loop)?;
+            kwargs.set_item(intern!(py, "eager_start"), true)?;
+            task_type.bind(py).call((coroutine,), Some(&kwargs))
+        }
+        _ => event_loop.call_method1(intern!(py, "create_task"), (coroutine,)),
+    }
+}
+
+/// The outcome of a done task that ran a call.
+fn task_outcome(py: Python<'_>, task: &Bound<'_, PyAny>) -> PyResult<PyResult<Py<PyAny>>> {
+    if task.call_method0(intern!(py, "cancelled"))?.is_truthy()? {
+        return Ok(Err(CancelledError::new_err(
+            "the call was cancelled on its shard",
+        )));
+    }
+    Ok(match task.call_method0(intern!(py, "exception"))? {
+        exc if exc.is_none() => Ok(task.call_method0(intern!(py, "result"))?.unbind()),
+        exc => Err(PyErr::from_value(exc)),
+    })
 }
 
 /// Whether a call's result is a coroutine, to be run as a task. Only real
@@ -183,17 +247,7 @@ impl Responder {
         let key = call_key(call.origin, call.id);
         let finished = context::with(|c| c.running.borrow_mut().remove(&key));
         drop(finished);
-        let outcome = if task.call_method0(intern!(py, "cancelled"))?.is_truthy()? {
-            Err(CancelledError::new_err(
-                "the call was cancelled on its shard",
-            ))
-        } else {
-            match task.call_method0(intern!(py, "exception"))? {
-                exc if exc.is_none() => Ok(task.call_method0(intern!(py, "result"))?.unbind()),
-                exc => Err(PyErr::from_value(exc)),
-            }
-        };
-        call.outcome = Some(outcome);
+        call.outcome = Some(task_outcome(py, task)?);
         answer(call);
         Ok(())
     }
