@@ -12,6 +12,12 @@ the port (SO_REUSEPORT; echo and lookup): the server's utime+stime from
 pinned to core 0 and the load generator (``tools/loadgen.py``'s binary) to
 core 1; a 2-shard server uses both cores and the load generator shares
 them. The ratio 2 shards / 1 shard is what scaling costs per request.
+
+For echo, the Rust-core echo example (``examples/echo.rs``, 1 shard, placed
+as the 1-shard server) is the floor: what the kernel's loopback TCP and the
+runtime's own loop cost, with no Python at all. ``--pipeline N`` has every
+connection keep N requests in flight, which spreads the kernel's cost per
+request thinner and shows the server's own.
 """
 
 from __future__ import annotations
@@ -37,14 +43,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def rust_echo() -> str:
+    """The Rust-core echo example's binary, built if need be."""
+    subprocess.run(
+        ["cargo", "build", "-q", "--release", "-p", "shardloop-core", "--example", "echo"],
+        cwd=ROOT,
+        check=True,
+    )
+    return str(ROOT / "target" / "release" / "examples" / "echo")
+
+
 def servers(protocol: str, port: int, py: str) -> dict[str, tuple[list[list[str]], str | None]]:
     """name -> (commands, core to pin the server to, or None)."""
     example = [py, str(ROOT / "examples" / f"{protocol}_server.py"), "--port", str(port)]
     quiet = ["--idle-poll", "0"]
-    found = {
-        "shardloop, 1 shard": ([[*example, "--shards", "1", *quiet]], "0"),
-        "shardloop, 2 shards": ([[*example, "--shards", "2", *quiet]], None),
-    }
+    found: dict[str, tuple[list[list[str]], str | None]] = {}
+    if protocol == "echo":
+        floor = [rust_echo(), "--port", str(port), "--shards", "1", "--idle-poll-us", "0"]
+        found["Rust core, 1 shard"] = ([floor], "0")
+    found["shardloop, 1 shard"] = ([[*example, "--shards", "1", *quiet]], "0")
+    found["shardloop, 2 shards"] = ([[*example, "--shards", "2", *quiet]], None)
     if protocol != "memcached":
         base = [sys.executable, str(HERE / "baseline_server.py"), "--loop", "uvloop"]
         base += ["--protocol", protocol, "--port", str(port)]
@@ -53,7 +71,14 @@ def servers(protocol: str, port: int, py: str) -> dict[str, tuple[list[list[str]
     return found
 
 
-def measure(commands: list[list[str]], core: str | None, protocol: str, port: int, seconds: float):
+def measure(
+    commands: list[list[str]],
+    core: str | None,
+    protocol: str,
+    port: int,
+    seconds: float,
+    pipeline: int = 1,
+):
     pin = ["taskset", "-c", core] if core else []
     # (taskset execs the server: its pid is the server's.)
     with serving([[*pin, *cmd] for cmd in commands], port) as procs:
@@ -69,6 +94,8 @@ def measure(commands: list[list[str]], core: str | None, protocol: str, port: in
                 protocol,
                 "--seconds",
                 str(seconds),
+                "--pipeline",
+                str(pipeline),
                 "--json",
             ],
             capture_output=True,
@@ -94,6 +121,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--protocols", nargs="*", default=["echo", "lookup", "memcached"])
     parser.add_argument("--shardloop-python", default=sys.executable)
+    parser.add_argument("--pipeline", type=int, default=1)
+    parser.add_argument("--only", nargs="*", help="measure only the servers of these names")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     binary()
@@ -101,7 +130,9 @@ def main() -> None:
     for protocol in args.protocols:
         port = free_port()
         for name, (commands, core) in servers(protocol, port, args.shardloop_python).items():
-            result = measure(commands, core, protocol, port, args.seconds)
+            if args.only and name not in args.only:
+                continue
+            result = measure(commands, core, protocol, port, args.seconds, args.pipeline)
             results.setdefault(protocol, {})[name] = result
             if not args.json:
                 print(
@@ -110,13 +141,15 @@ def main() -> None:
                     f"errors {result['errors']}",
                     flush=True,
                 )
-        mine = results[protocol]
-        ratio = (
-            mine["shardloop, 2 shards"]["cpu_us_per_request"]
-            / (mine["shardloop, 1 shard"]["cpu_us_per_request"])
-        )
-        if not args.json:
-            print(f"{protocol:9} shardloop CPU per request, 2 shards / 1 shard: {ratio:.2f}x")
+        mine = results.get(protocol, {})
+        for over, under in [
+            ("shardloop, 2 shards", "shardloop, 1 shard"),
+            ("shardloop, 1 shard", "Rust core, 1 shard"),
+            ("shardloop, 1 shard", "uvloop, 1 process"),
+        ]:
+            if over in mine and under in mine and not args.json:
+                ratio = mine[over]["cpu_us_per_request"] / mine[under]["cpu_us_per_request"]
+                print(f"{protocol:9} CPU per request, {over} / {under}: {ratio:.2f}x")
     if args.json:
         print(json.dumps({"python": args.shardloop_python, "results": results}, indent=2))
 
