@@ -8,9 +8,12 @@ import asyncio
 import contextvars
 import gc
 import logging
+import time
+import traceback
 import weakref
 
 import pytest
+import shardloop
 from shardloop import shard
 from shardloop._shardloop import ShardFuture
 
@@ -272,3 +275,78 @@ async def test_a_logger_does_not_see_a_cancelled_call(caplog: pytest.LogCaptureF
         gc.collect()
         await asyncio.sleep(0.01)
     assert not caplog.records
+
+
+@pytest.mark.shardloop(shards=2)
+async def test_raising_the_held_error_again_does_not_grow_its_traceback() -> None:
+    future = shard.submit_to(1, fail, "again")
+    await asyncio.wait([future])
+    depths = []
+    for _ in range(3):
+        try:
+            future.result()
+        except ValueError as err:
+            depths.append(len(traceback.extract_tb(err.__traceback__)))
+    assert depths[0] == depths[1] == depths[2], depths
+
+
+@pytest.mark.shardloop(shards=2)
+async def test_a_comparison_that_cancels_the_future_loses_no_callback() -> None:
+    future = shard.submit_to(1, sleeper, "compared")
+
+    class CancelsOnCompare:
+        def __call__(self, done: object) -> None:
+            pass
+
+        def __eq__(self, other: object) -> bool:
+            future.cancel()
+            return False
+
+        __hash__ = object.__hash__
+
+    async def waiter() -> str:
+        try:
+            await future
+        except asyncio.CancelledError:
+            return "woken"
+        return "answered"
+
+    task = asyncio.ensure_future(waiter())
+    await asyncio.sleep(0)
+    future.add_done_callback(CancelsOnCompare())
+    assert future.remove_done_callback(print) == 0
+    # (asyncio.wait, unlike wait_for, does not wait for a task it gave up on.)
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert done, "the task awaiting the future was never woken"
+    assert task.result() == "woken"
+
+
+async def waits_forever() -> None:
+    STARTED.append("forever")
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        CANCELLED.append("forever")
+        raise
+
+
+def test_a_call_cancelled_while_its_loop_is_stopped_is_cancelled_when_it_runs() -> None:
+    loop = shardloop.new_event_loop(2, pin=False, shutdown_timeout=10)
+    try:
+
+        async def start() -> ShardFuture[None]:
+            future = shard.submit_to(1, waits_forever)
+            await shard.submit_to(1, until, lambda: "forever" in STARTED)
+            return future
+
+        future = loop.run_until_complete(start())
+        assert future.cancel()  # the loop is not running here
+
+        async def cancelled_there() -> None:
+            await shard.submit_to(1, until, lambda: "forever" in CANCELLED)
+
+        loop.run_until_complete(cancelled_there())
+    finally:
+        began = time.monotonic()
+        loop.close()
+    assert time.monotonic() - began < 5, "close waited for a call whose cancel was lost"

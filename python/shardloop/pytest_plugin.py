@@ -257,7 +257,8 @@ _DESCRIBING = "shardloop-test-describe"
 async def _describe_shards() -> str:
     asyncio.current_task().set_name(_DESCRIBING)  # type: ignore[union-attr]
     calls = [shard.submit_to(i, _describe_tasks) for i in range(shard.count())]
-    await asyncio.wait(calls, timeout=_DESCRIBE_LIMIT)
+    # (A ShardFuture is a future to asyncio, though not to typeshed.)
+    await asyncio.wait(calls, timeout=_DESCRIBE_LIMIT)  # type: ignore[type-var]
     parts = []
     for i, call in enumerate(calls):
         if call.done() and call.exception() is None:

@@ -24,11 +24,11 @@ if TYPE_CHECKING:
     @overload
     def submit_to(
         shard_id: int, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any
-    ) -> asyncio.Future[T]: ...
+    ) -> _shardloop.ShardFuture[T]: ...
     @overload
     def submit_to(
         shard_id: int, fn: Callable[..., T], /, *args: Any, **kwargs: Any
-    ) -> asyncio.Future[T]: ...
+    ) -> _shardloop.ShardFuture[T]: ...
     def submit_to(shard_id: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Runs ``fn(*args, **kwargs)`` on shard ``shard_id``; await the result."""
 else:

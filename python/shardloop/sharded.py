@@ -17,6 +17,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from . import shard
 from ._loop import ShardLoop, _running_loop, current_loop
+from ._shardloop import ShardFuture
 from .groups import ServiceGroup
 
 T = TypeVar("T")
@@ -194,7 +195,7 @@ async def _one_turn() -> None:
     await asyncio.sleep(0)
 
 
-def _calls_in_shard_order(fn: Callable[[], Any]) -> list[asyncio.Future[Any]]:
+def _calls_in_shard_order(fn: Callable[[], Any]) -> list[ShardFuture[Any]]:
     """``fn`` on every shard (the others' calls sent first, as
     ``invoke_on_all`` does); the futures in shard order."""
     me, count = shard.id(), shard.count()

@@ -37,14 +37,18 @@ pub(crate) struct CallRef {
     pub(crate) id: u64,
     /// The call's service group (see `call::group`).
     pub(crate) group: u32,
-    /// Sends the cancel (`call::send::cancel_call`).
-    pub(crate) cancel: fn(CallRef),
+    /// Sends the cancel (`call::send::cancel_call`); false if it cannot
+    /// be sent from here and now (the loop is not running).
+    pub(crate) cancel: fn(CallRef) -> bool,
 }
 
 enum State {
     Pending,
     Finished(Py<PyAny>),
-    Failed(Py<PyBaseException>),
+    /// The exception, and the traceback it had when it was set: raising it
+    /// again starts from that one, as an asyncio future's does, rather than
+    /// growing with every `result()`.
+    Failed(Py<PyBaseException>, Option<Py<PyAny>>),
     Cancelled(Option<Py<PyAny>>),
 }
 
@@ -60,7 +64,7 @@ struct Callback {
 /// The future of a cross-shard call, of a Connection's read or drain, or of
 /// a Rust task: an asyncio-compatible future of one shard's loop, settled
 /// by the shard itself.
-#[pyclass(module = "shardloop._shardloop")]
+#[pyclass(module = "shardloop._shardloop", weakref)]
 pub(crate) struct ShardFuture {
     state: State,
     callbacks: Vec<Callback>,
@@ -108,9 +112,14 @@ impl ShardFuture {
         match &self.state {
             State::Pending => Err(InvalidStateError::new_err("Result is not ready.")),
             State::Finished(value) => Ok(value.clone_ref(py)),
-            State::Failed(exc) => {
+            State::Failed(exc, traceback) => {
                 self.retrieved = true;
-                Err(PyErr::from_value(exc.bind(py).clone().into_any()))
+                let exc = exc.bind(py);
+                let traceback = traceback
+                    .as_ref()
+                    .map_or_else(|| py.None(), |t| t.clone_ref(py));
+                let _ = exc.setattr(intern!(py, "__traceback__"), traceback);
+                Err(PyErr::from_value(exc.clone().into_any()))
             }
             State::Cancelled(msg) => Err(cancelled_error(py, msg.as_ref())),
         }
@@ -139,7 +148,15 @@ impl ShardFuture {
                     .filter(|m| m.len().unwrap_or(0) > 0);
                 State::Cancelled(message.map(|m| m.into_any().unbind()))
             }
-            Err(err) => State::Failed(exception_with_traceback(py, err).unbind()),
+            Err(err) => {
+                let exc = exception_with_traceback(py, err);
+                let traceback = exc
+                    .getattr(intern!(py, "__traceback__"))
+                    .ok()
+                    .filter(|t| !t.is_none())
+                    .map(Bound::unbind);
+                State::Failed(exc.unbind(), traceback)
+            }
         };
         let callbacks = std::mem::take(&mut this.callbacks);
         if callbacks.is_empty() {
@@ -293,6 +310,18 @@ impl ShardFuture {
         Self::__await__(slf)
     }
 
+    /// `ShardFuture[T]`, for annotations evaluated at run time.
+    #[classmethod]
+    fn __class_getitem__<'py>(
+        cls: &Bound<'py, pyo3::types::PyType>,
+        item: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = cls.py();
+        py.import(intern!(py, "types"))?
+            .getattr(intern!(py, "GenericAlias"))?
+            .call1((cls, item))
+    }
+
     /// Set while a task waits on this future (asyncio's protocol).
     #[getter(_asyncio_future_blocking)]
     fn blocking(&self) -> bool {
@@ -354,7 +383,7 @@ impl ShardFuture {
         match &self.state {
             State::Pending => Err(InvalidStateError::new_err("Exception is not set.")),
             State::Finished(_) => Ok(None),
-            State::Failed(exc) => {
+            State::Failed(exc, _) => {
                 self.retrieved = true;
                 Ok(Some(exc.clone_ref(py).into_any()))
             }
@@ -392,28 +421,37 @@ impl ShardFuture {
     /// Removes every done-callback equal to `fn`; returns how many.
     #[pyo3(signature = (r#fn, /))]
     fn remove_done_callback(slf: &Bound<'_, Self>, r#fn: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let taken = std::mem::take(&mut slf.borrow_mut().callbacks);
-        let mut kept = Vec::with_capacity(taken.len());
-        let mut removed = 0;
-        let mut failure = None;
-        for callback in taken {
-            // A comparison may run Python code: nothing is borrowed here.
-            match callback.function.bind(slf.py()).eq(r#fn) {
-                Ok(true) if failure.is_none() => removed += 1,
-                Ok(_) => kept.push(callback),
-                Err(err) => {
-                    failure.get_or_insert(err);
-                    kept.push(callback);
-                }
+        // (The removed callbacks are dropped once nothing is borrowed: a
+        // drop may run Python code.)
+        let py = slf.py();
+        let functions: Vec<Py<PyAny>> = slf
+            .borrow()
+            .callbacks
+            .iter()
+            .map(|c| c.function.clone_ref(py))
+            .collect();
+        // A comparison may run Python code, even code that settles or
+        // cancels this future: nothing is borrowed or taken out while it
+        // runs, and what compared equal is removed from the callbacks as
+        // they are afterwards.
+        let mut equal = Vec::new();
+        for function in &functions {
+            if function.bind(py).eq(r#fn)? {
+                equal.push(function.as_ptr());
             }
         }
-        let mut this = slf.borrow_mut();
-        kept.append(&mut this.callbacks);
-        this.callbacks = kept;
-        match failure {
-            Some(err) => Err(err),
-            None => Ok(removed),
+        if equal.is_empty() {
+            return Ok(0);
         }
+        let removed: Vec<Callback> = {
+            let mut this = slf.borrow_mut();
+            let (removed, kept) = std::mem::take(&mut this.callbacks)
+                .into_iter()
+                .partition(|c| equal.contains(&c.function.as_ptr()));
+            this.callbacks = kept;
+            removed
+        };
+        Ok(removed.len())
     }
 
     /// Cancels the future and the call it waits for (a coroutine running
@@ -430,7 +468,13 @@ impl ShardFuture {
             (std::mem::take(&mut this.callbacks), this.call.take())
         };
         if let Some(call) = call {
-            (call.cancel)(call);
+            if !(call.cancel)(call) {
+                // Cancelled while its loop does not run: sent once it does.
+                let later = Bound::new(slf.py(), SendCancel { call })?;
+                slf.borrow()
+                    .event_loop(slf.py())?
+                    .call_method1(intern!(slf.py(), "call_soon"), (later,))?;
+            }
         }
         schedule(slf, callbacks)?;
         Ok(true)
@@ -447,7 +491,7 @@ impl ShardFuture {
                     .unwrap_or_else(|_| "?".to_owned());
                 format!("finished result={}", shorten(&shown))
             }
-            State::Failed(exc) => {
+            State::Failed(exc, _) => {
                 let shown = exc
                     .bind(py)
                     .repr()
@@ -476,7 +520,13 @@ impl ShardFuture {
         }
         match &self.state {
             State::Finished(value) => visit.call(value),
-            State::Failed(exc) => visit.call(exc),
+            State::Failed(exc, traceback) => {
+                visit.call(exc)?;
+                match traceback {
+                    Some(traceback) => visit.call(traceback),
+                    None => Ok(()),
+                }
+            }
             State::Cancelled(Some(msg)) => visit.call(msg),
             _ => Ok(()),
         }
@@ -488,6 +538,22 @@ impl ShardFuture {
         if !self.is_pending() {
             self.state = State::Cancelled(None);
         }
+    }
+}
+
+/// The cancel of a call whose future was cancelled while its loop did not
+/// run, scheduled on that loop.
+#[pyclass(frozen)]
+struct SendCancel {
+    call: CallRef,
+}
+
+#[pymethods]
+impl SendCancel {
+    fn __call__(&self) {
+        // Still not on its shard (the loop runs elsewhere now): the call
+        // finishes, and its answer is dropped.
+        let _ = (self.call.cancel)(self.call);
     }
 }
 
@@ -505,7 +571,7 @@ impl Drop for ShardFuture {
     /// An exception nobody retrieved is reported, as asyncio reports it
     /// ("Future exception was never retrieved").
     fn drop(&mut self) {
-        let State::Failed(exc) = &self.state else {
+        let State::Failed(exc, _) = &self.state else {
             return;
         };
         if self.retrieved {

@@ -185,14 +185,16 @@ fn target_index(shard_id: &Bound<'_, PyAny>, count: usize) -> PyResult<usize> {
 }
 
 /// Sends the cancel of `call` to its shard, or withdraws it if its group
-/// still holds it back on this shard.
-pub(crate) fn cancel_call(call: CallRef) {
-    if context::active().is_some_and(|shard| {
-        shard.id == call.origin
-            && group::withdraw(&shard.admission, call.group, call.target, call.id)
-    }) {
+/// still holds it back on this shard. False, doing nothing, when the
+/// call's shard is not the one running here (its loop is not running): the
+/// cancel is then tried again from the loop.
+pub(crate) fn cancel_call(call: CallRef) -> bool {
+    let Some(shard) = context::active().filter(|shard| shard.id == call.origin) else {
+        return false;
+    };
+    if group::withdraw(&shard.admission, call.group, call.target, call.id) {
         // It never left: nothing to cancel there.
-        return;
+        return true;
     }
     let cancel = PyCall {
         origin: call.origin,
@@ -205,6 +207,7 @@ pub(crate) fn cancel_call(call: CallRef) {
     };
     // A cancel during shutdown cannot be sent; the call then finishes.
     let _ = shardloop_core::embed::send(call.target, Box::new(cancel));
+    true
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
