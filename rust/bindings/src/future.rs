@@ -248,11 +248,7 @@ fn report_callback_error(
         return;
     };
     let context = PyDict::new(py);
-    let described = function
-        .bind(py)
-        .repr()
-        .map(|r| r.to_string())
-        .unwrap_or_else(|_| "<callback>".to_owned());
+    let described = shown(function.bind(py), "<callback>");
     let _ = context.set_item("message", format!("Exception in callback {described}"));
     let _ = context.set_item("exception", exception_with_traceback(py, err));
     let _ = context.set_item("future", future);
@@ -484,20 +480,13 @@ impl ShardFuture {
         let state = match &self.state {
             State::Pending => "pending".to_owned(),
             State::Finished(value) => {
-                let shown = value
-                    .bind(py)
-                    .repr()
-                    .map(|r| r.to_string())
-                    .unwrap_or_else(|_| "?".to_owned());
-                format!("finished result={}", shorten(&shown))
+                format!("finished result={}", shorten(&shown(value.bind(py), "?")))
             }
             State::Failed(exc, _) => {
-                let shown = exc
-                    .bind(py)
-                    .repr()
-                    .map(|r| r.to_string())
-                    .unwrap_or_else(|_| "?".to_owned());
-                format!("finished exception={}", shorten(&shown))
+                format!(
+                    "finished exception={}",
+                    shorten(&shown(exc.bind(py).as_any(), "?"))
+                )
             }
             State::Cancelled(_) => "cancelled".to_owned(),
         };
@@ -555,6 +544,14 @@ impl SendCancel {
         // finishes, and its answer is dropped.
         let _ = (self.call.cancel)(self.call);
     }
+}
+
+/// The repr of `object`, or `fallback` if its `__repr__` fails.
+fn shown(object: &Bound<'_, PyAny>, fallback: &str) -> String {
+    object
+        .repr()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|_| fallback.to_owned())
 }
 
 /// A long repr cut down, as asyncio's reprlib does for a future's result.
