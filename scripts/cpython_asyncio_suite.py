@@ -5,7 +5,10 @@ new event loop a shardloop runtime, and prints what passed and failed.
 
 Tests that build their own loop class (the suite's TestLoop, the proactor
 and the Windows tests) do not exercise shardloop and are left to the suite's
-own skips.
+own skips. The exception is test_events' event-loop tests (sockets,
+servers, connections, transports, subprocesses, signals), which build
+`SelectorEventLoop`s: they run here against a shard loop too
+(`ShardLoopEventLoopTests`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,43 @@ class Policy(shardloop.EventLoopPolicy):
         return shardloop.new_event_loop(2, pin=False)
 
 
+# Tests of test_events' mixin that check what a shard loop does differently
+# on purpose, with the reason.
+DIFFERENT_ON_PURPOSE = {
+    "test_create_connection": "checks isinstance(transport, asyncio.Transport): "
+    "shardloop's socket transport is a Rust class (as uvloop's is a Cython one)",
+    "test_create_unix_connection": "as test_create_connection",
+}
+
+
+def shard_loop_event_tests() -> unittest.TestSuite:
+    """CPython's event-loop tests (test_events.EventLoopTestsMixin and its
+    Unix and subprocess parts), which build their loops themselves, run
+    against a shard loop."""
+    from test.test_asyncio import test_events
+    from test.test_asyncio import utils as test_utils
+
+    mixins = [test_events.EventLoopTestsMixin]
+    unix = getattr(test_events, "UnixEventLoopTestsMixin", None)
+    if unix is not None:
+        mixins = [unix]
+    subprocess = getattr(test_events, "SubprocessTestsMixin", None)
+    if subprocess is not None:
+        mixins.append(subprocess)
+
+    class ShardLoopEventLoopTests(*mixins, test_utils.TestCase):  # type: ignore[misc]
+        def create_event_loop(self) -> asyncio.AbstractEventLoop:
+            return shardloop.new_event_loop(2, pin=False)
+
+    for name, reason in DIFFERENT_ON_PURPOSE.items():
+        setattr(
+            ShardLoopEventLoopTests,
+            name,
+            unittest.skip(reason)(getattr(ShardLoopEventLoopTests, name)),
+        )
+    return unittest.defaultTestLoader.loadTestsFromTestCase(ShardLoopEventLoopTests)
+
+
 # No test may hang the run: past this, every thread's stack is dumped and
 # the process ends (the suite's own slowest tests take a few seconds).
 TEST_LIMIT = 120
@@ -69,6 +109,8 @@ def main() -> int:
     asyncio.DefaultEventLoopPolicy = Policy  # type: ignore[misc]
     asyncio.set_event_loop_policy(Policy())
     suite = unittest.defaultTestLoader.loadTestsFromNames(f"test.test_asyncio.{m}" for m in modules)
+    if "test_events" in modules:
+        suite.addTests(shard_loop_event_tests())
     runner = unittest.TextTestRunner(verbosity=1, stream=sys.stdout, resultclass=BoundedResult)
     result = runner.run(suite)
     asyncio.DefaultEventLoopPolicy = original  # type: ignore[misc]

@@ -13,6 +13,12 @@ pinned to core 0 and the load generator (``tools/loadgen.py``'s binary) to
 core 1; a 2-shard server uses both cores and the load generator shares
 them. The ratio 2 shards / 1 shard is what scaling costs per request.
 
+For echo and lookup, the same servers written with asyncio's own API
+(``benches/net/baseline_server.py``: a Protocol through
+``loop.create_server``, and streams) on a shard loop, on uvloop and on
+stock asyncio, each alone on core 0: what a framework built on asyncio's
+transports gets from each loop.
+
 For echo, the Rust-core echo example (``examples/echo.rs``, 1 shard, placed
 as the 1-shard server) is the floor: what the kernel's loopback TCP and the
 runtime's own loop cost, with no Python at all. ``--pipeline N`` has every
@@ -68,6 +74,15 @@ def servers(protocol: str, port: int, py: str) -> dict[str, tuple[list[list[str]
         base += ["--protocol", protocol, "--port", str(port)]
         found["uvloop, 1 process"] = ([base], "0")
         found["uvloop, 2 processes"] = ([base, base], None)
+        # asyncio's own API (a Protocol through loop.create_server, and
+        # streams) on each loop, the server alone on core 0.
+        for loop, python in (("shardloop", py), ("uvloop", sys.executable), ("asyncio", py)):
+            for api in ("protocol", "streams"):
+                if loop == "uvloop" and api == "streams":
+                    continue  # the row "uvloop, 1 process" above
+                command = [python, str(HERE / "baseline_server.py"), "--loop", loop]
+                command += ["--api", api, "--protocol", protocol, "--port", str(port)]
+                found[f"{loop} loop, {api}"] = ([command], "0")
     return found
 
 
@@ -136,7 +151,7 @@ def main() -> None:
             results.setdefault(protocol, {})[name] = result
             if not args.json:
                 print(
-                    f"{protocol:9} {name:22} {result['requests_per_second']:>9,} req/s  "
+                    f"{protocol:9} {name:26} {result['requests_per_second']:>9,} req/s  "
                     f"{result['cpu_us_per_request']:>7} us CPU per request  "
                     f"errors {result['errors']}",
                     flush=True,
@@ -146,6 +161,10 @@ def main() -> None:
             ("shardloop, 2 shards", "shardloop, 1 shard"),
             ("shardloop, 1 shard", "Rust core, 1 shard"),
             ("shardloop, 1 shard", "uvloop, 1 process"),
+            ("shardloop loop, protocol", "uvloop loop, protocol"),
+            ("shardloop loop, protocol", "asyncio loop, protocol"),
+            ("shardloop loop, streams", "uvloop, 1 process"),
+            ("shardloop loop, streams", "asyncio loop, streams"),
         ]:
             if over in mine and under in mine and not args.json:
                 ratio = mine[over]["cpu_us_per_request"] / mine[under]["cpu_us_per_request"]

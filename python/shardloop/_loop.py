@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import functools
+import inspect
 import itertools
 import os
 import selectors
 import signal
+import socket
 import threading
 import warnings
 import weakref
@@ -368,9 +370,78 @@ class ShardLoop(asyncio.SelectorEventLoop):
             signal.set_wakeup_fd(-1)
 
     def _release_foreign(self) -> None:
-        """Drops the objects this shard owned through ForeignRefs."""
+        """Drops the objects this shard owned through ForeignRefs, and lets
+        go of the transports left open (each closes its socket, with a
+        ``ResourceWarning``, when it is collected, as asyncio's do)."""
         owned, self._foreign = self._foreign, {}
         owned.clear()
+        transports = getattr(self, "_transports", {})
+        for transport in list(transports.values()):
+            if isinstance(transport, _shardloop.Transport):
+                transport._release()
+
+    def _make_socket_transport(
+        self,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        waiter: asyncio.Future[None] | None = None,
+        *,
+        extra: dict[str, Any] | None = None,
+        server: asyncio.Server | None = None,
+    ) -> Any:
+        """The transport of a connected stream socket: shardloop's, whose
+        reads, writes and delivery to the protocol happen in Rust (see
+        ``_shardloop.Transport``), for TCP and Unix sockets; asyncio's
+        otherwise. It starts as asyncio's does: ``connection_made``, then
+        reading, then ``waiter``, each with ``call_soon``."""
+        if sock.type != socket.SOCK_STREAM or sock.family not in _NATIVE_FAMILIES:
+            return super()._make_socket_transport(  # type: ignore[misc]
+                sock, protocol, waiter, extra=extra, server=server
+            )
+        asyncio.base_events._set_nodelay(sock)  # type: ignore[attr-defined]
+        transport = _shardloop.Transport.make(
+            self, sock, protocol, _transport_extra(sock, extra), server, _SERVER_TRACKS_TRANSPORTS
+        )
+        if server is not None:
+            if _SERVER_TRACKS_TRANSPORTS:
+                server._attach(transport)  # type: ignore[attr-defined]
+            else:
+                server._attach()  # type: ignore[attr-defined]
+        self._transports[sock.fileno()] = transport  # type: ignore[attr-defined]
+        self.call_soon(protocol.connection_made, transport)  # type: ignore[arg-type]
+        self.call_soon(transport._start_reading)
+        if waiter is not None:
+            self.call_soon(asyncio.futures._set_result_unless_cancelled, waiter, None)  # type: ignore[attr-defined]
+        return transport
+
+
+# The socket families whose connections get shardloop's transport.
+_NATIVE_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+
+# asyncio's Server counts its connections through _attach()/_detach(), and
+# from 3.13 on keeps them too (_attach(transport), for close_clients()).
+_SERVER_TRACKS_TRANSPORTS = (
+    "transport"
+    in inspect.signature(
+        asyncio.base_events.Server._attach  # type: ignore[attr-defined]
+    ).parameters
+)
+
+
+def _transport_extra(sock: socket.socket, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """What a socket transport's get_extra_info() knows, as asyncio's has it."""
+    info = dict(extra or {})
+    info["socket"] = asyncio.trsock.TransportSocket(sock)  # type: ignore[attr-defined]
+    try:
+        info["sockname"] = sock.getsockname()
+    except OSError:
+        info["sockname"] = None
+    if "peername" not in info:
+        try:
+            info["peername"] = sock.getpeername()
+        except OSError:
+            info["peername"] = None
+    return info
 
 
 class _CtrlCStops:

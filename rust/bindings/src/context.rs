@@ -34,6 +34,18 @@ pub(crate) enum Incoming {
         future: Py<ShardFuture>,
         produce: Produce,
     },
+    /// Something of this shard that has Python work to do: a transport
+    /// whose bytes arrived, say.
+    Work(Rc<dyn PythonWork>),
+}
+
+/// What the Rust side of an object readied for its Python side: the driver
+/// runs it with the GIL, in the pass after the poll that found it.
+pub(crate) trait PythonWork {
+    /// Does the work. Only what stops a loop (`SystemExit`,
+    /// `KeyboardInterrupt`) comes out: other errors are the object's to
+    /// report.
+    fn run(self: Rc<Self>, py: Python<'_>) -> PyResult<()>;
 }
 
 /// Work that must be done when the shard's turn ends, before it looks for

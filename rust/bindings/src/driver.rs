@@ -274,6 +274,8 @@ fn run_arrived(
                     ready.extend(settle(py, future.bind(py), produce(py), None));
                     Ok(false)
                 }
+                // What it leaves for the loop is looked for after the pass.
+                Incoming::Work(work) => work.run(py).map(|()| false),
             };
             match handled {
                 Ok(started) => scheduled |= started,

@@ -4,6 +4,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 
 use crate::context::with_shard;
 use crate::shard::Shard;
@@ -35,18 +36,38 @@ impl<T: AsRawFd> Async<T> {
 
     /// Waits until the descriptor may be readable.
     pub async fn readable(&self) {
-        std::future::poll_fn(|cx| self.shard.reactor.poll_ready(self.index, false, cx)).await
+        std::future::poll_fn(|cx| self.poll_readable(cx)).await
     }
 
     /// Waits until the descriptor may be writable.
     pub async fn writable(&self) {
-        std::future::poll_fn(|cx| self.shard.reactor.poll_ready(self.index, true, cx)).await
+        std::future::poll_fn(|cx| self.poll_writable(cx)).await
     }
 
     /// Whether the reactor has seen the descriptor readable since the
     /// readiness was last cleared: a read may find data without waiting.
     pub fn is_readable(&self) -> bool {
         self.shard.reactor.is_readable(self.index)
+    }
+
+    /// Like [`readable`](Self::readable), for a hand-written future:
+    /// `Ready` if the descriptor may be readable, or `Pending` with the
+    /// task's waker kept until it may be.
+    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.shard.reactor.poll_ready(self.index, false, cx)
+    }
+
+    /// Like [`poll_readable`](Self::poll_readable), for writing.
+    pub fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.shard.reactor.poll_ready(self.index, true, cx)
+    }
+
+    /// Forgets the write readiness, so that
+    /// [`poll_writable`](Self::poll_writable) waits for the reactor's next
+    /// event. Call it only right after a write that failed with
+    /// `WouldBlock`, with no await in between.
+    pub fn clear_writable(&self) {
+        self.shard.reactor.clear(self.index, true);
     }
 
     /// Forgets the read readiness, so [`readable`](Self::readable) waits for

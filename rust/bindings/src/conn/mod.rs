@@ -19,6 +19,7 @@
 
 mod buffer;
 mod stream;
+mod transport;
 
 use std::net::TcpStream;
 use std::os::fd::{FromRawFd, RawFd};
@@ -306,5 +307,6 @@ impl Waiting {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Connection>()?;
-    m.add_class::<Waiting>()
+    m.add_class::<Waiting>()?;
+    transport::register(m)
 }

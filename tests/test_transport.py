@@ -1,0 +1,521 @@
+"""A shard loop's socket transport (Rust's, behind loop.create_server,
+create_connection and the streams): the same protocol code runs on stock
+asyncio and on a shard loop and must see the same calls, in the same order."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import socket
+import sys
+import warnings
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import shardloop
+from conftest import run2
+from shardloop import _shardloop
+
+Run = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+class Recorder(asyncio.Protocol):
+    """Records what the transport calls, and echoes what it receives
+    unless told otherwise."""
+
+    def __init__(self, echo: bool = True) -> None:
+        self.echo = echo
+        self.calls: list[str] = []
+        self.data = bytearray()
+        self.transport: Any = None
+        self.lost: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.calls.append("made")
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if not self.calls or self.calls[-1] != "data":
+            self.calls.append("data")
+        self.data += data
+        if self.echo:
+            self.transport.write(data)
+
+    def eof_received(self) -> bool | None:
+        self.calls.append("eof")
+        return None
+
+    def pause_writing(self) -> None:
+        self.calls.append("pause")
+
+    def resume_writing(self) -> None:
+        self.calls.append("resume")
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.calls.append("lost")
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+async def serve(protocol: Callable[[], asyncio.BaseProtocol]) -> tuple[asyncio.Server, int]:
+    server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_a_shard_loop_gives_its_own_transport() -> None:
+    async def main() -> tuple[type, Any, Any, bool]:
+        made: list[Recorder] = []
+
+        def factory() -> Recorder:
+            made.append(Recorder())
+            return made[-1]
+
+        server, port = await serve(factory)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"x")
+        await reader.readexactly(1)
+        transport = made[0].transport
+        info = (transport.get_extra_info("sockname"), transport.get_extra_info("peername"))
+        sock = transport.get_extra_info("socket")
+        nodelay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        kinds = (type(transport), type(writer.transport))
+        writer.close()
+        await made[0].lost
+        server.close()
+        await server.wait_closed()
+        return kinds, info, writer.get_extra_info("sockname"), nodelay
+
+    kinds, (sockname, peername), client_name, nodelay = run2(main())
+    assert kinds == (_shardloop.Transport, _shardloop.Transport)
+    assert sockname[0] == "127.0.0.1"
+    assert peername == client_name
+    assert nodelay
+
+
+def test_the_protocol_hears_in_asyncio_s_order(run_on: Run) -> None:
+    async def main() -> tuple[list[str], bytes, BaseException | None, bool]:
+        made: list[Recorder] = []
+
+        def factory() -> Recorder:
+            made.append(Recorder())
+            return made[-1]
+
+        server, port = await serve(factory)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for i in range(20):
+            writer.write(b"line %d\n" % i)
+        echoed = b"".join([await reader.readline() for _ in range(20)])
+        writer.write_eof()
+        assert await reader.read() == b""  # the server closes after EOF
+        exc = await made[0].lost
+        closing = made[0].transport.is_closing()
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return made[0].calls, echoed, exc, closing
+
+    calls, echoed, exc, closing = run_on(main())
+    assert calls == ["made", "data", "eof", "lost"]
+    assert echoed == b"".join(b"line %d\n" % i for i in range(20))
+    assert exc is None
+    assert closing
+
+
+def test_a_client_that_does_not_read_pauses_the_writer(run_on: Run) -> None:
+    """Flow control: past the high water mark the protocol is paused; once
+    the client reads, it is resumed, and every byte arrives in order."""
+
+    payload = bytes(range(256)) * 40_000  # ~10 MB: more than the socket buffers
+
+    async def main() -> tuple[list[str], bool, int, tuple[int, int]]:
+        made: list[Recorder] = []
+
+        def factory() -> Recorder:
+            made.append(Recorder(echo=False))
+            return made[-1]
+
+        server, port = await serve(factory)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"go")
+        while not made or not made[0].data:
+            await asyncio.sleep(0.001)
+        transport = made[0].transport
+        transport.write(payload)
+        paused_at = transport.get_write_buffer_size()
+        await asyncio.sleep(0.05)  # the client reads nothing meanwhile
+        received = await reader.readexactly(len(payload))
+        for _ in range(100):
+            if "resume" in made[0].calls:
+                break
+            await asyncio.sleep(0.01)
+        limits = transport.get_write_buffer_limits()
+        transport.close()
+        await made[0].lost
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return made[0].calls, received == payload, paused_at, limits
+
+    calls, intact, paused_at, limits = run_on(main())
+    assert calls[:4] == ["made", "data", "pause", "resume"]
+    assert intact
+    assert paused_at > 64 * 1024
+    assert limits == (16 * 1024, 64 * 1024)
+
+
+def test_paused_reading_holds_the_data_back(run_on: Run) -> None:
+    async def main() -> tuple[bytes, bytes, bool, bool]:
+        made: list[Recorder] = []
+
+        class Pausing(Recorder):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                transport.pause_reading()  # type: ignore[attr-defined]
+
+        def factory() -> Recorder:
+            made.append(Pausing(echo=False))
+            return made[-1]
+
+        server, port = await serve(factory)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"first ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        held = bytes(made[0].data)
+        was_reading = made[0].transport.is_reading()
+        made[0].transport.resume_reading()
+        writer.write(b"second")
+        while len(made[0].data) < 12:
+            await asyncio.sleep(0.001)
+        writer.close()
+        await made[0].lost
+        server.close()
+        await server.wait_closed()
+        return held, bytes(made[0].data), was_reading, made[0].transport.is_reading()
+
+    held, data, was_reading, reading_after = run_on(main())
+    assert held == b""
+    assert data == b"first second"
+    assert not was_reading
+    assert not reading_after  # closed
+
+
+class Buffered(asyncio.BufferedProtocol):
+    """Takes what arrives through a small buffer of its own."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(7)
+        self.data = bytearray()
+        self.sizes: list[int] = []
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.sizes.append(nbytes)
+        self.data += self.buffer[:nbytes]
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost.set_result(None)
+
+
+def test_a_buffered_protocol_gets_everything_through_its_buffer(run_on: Run) -> None:
+    payload = b"".join(b"%05d" % i for i in range(2000))
+
+    async def main() -> tuple[bytes, int]:
+        made: list[Buffered] = []
+
+        def factory() -> Buffered:
+            made.append(Buffered())
+            return made[-1]
+
+        server, port = await serve(factory)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(payload)
+        writer.close()
+        await made[0].lost
+        server.close()
+        await server.wait_closed()
+        return bytes(made[0].data), max(made[0].sizes)
+
+    data, largest = run_on(main())
+    assert data == payload
+    assert largest <= 7
+
+
+def test_a_protocol_that_raises_is_reported_and_its_connection_closed(run_on: Run) -> None:
+    async def main() -> tuple[str, str, str, bool]:
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, context: reported.append(context))
+        made: list[Recorder] = []
+
+        class Failing(Recorder):
+            def data_received(self, data: bytes) -> None:
+                raise ValueError("bad request")
+
+        def factory() -> Recorder:
+            made.append(Failing())
+            return made[-1]
+
+        server, port = await serve(factory)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"x")
+        exc = await made[0].lost
+        closed = await reader.read() == b""
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return reported[0]["message"], repr(reported[0]["exception"]), repr(exc), closed
+
+    message, reported, lost_with, closed = run_on(main())
+    assert message == "Fatal error: protocol.data_received() call failed."
+    assert reported == lost_with == "ValueError('bad request')"
+    assert closed
+
+
+def test_bad_writes_get_asyncio_s_errors(run_on: Run) -> None:
+    async def main() -> list[str]:
+        made: list[Recorder] = []
+
+        def factory() -> Recorder:
+            made.append(Recorder(echo=False))
+            return made[-1]
+
+        server, port = await serve(factory)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"x")
+        while not made or not made[0].data:
+            await asyncio.sleep(0.001)
+        transport = made[0].transport
+        seen = []
+        for bad in (
+            lambda: transport.write("text"),
+            lambda: transport.set_write_buffer_limits(high=1, low=2),
+        ):
+            try:
+                bad()
+            except (TypeError, ValueError) as exc:
+                seen.append(f"{type(exc).__name__}: {exc}")
+        transport.write(bytearray(b"ab"))
+        transport.write(memoryview(b"cd"))
+        transport.writelines([b"e", bytearray(b"f"), memoryview(b"g")])
+        transport.write(b"")
+        transport.write_eof()
+        try:
+            transport.write(b"late")
+        except RuntimeError as exc:
+            seen.append(f"RuntimeError: {exc}")
+        seen.append((await reader.read()).decode())
+        writer.close()
+        transport.close()
+        await made[0].lost
+        server.close()
+        await server.wait_closed()
+        return seen
+
+    assert run_on(main()) == [
+        "TypeError: data argument must be a bytes-like object, not 'str'",
+        "ValueError: high (1) must be >= low (2) must be >= 0",
+        "RuntimeError: Cannot call write() after write_eof()",
+        "abcdefg",
+    ]
+
+
+def test_abort_drops_what_is_buffered_and_writes_after_are_dropped(
+    run_on: Run, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> tuple[BaseException | None, list[str]]:
+        made: list[Recorder] = []
+
+        def factory() -> Recorder:
+            made.append(Recorder(echo=False))
+            return made[-1]
+
+        server, port = await serve(factory)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"x")
+        while not made or not made[0].data:
+            await asyncio.sleep(0.001)
+        transport = made[0].transport
+        transport.write(b"y" * 1_000_000)
+        transport.abort()
+        exc = await made[0].lost
+        for _ in range(6):
+            transport.write(b"after")  # dropped; from the fifth on, logged
+        await reader.read()
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return exc, made[0].calls
+
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        exc, calls = run_on(main())
+    assert exc is None
+    assert calls[-1] == "lost"
+    assert "socket.send() raised exception." in caplog.text
+
+
+def test_unix_sockets_get_the_transport_too() -> None:
+    async def main(path: str) -> tuple[bytes, type]:
+        made: list[Recorder] = []
+
+        def factory() -> Recorder:
+            made.append(Recorder())
+            return made[-1]
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(factory, path)
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(b"over unix")
+        echoed = await reader.readexactly(9)
+        writer.close()
+        await made[0].lost
+        server.close()
+        await server.wait_closed()
+        return echoed, type(made[0].transport)
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as where:
+        echoed, kind = run2(main(f"{where}/socket"))
+    assert echoed == b"over unix"
+    assert kind is _shardloop.Transport
+
+
+def test_a_transport_left_open_closes_with_its_runtime() -> None:
+    """As asyncio's: a ResourceWarning, and its socket closed (the peer
+    sees the end of the stream)."""
+
+    peer: list[socket.socket] = []
+
+    async def main() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+        accepted, _ = listener.accept()
+        listener.close()
+        peer.append(accepted)
+        del transport
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run2(main())
+        gc.collect()
+    assert any(
+        issubclass(w.category, ResourceWarning) and "unclosed transport" in str(w.message)
+        for w in caught
+    )
+    peer[0].settimeout(5)
+    assert peer[0].recv(10) == b""
+    peer[0].close()
+
+
+def test_system_exit_in_data_received_stops_the_runtime() -> None:
+    class Exiting(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            raise SystemExit(3)
+
+    async def main() -> None:
+        server, port = await serve(Exiting)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"x")
+        await asyncio.sleep(10)
+
+    with pytest.raises(SystemExit) as raised:
+        run2(main())
+    assert raised.value.code == 3
+
+
+@pytest.mark.skipif(sys.version_info < (3, 13), reason="Server.close_clients is new in 3.13")
+def test_a_server_closes_its_clients() -> None:
+    async def main() -> list[BaseException | None]:
+        made: list[Recorder] = []
+
+        def factory() -> Recorder:
+            made.append(Recorder())
+            return made[-1]
+
+        server, port = await serve(factory)
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        while len(made) < 3:
+            await asyncio.sleep(0.001)
+        server.close()
+        server.close_clients()  # type: ignore[attr-defined]
+        await asyncio.wait_for(server.wait_closed(), 5)
+        for _, writer in clients:
+            writer.close()
+        return [await p.lost for p in made]
+
+    assert run2(main()) == [None, None, None]
+
+
+def test_many_connections_at_once_on_every_shard() -> None:
+    async def one_shard() -> int:
+        made: list[Recorder] = []
+
+        def factory() -> Recorder:
+            made.append(Recorder())
+            return made[-1]
+
+        server, port = await serve(factory)
+
+        async def talk(i: int) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"%d " % i * 100)
+            reply = await reader.readexactly(len(b"%d " % i * 100))
+            writer.close()
+            await writer.wait_closed()
+            return reply
+
+        replies = await asyncio.gather(*(talk(i) for i in range(50)))
+        server.close()
+        await server.wait_closed()
+        return sum(reply == b"%d " % i * 100 for i, reply in enumerate(replies))
+
+    async def main() -> list[int]:
+        return await shardloop.shard.invoke_on_all(one_shard)
+
+    assert run2(main()) == [50, 50]
+
+
+def test_any_thread_may_ask_whether_a_transport_is_closing() -> None:
+    """A StreamWriter collected on another thread asks its transport
+    is_closing() (and a log handler may ask get_extra_info)."""
+
+    async def main() -> tuple[bool, bool, Any, str]:
+        loop = asyncio.get_running_loop()
+        made: list[Recorder] = []
+
+        def factory() -> Recorder:
+            made.append(Recorder())
+            return made[-1]
+
+        server, port = await serve(factory)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        transport = writer.transport
+        open_there = await loop.run_in_executor(None, transport.is_closing)
+        peer = await loop.run_in_executor(None, transport.get_extra_info, "peername")
+        try:
+            await loop.run_in_executor(None, transport.write, b"x")
+        except RuntimeError as exc:
+            misuse = str(exc)
+        writer.close()
+        closing_there = await loop.run_in_executor(None, transport.is_closing)
+        await made[0].lost
+        server.close()
+        await server.wait_closed()
+        return open_there, closing_there, peer, misuse
+
+    open_there, closing_there, peer, misuse = run2(main())
+    assert (open_there, closing_there) == (False, True)
+    assert peer[0] == "127.0.0.1"
+    assert misuse == "a Transport is used only on its own shard (shard 0)"
