@@ -180,7 +180,7 @@ def test_paused_reading_holds_the_data_back(run_on: Run) -> None:
             return made[-1]
 
         server, port = await serve(factory)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"first ")
         await writer.drain()
         await asyncio.sleep(0.05)
@@ -425,7 +425,7 @@ def test_system_exit_in_data_received_stops_the_runtime() -> None:
             raise SystemExit(3)
 
     async def main() -> None:
-        server, port = await serve(Exiting)
+        _server, port = await serve(Exiting)
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"x")
         await asyncio.sleep(10)
@@ -519,3 +519,48 @@ def test_any_thread_may_ask_whether_a_transport_is_closing() -> None:
     assert (open_there, closing_there) == (False, True)
     assert peer[0] == "127.0.0.1"
     assert misuse == "a Transport is used only on its own shard (shard 0)"
+
+
+def native_heap() -> int:
+    """Bytes the C heap has in use (what Rust allocates, not Python's
+    object arenas)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+        _fields_ = [(name, ctypes.c_size_t) for name in names.split()]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+def test_a_transport_closed_while_its_reader_waits_leaves_nothing_behind(how: str) -> None:
+    """The reader task waiting on the socket ends with the connection (it
+    held the transport's state, a 16 KiB buffer each, for good)."""
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        server, port = await serve(asyncio.Protocol)
+
+        async def one() -> None:
+            transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+            await asyncio.sleep(0.001)  # its reader now waits for the socket
+            getattr(transport, how)()
+            await asyncio.sleep(0.001)
+
+        for _ in range(50):
+            await one()
+        before = native_heap()
+        for _ in range(300):
+            await one()
+        await asyncio.sleep(0.05)
+        grown = native_heap() - before
+        server.close()
+        await server.wait_closed()
+        return grown
+
+    grown = run2(main())
+    assert grown < 1_500_000  # 300 leaked transports would hold 4.8 MB

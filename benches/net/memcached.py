@@ -5,6 +5,12 @@ memcaslap (libmemcached-tools), or shardloop's own load generator
 
     python benches/net/memcached.py [--seconds 5] [--concurrency 64]
                                     [--client memcaslap|shardloop] [--client-cpu N]
+                                    [--one-core]
+
+``--one-core`` puts each server alone on core 0 (``taskset``) and the client
+alone on core 1: ``memcached -t 1`` against the example on one shard that
+sleeps as soon as it is idle (``--idle-poll 0``), as a server is placed in
+production.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import argparse
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,12 +67,35 @@ def main() -> None:
         help="pin the client to this core (default: the scheduler places it)",
     )
     parser.add_argument("--client", choices=("memcaslap", "shardloop"), default="memcaslap")
+    parser.add_argument(
+        "--one-core",
+        action="store_true",
+        help="each server alone on core 0, the client alone on core 1",
+    )
     args = parser.parse_args()
     if args.client == "shardloop":
         binary()  # the load generator, built before any server starts
+    memcached = shutil.which("memcached") or "memcached"
+    if args.one_core:
+        args.client_cpu = 1
+        pin = ["taskset", "-c", "0"]
+        servers = {
+            "memcached -t 1, core 0": lambda port: [
+                *pin,
+                *[memcached, "-t", "1", "-p", str(port), "-l", "127.0.0.1", "-U", "0"],
+                *["-u", "nobody"],
+            ],
+            "shardloop example, 1 shard, core 0": lambda port: [
+                *pin,
+                *example(port),
+                *["--shards", "1", "--idle-poll", "0"],
+            ],
+        }
+        run_servers(servers, args, "memcached -t 1, core 0")
+        return
     servers = {
         "memcached -t 2": lambda port: [
-            shutil.which("memcached") or "memcached",
+            memcached,
             "-t",
             "2",
             "-p",
@@ -86,17 +116,25 @@ def main() -> None:
             "2",
         ],
     }
+    run_servers(servers, args, "memcached -t 2")
+
+
+def run_servers(
+    servers: dict[str, Callable[[int], list[str]]], args: argparse.Namespace, base_name: str
+) -> None:
+    """Drives each server in turn with the same client; prints ops/s and
+    the ratio of each shardloop server to `base_name`."""
     results = {}
     for name, command in servers.items():
         port = free_port()
         with serving([command(port)], port):
             client = memcaslap if args.client == "memcaslap" else memcached_load
             results[name] = client(port, args)
-        print(f"{name:32} {results[name]['ops_per_second']:>12,.0f} ops/s", flush=True)
-    base = results["memcached -t 2"]["ops_per_second"]
+        print(f"{name:36} {results[name]['ops_per_second']:>12,.0f} ops/s", flush=True)
+    base = results[base_name]["ops_per_second"]
     for name, result in results.items():
         if name.startswith("shardloop"):
-            print(f"{name} / memcached -t 2 = {result['ops_per_second'] / base:.2f}x")
+            print(f"{name} / {base_name} = {result['ops_per_second'] / base:.2f}x")
 
 
 if __name__ == "__main__":

@@ -117,8 +117,11 @@ struct Inner {
     protocol_paused: Cell<bool>,
     high: Cell<usize>,
     low: Cell<usize>,
-    /// The reader task, parked until the protocol wants data again.
+    /// The reader task, parked until the protocol wants data again (or
+    /// the socket is readable).
     reader: RefCell<Option<Waker>>,
+    /// The writer task, parked until the socket is writable.
+    writer: RefCell<Option<Waker>>,
     reader_started: Cell<bool>,
     /// The writer task is sending what the socket did not take at once.
     writing: Cell<bool>,
@@ -184,7 +187,22 @@ impl Inner {
     }
 
     fn wake_reader(&self) {
-        if let Some(waker) = self.reader.borrow_mut().take() {
+        let waker = self.reader.borrow_mut().take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Stops watching the descriptor, and wakes the tasks that waited on
+    /// it so that they end (and let go of the transport's state).
+    fn deregister(&self) {
+        self.lost.set(true);
+        self.closing.set(true);
+        let io = self.io.borrow_mut().take();
+        drop(io);
+        self.wake_reader();
+        let writer = self.writer.borrow_mut().take();
+        if let Some(waker) = writer {
             waker.wake();
         }
     }
@@ -221,6 +239,9 @@ impl Inner {
                 return Poll::Ready(());
             };
             if io.poll_readable(cx).is_pending() {
+                // Kept here too: a lost connection wakes the task to end it
+                // (the reactor forgets its waker when the descriptor goes).
+                *self.reader.borrow_mut() = Some(cx.waker().clone());
                 return Poll::Pending;
             }
             if self.fill(io) {
@@ -346,6 +367,7 @@ impl Inner {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     io.clear_writable();
                     if io.poll_writable(cx).is_pending() {
+                        *self.writer.borrow_mut() = Some(cx.waker().clone());
                         return Poll::Pending;
                     }
                 }
@@ -580,11 +602,7 @@ impl Inner {
     /// Stops watching the descriptor and lets go of the Python objects;
     /// returns them for the caller to use and drop with nothing borrowed.
     fn release(&self) -> Option<Objects> {
-        self.lost.set(true);
-        self.closing.set(true);
-        let io = self.io.borrow_mut().take();
-        drop(io);
-        self.wake_reader();
+        self.deregister();
         self.objects.borrow_mut().take()
     }
 
@@ -741,10 +759,7 @@ impl EndOfTurn for Inner {
 /// What a `Transport` object does when it goes: nothing is left to do but
 /// stop watching its descriptor (the Python side is gone with it).
 fn forget(inner: Rc<Inner>) {
-    inner.lost.set(true);
-    inner.closing.set(true);
-    let io = inner.io.borrow_mut().take();
-    drop(io);
+    inner.deregister();
 }
 
 const A_TRANSPORT: &str = "a Transport";
@@ -817,6 +832,7 @@ impl Transport {
             high: Cell::new(HIGH_WATER),
             low: Cell::new(HIGH_WATER / 4),
             reader: RefCell::new(None),
+            writer: RefCell::new(None),
             reader_started: Cell::new(false),
             writing: Cell::new(false),
             queued: Cell::new(false),
@@ -870,11 +886,7 @@ impl Transport {
     fn _release(&self) -> PyResult<()> {
         let inner = self.inner()?;
         if !inner.lost.get() {
-            inner.closing.set(true);
-            inner.lost.set(true);
-            let io = inner.io.borrow_mut().take();
-            drop(io);
-            inner.wake_reader();
+            inner.deregister();
             let me = inner
                 .objects
                 .borrow_mut()
