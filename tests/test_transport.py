@@ -564,3 +564,194 @@ def test_a_transport_closed_while_its_reader_waits_leaves_nothing_behind(how: st
 
     grown = run2(main())
     assert grown < 1_500_000  # 300 leaked transports would hold 4.8 MB
+
+
+async def accepted(
+    protocol: Callable[[], asyncio.Protocol],
+) -> tuple[asyncio.Server, socket.socket, Any]:
+    """A server of `protocol` (which keeps its transport as `transport`)
+    and a non-blocking client socket with small buffers (a slow peer),
+    once the server's protocol has its transport."""
+    loop = asyncio.get_running_loop()
+    made: list[Any] = []
+
+    def factory() -> asyncio.Protocol:
+        made.append(protocol())
+        return made[-1]
+
+    server = await loop.create_server(factory, "127.0.0.1", 0)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    await loop.sock_connect(client, server.sockets[0].getsockname())
+    while not made or getattr(made[0], "transport", None) is None:
+        await asyncio.sleep(0.001)
+    return server, client, made[0]
+
+
+def test_resume_writing_comes_at_the_low_water_mark(run_on: Run) -> None:
+    """Not once everything is sent: a slow reader's writer is resumed while
+    the buffer still holds up to the low water mark."""
+
+    class Watching(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.marks: list[tuple[str, int]] = []
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: Any = transport
+
+        def pause_writing(self) -> None:
+            self.marks.append(("pause", self.transport.get_write_buffer_size()))
+
+        def resume_writing(self) -> None:
+            self.marks.append(("resume", self.transport.get_write_buffer_size()))
+
+    async def main() -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        server, client, protocol = await accepted(Watching)
+        transport = protocol.transport
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        transport.set_write_buffer_limits(high=200_000, low=100_000)
+        transport.write(b"x" * 2_000_000)
+        received = 0
+        while received < 2_000_000:
+            received += len(await loop.sock_recv(client, 3000))
+            await asyncio.sleep(0)
+        transport.close()
+        client.close()
+        server.close()
+        return protocol.marks  # type: ignore[no-any-return]
+
+    marks = run_on(main())
+    assert [what for what, _ in marks] == ["pause", "resume"]
+    assert marks[0][1] > 200_000
+    assert 0 < marks[1][1] <= 100_000
+
+
+def test_a_writer_that_never_quite_catches_up_stays_bounded(run_on: Run) -> None:
+    """A protocol that writes until paused, to a slow peer that also talks
+    back: the bytes already sent do not pile up in the buffer."""
+
+    class Streamer(asyncio.Protocol):
+        paused = False
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: Any = transport
+            self.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 8192
+            )
+            self.fill()
+
+        def fill(self) -> None:
+            while not self.paused:
+                self.transport.write(b"z" * 8192)
+
+        def pause_writing(self) -> None:
+            self.paused = True
+
+        def resume_writing(self) -> None:
+            self.paused = False
+            self.fill()
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        server, client, _ = await accepted(Streamer)
+        before = native_heap()
+        until = loop.time() + 1.5
+        while loop.time() < until:
+            await loop.sock_recv(client, 16384)
+            await loop.sock_sendall(client, b".")
+            await asyncio.sleep(0.0002)
+        grown = native_heap() - before
+        client.close()
+        server.close()
+        return grown
+
+    assert run_on(main()) < 8_000_000  # it grew by ~64 MB a second
+
+
+def test_abort_frees_a_large_pending_write() -> None:
+    """The writer task waiting for the socket ends with the connection (it
+    held the transport's state and its buffer for good)."""
+
+    async def main() -> int:
+        before = native_heap()
+        for _ in range(10):
+            server, client, protocol = await accepted(lambda: Recorder(echo=False))
+            # The peer never reads: most of the write stays in the buffer.
+            protocol.transport.write(b"w" * 5_000_000)
+            await asyncio.sleep(0.01)
+            protocol.transport.abort()
+            await protocol.lost
+            client.close()
+            server.close()
+        await asyncio.sleep(0.05)
+        return native_heap() - before
+
+    assert run2(main()) < 10_000_000  # ten leaked buffers would hold ~50 MB
+
+
+def test_sendfile_goes_through_the_transport(run_on: Run, tmp_path: Any) -> None:
+    content = bytes(range(256)) * 1000
+    path = tmp_path / "file"
+    path.write_bytes(content)
+
+    async def main() -> tuple[int, bytes, int]:
+        loop = asyncio.get_running_loop()
+        made: list[Recorder] = []
+
+        def factory() -> Recorder:
+            made.append(Recorder(echo=False))
+            return made[-1]
+
+        server, port = await serve(factory)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"x")
+        while not made or not made[0].data:
+            await asyncio.sleep(0.001)
+        with path.open("rb") as file:
+            sent = await loop.sendfile(made[0].transport, file, offset=1000, count=200_000)
+            position = file.tell()
+        received = await reader.readexactly(sent)
+        made[0].transport.close()
+        writer.close()
+        server.close()
+        return sent, received, position
+
+    sent, received, position = run_on(main())
+    assert sent == 200_000
+    assert received == content[1000:201_000]
+    assert position == 201_000
+
+
+def test_a_buffered_protocol_may_give_any_writable_buffer(run_on: Run) -> None:
+    """As socket.recv_into takes it: an array of ints or a ctypes array
+    is written as bytes."""
+    import array
+    import ctypes
+
+    buffers: list[Any] = [array.array("i", bytes(16)), (ctypes.c_char * 16)()]
+
+    async def main(buffer: Any) -> bytes:
+        got = bytearray()
+        lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        class Into(asyncio.BufferedProtocol):
+            def get_buffer(self, sizehint: int) -> Any:
+                return buffer
+
+            def buffer_updated(self, nbytes: int) -> None:
+                got.extend(memoryview(buffer).cast("B")[:nbytes])
+
+            def connection_lost(self, exc: BaseException | None) -> None:
+                lost.set_result(None)
+
+        server, port = await serve(Into)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"hello world")
+        writer.close()
+        await lost
+        server.close()
+        return bytes(got)
+
+    assert [run_on(main(b)) for b in buffers] == [b"hello world", b"hello world"]

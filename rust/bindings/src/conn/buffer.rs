@@ -126,6 +126,16 @@ impl WriteBuffer {
     pub(crate) fn pending(&self) -> usize {
         self.data.len() - self.sent
     }
+
+    /// Lets go of what was sent once it is at least half the buffer, so
+    /// that a buffer that never empties (a peer that keeps up just short
+    /// of the writer) does not grow without bound.
+    pub(crate) fn compact(&mut self) {
+        if self.sent > 0 && self.sent >= self.data.len() / 2 {
+            self.data.drain(..self.sent);
+            self.sent = 0;
+        }
+    }
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

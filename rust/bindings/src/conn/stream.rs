@@ -205,7 +205,10 @@ impl Inner {
     /// Appends `data` to what is to be sent.
     pub(crate) fn write(self: &Rc<Self>, data: &[u8]) {
         if !data.is_empty() {
-            self.output.borrow_mut().data.extend_from_slice(data);
+            let mut output = self.output.borrow_mut();
+            output.compact();
+            output.data.extend_from_slice(data);
+            drop(output);
             self.send_at_end_of_turn();
         }
     }
@@ -218,6 +221,7 @@ impl Inner {
         fill: impl FnOnce(&mut [u8]) -> PyResult<()>,
     ) -> PyResult<()> {
         let mut output = self.output.borrow_mut();
+        output.compact();
         let start = output.data.len();
         output.data.resize(start + len, 0);
         if let Err(err) = fill(&mut output.data[start..]) {

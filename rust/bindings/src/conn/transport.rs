@@ -357,7 +357,7 @@ impl Inner {
         }));
     }
 
-    fn poll_send(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_send(self: &Rc<Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             let io = self.io.borrow();
             let Some(io) = io.as_ref() else {
@@ -366,6 +366,13 @@ impl Inner {
             match self.flush() {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     io.clear_writable();
+                    if self.protocol_paused.get()
+                        && self.output.borrow().pending() <= self.low.get()
+                    {
+                        // resume_writing is due at the low water mark,
+                        // not once everything is sent.
+                        self.notify();
+                    }
                     if io.poll_writable(cx).is_pending() {
                         *self.writer.borrow_mut() = Some(cx.waker().clone());
                         return Poll::Pending;
@@ -448,30 +455,32 @@ impl Inner {
         py: Python<'_>,
         protocol: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
+        // asyncio's two steps and their messages: the protocol's call,
+        // then `recv_into` the buffer it gave.
         let given = protocol
             .call_method1(intern!(py, "get_buffer"), (-1,))
             .and_then(|buffer| {
-                let view = PyBuffer::<u8>::get(&buffer)?;
-                if view.readonly() || !view.is_c_contiguous() {
-                    return Err(PyTypeError::new_err(
-                        "get_buffer() must return a writable, contiguous buffer",
-                    ));
-                }
-                if view.len_bytes() == 0 {
+                if buffer.len()? == 0 {
                     return Err(PyRuntimeError::new_err(
                         "get_buffer() returned an empty buffer",
                     ));
                 }
-                Ok(view)
+                Ok(buffer)
             });
-        let view = match given {
-            Ok(view) => view,
+        let buffer = match given {
+            Ok(buffer) => buffer,
             Err(err) => {
                 return self.protocol_failed(
                     py,
                     err,
                     "Fatal error: protocol.get_buffer() call failed.",
                 )
+            }
+        };
+        let view = match writable_bytes(&buffer) {
+            Ok(view) => view,
+            Err(err) => {
+                return self.protocol_failed(py, err, "Fatal read error on socket transport")
             }
         };
         let copied = {
@@ -504,8 +513,7 @@ impl Inner {
     fn after_sending(self: &Rc<Self>, py: Python<'_>) -> PyResult<()> {
         let write_error = self.write_error.borrow_mut().take();
         if let Some(err) = write_error {
-            self.output.borrow_mut().data.clear();
-            self.output.borrow_mut().sent = 0;
+            *self.output.borrow_mut() = WriteBuffer::default();
             return self.fatal_error(py, err.into(), "Fatal write error on socket transport");
         }
         if self.writing.get() || self.queued.get() {
@@ -566,11 +574,7 @@ impl Inner {
         if self.conn_lost.get() > 0 || self.lost.get() {
             return Ok(());
         }
-        {
-            let mut output = self.output.borrow_mut();
-            output.data.clear();
-            output.sent = 0;
-        }
+        *self.output.borrow_mut() = WriteBuffer::default();
         self.closing.set(true);
         self.conn_lost.set(self.conn_lost.get() + 1);
         self.schedule_connection_lost(py, exc)
@@ -682,10 +686,13 @@ impl Inner {
     /// checks). A buffer past the high water mark is sent at once, as
     /// asyncio sends every write at once; a smaller one when the turn ends.
     fn write(self: &Rc<Self>, py: Python<'_>, data: &[u8]) -> PyResult<()> {
-        if data.is_empty() {
+        if data.is_empty() || !self.may_write(py)? {
             return Ok(());
         }
-        self.output.borrow_mut().data.extend_from_slice(data);
+        let mut output = self.output.borrow_mut();
+        output.compact();
+        output.data.extend_from_slice(data);
+        drop(output);
         self.written(py)
     }
 
@@ -716,11 +723,6 @@ impl Inner {
     /// Whether a write may go on; counts (and past a few, logs) the writes
     /// made after the connection was lost, which are dropped.
     fn may_write(&self, py: Python<'_>) -> PyResult<bool> {
-        if self.eof_written.get() {
-            return Err(PyRuntimeError::new_err(
-                "Cannot call write() after write_eof()",
-            ));
-        }
         let lost = self.conn_lost.get();
         if lost == 0 && !self.lost.get() {
             return Ok(true);
@@ -978,19 +980,20 @@ impl Transport {
     fn set_write_buffer_limits(
         &self,
         py: Python<'_>,
-        high: Option<i64>,
-        low: Option<i64>,
+        high: Option<f64>,
+        low: Option<f64>,
     ) -> PyResult<()> {
         let inner = self.inner()?;
-        let high = high.unwrap_or_else(|| low.map_or(HIGH_WATER as i64, |low| 4 * low));
-        let low = low.unwrap_or(high / 4);
-        if !(high >= low && low >= 0) {
+        let high = high.unwrap_or_else(|| low.map_or(HIGH_WATER as f64, |low| 4.0 * low));
+        let low = low.unwrap_or((high / 4.0).floor());
+        if !(high >= low && low >= 0.0) {
             return Err(PyValueError::new_err(format!(
                 "high ({high}) must be >= low ({low}) must be >= 0"
             )));
         }
-        inner.high.set(usize::try_from(high).unwrap_or(usize::MAX));
-        inner.low.set(usize::try_from(low).unwrap_or(usize::MAX));
+        // (A float past usize's range saturates, as a limit should.)
+        inner.high.set(high as usize);
+        inner.low.set(low as usize);
         inner.maybe_pause_protocol(py)
     }
 
@@ -1007,8 +1010,10 @@ impl Transport {
     fn write(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let inner = self.inner()?;
         check_bytes_like(data)?;
-        if !inner.may_write(py)? {
-            return Ok(());
+        if inner.eof_written.get() {
+            return Err(PyRuntimeError::new_err(
+                "Cannot call write() after write_eof()",
+            ));
         }
         if let Ok(bytes) = data.cast::<PyBytes>() {
             return inner.write(py, bytes.as_bytes());
@@ -1027,14 +1032,10 @@ impl Transport {
         let mut joined = Vec::new();
         for item in list_of_data.try_iter()? {
             let item = item?;
-            check_bytes_like(&item)?;
             match item.cast::<PyBytes>() {
                 Ok(bytes) => joined.extend_from_slice(bytes.as_bytes()),
                 Err(_) => joined.extend(copy_bytes(&item)?),
             }
-        }
-        if joined.is_empty() || !inner.may_write(py)? {
-            return Ok(());
         }
         inner.write(py, &joined)
     }
@@ -1059,6 +1060,13 @@ impl Transport {
     #[classattr]
     fn _start_tls_compatible() -> bool {
         true
+    }
+
+    /// Whether the protocol is paused for writing (asyncio's attribute,
+    /// which ``loop.sendfile`` reads).
+    #[getter]
+    fn _protocol_paused(&self) -> PyResult<bool> {
+        Ok(self.inner()?.protocol_paused.get())
     }
 
     /// ``loop.sendfile`` sends through ``write`` (asyncio's fallback).
@@ -1137,6 +1145,30 @@ fn check_bytes_like(data: &Bound<'_, PyAny>) -> PyResult<()> {
     Err(PyTypeError::new_err(format!(
         "data argument must be a bytes-like object, not '{name}'"
     )))
+}
+
+/// A writable, contiguous buffer as bytes, whatever its item type (as
+/// `socket.recv_into` takes it).
+fn writable_bytes(buffer: &Bound<'_, PyAny>) -> PyResult<PyBuffer<u8>> {
+    let view = match PyBuffer::<u8>::get(buffer) {
+        Ok(view) => view,
+        Err(_) => {
+            let bytes =
+                PyMemoryView::from(buffer)?.call_method1(intern!(buffer.py(), "cast"), ("B",))?;
+            PyBuffer::<u8>::get(&bytes)?
+        }
+    };
+    if view.readonly() {
+        return Err(PyTypeError::new_err(
+            "recv_into() argument must be read-write bytes-like object",
+        ));
+    }
+    if !view.is_c_contiguous() {
+        return Err(PyTypeError::new_err(
+            "recv_into() argument must be a contiguous buffer",
+        ));
+    }
+    Ok(view)
 }
 
 /// The bytes of a bytearray or memoryview (of any item type, seen as bytes,
