@@ -400,7 +400,8 @@ def test_a_transport_left_open_closes_with_its_runtime() -> None:
         listener = socket.create_server(("127.0.0.1", 0))
         port = listener.getsockname()[1]
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+        # A protocol that keeps its transport, as nearly all do.
+        transport, _ = await loop.create_connection(Recorder, "127.0.0.1", port)
         accepted, _ = listener.accept()
         listener.close()
         peer.append(accepted)
@@ -755,3 +756,111 @@ def test_a_buffered_protocol_may_give_any_writable_buffer(run_on: Run) -> None:
         return bytes(got)
 
     assert [run_on(main(b)) for b in buffers] == [b"hello world", b"hello world"]
+
+
+def test_protocol_callbacks_run_in_the_context_the_transport_was_made_in(run_on: Run) -> None:
+    """A copy of it, kept for the connection, as asyncio's reader runs them."""
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+
+    async def main() -> tuple[list[str], str]:
+        seen: list[str] = []
+        replies: asyncio.Queue[None] = asyncio.Queue()
+
+        class Reading(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                seen.append(var.get())
+                var.set("set in data_received")
+                replies.put_nowait(None)
+
+        server, port = await serve(Recorder)
+        var.set("where the connection was made")
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_connection(Reading, "127.0.0.1", port)
+        var.set("the task's, later")
+        for _ in range(2):
+            transport.write(b"x")
+            await replies.get()
+        transport.close()
+        server.close()
+        await server.wait_closed()
+        return seen, var.get()
+
+    seen, after = run_on(main())
+    assert seen == ["where the connection was made", "set in data_received"]
+    assert after == "the task's, later"
+
+
+def test_a_reset_after_reading_was_paused_reaches_the_protocol(run_on: Run) -> None:
+    """The peer sends and then resets while the protocol has paused reading:
+    once it resumes, connection_lost gets the reset, as on asyncio."""
+
+    async def main() -> str:
+        made: list[Recorder] = []
+
+        class PausingAtOnce(Recorder):
+            def data_received(self, data: bytes) -> None:
+                super().data_received(data)
+                self.transport.pause_reading()
+
+        def factory() -> Recorder:
+            made.append(PausingAtOnce(echo=False))
+            return made[-1]
+
+        server, port = await serve(factory)
+        peer = socket.create_connection(("127.0.0.1", port))
+        peer.sendall(b"r" * 300_000)
+        while not made or not made[0].data:
+            await asyncio.sleep(0.001)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        peer.close()  # a reset
+        await asyncio.sleep(0.1)
+        for _ in range(100):
+            made[0].transport.resume_reading()
+            await asyncio.sleep(0.005)
+            if made[0].lost.done():
+                break
+        exc = await asyncio.wait_for(made[0].lost, 5)
+        server.close()
+        return type(exc).__name__
+
+    assert run_on(main()) in ("ConnectionResetError", "NoneType")
+
+
+def test_sendfile_leaves_a_stream_writer_s_flow_control_as_it_found_it(
+    run_on: Run, tmp_path: Any
+) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(b"f" * 3_000_000)
+
+    async def main() -> tuple[list[str], int]:
+        loop = asyncio.get_running_loop()
+        reported: list[str] = []
+        loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
+        got = 0
+        done = loop.create_future()
+
+        async def slow_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal got
+            while chunk := await reader.read(65536):
+                got += len(chunk)
+                await asyncio.sleep(0.001)
+            writer.close()
+            done.set_result(None)
+
+        server = await asyncio.start_server(slow_reader, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        with path.open("rb") as file:
+            await loop.sendfile(writer.transport, file)
+        writer.write(b"after")
+        await writer.drain()
+        writer.close()
+        await done
+        server.close()
+        return reported, got
+
+    reported, got = run_on(main())
+    assert reported == []
+    assert got == 3_000_005

@@ -485,12 +485,18 @@ class _SendfileWriter(asyncio.Protocol):
 
     def restore(self) -> None:
         """Gives the transport back to its protocol, as it was."""
-        self._transport.set_protocol(self._protocol)
+        transport = self._transport
+        transport.set_protocol(self._protocol)
         if self._was_reading:
-            self._transport.resume_reading()
+            transport.resume_reading()
         if self._writable is not None:
             self._writable.cancel()
-        if self._was_paused:
+        # The protocol hears how the transport's flow control changed while
+        # it was stood in for, and nothing else.
+        paused = transport._protocol_paused
+        if paused and not self._was_paused:
+            self._protocol.pause_writing()
+        elif self._was_paused and not paused:
             self._protocol.resume_writing()
 
 

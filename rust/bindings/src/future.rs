@@ -218,23 +218,34 @@ fn call_in_context(
     callback: &Callback,
     future: &Bound<'_, ShardFuture>,
 ) -> PyResult<()> {
-    let context = callback.context.as_ptr();
-    // SAFETY: `context` is a live contextvars.Context (we hold a reference
-    // for the call's length); entering it with the GIL held is what
-    // `Context.run` does. Each successful enter is matched by an exit on
-    // the same thread, with no Python frame of ours in between.
+    in_context(py, callback.context.bind(py), || {
+        callback.function.bind(py).call1((future,)).map(drop)
+    })
+}
+
+/// Runs `f` inside the `contextvars` context `context`, as
+/// `context.run(f)` would.
+pub(crate) fn in_context<R>(
+    py: Python<'_>,
+    context: &Bound<'_, PyAny>,
+    f: impl FnOnce() -> PyResult<R>,
+) -> PyResult<R> {
+    let context = context.as_ptr();
+    // SAFETY: `context` is a live contextvars.Context (the caller's
+    // reference holds it for the call's length); entering it with the GIL
+    // held is what `Context.run` does. Each successful enter is matched by
+    // an exit on the same thread, with no Python frame of ours in between.
     if unsafe { pyo3::ffi::PyContext_Enter(context) } != 0 {
         return Err(PyErr::fetch(py));
     }
-    let called = callback.function.bind(py).call1((future,));
+    let done = f();
     // SAFETY: the context entered just above, on this thread.
     let exited = unsafe { pyo3::ffi::PyContext_Exit(context) };
-    let called = called.map(drop);
     if exited != 0 {
         let exit_err = PyErr::fetch(py);
-        return called.and(Err(exit_err));
+        return done.and(Err(exit_err));
     }
-    called
+    done
 }
 
 fn report_callback_error(

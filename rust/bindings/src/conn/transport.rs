@@ -37,6 +37,7 @@ use shardloop_core::Async;
 use super::buffer::{ReadBuffer, WriteBuffer, READ_CHUNK};
 use crate::context::{self, EndOfTurn, Incoming, PythonWork};
 use crate::errors;
+use crate::future::in_context;
 use crate::home::Home;
 
 /// asyncio's default high water mark for writing; the low one is a quarter.
@@ -79,8 +80,12 @@ fn shutdown_write(fd: RawFd) {
 /// The Python objects a transport holds while its connection lives.
 struct Objects {
     /// The transport itself, which stays alive until its connection is
-    /// lost, as asyncio's selector keeps a reading transport alive.
+    /// lost (or its loop closes), as asyncio's selector keeps a reading
+    /// transport alive.
     me: Option<Py<Transport>>,
+    /// The `contextvars` context the protocol's callbacks run in: a copy
+    /// of the one the transport was made in.
+    context: Py<PyAny>,
     event_loop: Py<PyAny>,
     sock: Py<PyAny>,
     protocol: Py<PyAny>,
@@ -155,8 +160,16 @@ impl Closing {
 }
 
 impl Inner {
+    /// Whether something read waits for the protocol: bytes, the end of
+    /// the stream or a read error.
+    fn has_undelivered(&self) -> bool {
+        !self.input.borrow().buffered().is_empty()
+            || (self.read_eof.get() && !self.eof_delivered.get())
+            || self.read_error.borrow().is_some()
+    }
+
     /// Whether the protocol wants what arrives.
-    fn reading(&self) -> bool {
+    fn wants_data(&self) -> bool {
         !self.paused.get() && !self.closing.get() && self.conn_lost.get() == 0 && !self.lost.get()
     }
 
@@ -226,10 +239,7 @@ impl Inner {
             if self.lost.get() {
                 return Poll::Ready(());
             }
-            let idle = !self.reading()
-                || !self.input.borrow().buffered().is_empty()
-                || self.read_eof.get()
-                || self.read_error.borrow().is_some();
+            let idle = !self.wants_data() || self.read_eof.get() || self.has_undelivered();
             if idle {
                 *self.reader.borrow_mut() = Some(cx.waker().clone());
                 return Poll::Pending;
@@ -394,7 +404,7 @@ impl Inner {
     /// Hands what arrived to the protocol while it wants it, then the end of
     /// the stream or the read error.
     fn deliver(self: &Rc<Self>, py: Python<'_>) -> PyResult<()> {
-        while self.reading() {
+        while self.wants_data() {
             let Some((protocol, buffered)) =
                 self.object(|o| (o.protocol.clone_ref(py), o.buffered))
             else {
@@ -738,17 +748,30 @@ impl Inner {
 }
 
 impl PythonWork for Inner {
+    /// Delivers what arrived and handles what the sends left, in the
+    /// context the transport was made in (as asyncio runs its reader's and
+    /// writer's callbacks). Whatever happens, the reader is woken again if
+    /// the protocol still wants data; an error other than one that stops
+    /// the loop is reported and closes the transport.
     fn run(self: Rc<Self>, py: Python<'_>) -> PyResult<()> {
         self.notified.set(false);
-        if self.lost.get() {
+        let Some(context) = self.object(|o| o.context.clone_ref(py)) else {
             return Ok(());
-        }
-        self.deliver(py)?;
-        self.after_sending(py)?;
-        if self.reading() {
+        };
+        let done = in_context(py, context.bind(py), || {
+            let delivered = self.deliver(py);
+            let handled = self.after_sending(py);
+            delivered.and(handled)
+        });
+        if self.wants_data() {
             self.wake_reader();
         }
-        Ok(())
+        match done {
+            Err(err) if !errors::stops_a_loop(py, &err) => {
+                self.fatal_error(py, err, "Fatal error on socket transport")
+            }
+            done => done,
+        }
     }
 }
 
@@ -842,6 +865,10 @@ impl Transport {
             detach_with_transport,
             objects: RefCell::new(Some(Objects {
                 me: None,
+                context: py
+                    .import("contextvars")?
+                    .call_method0("copy_context")?
+                    .unbind(),
                 event_loop,
                 sock,
                 protocol: protocol.clone().unbind(),
@@ -871,7 +898,7 @@ impl Transport {
             return Ok(());
         }
         inner.start_reader();
-        if !inner.input.borrow().buffered().is_empty() {
+        if inner.has_undelivered() {
             inner.notify();
         }
         Ok(())
@@ -885,16 +912,17 @@ impl Transport {
     /// Lets go of what keeps the transport alive and of its descriptor's
     /// registration, for a loop that closes with it open; the socket then
     /// closes (with a ``ResourceWarning``) when the transport is collected.
-    fn _release(&self) -> PyResult<()> {
+    fn _release(&self, py: Python<'_>) -> PyResult<()> {
         let inner = self.inner()?;
         if !inner.lost.get() {
             inner.deregister();
-            let me = inner
-                .objects
-                .borrow_mut()
-                .as_mut()
-                .and_then(|o| o.me.take());
-            drop(me);
+            // The protocol usually holds the transport: without it, the
+            // transport goes as soon as nothing else holds it.
+            let let_go = inner.objects.borrow_mut().as_mut().map(|o| {
+                let protocol = std::mem::replace(&mut o.protocol, py.None());
+                (o.me.take(), protocol, o.server.take())
+            });
+            drop(let_go);
         }
         Ok(())
     }
@@ -967,7 +995,7 @@ impl Transport {
             return Ok(());
         }
         if inner.reader_started.get() {
-            if !inner.input.borrow().buffered().is_empty() || inner.read_eof.get() {
+            if inner.has_undelivered() {
                 // What was read before the pause is delivered first.
                 inner.notify();
             }
