@@ -8,12 +8,16 @@
 //! (`data_received`, or `get_buffer`/`buffer_updated`) in the pass that
 //! follows the poll: no selector event, no handle, no turn of the loop.
 //! `write` queues, and when the loop's turn ends every transport's bytes are
-//! sent (one system call each, the GIL released); a Rust task sends what the
-//! socket did not take. Everything else follows asyncio's
-//! `_SelectorSocketTransport`: its messages, its flow control (the high and
-//! low water marks, `pause_writing`/`resume_writing`), and the order of the
-//! protocol's callbacks (`connection_made` and `connection_lost` scheduled
-//! with `call_soon`, `connection_lost` only once what was written is sent).
+//! sent (the GIL released; a buffer past the high water mark goes at once);
+//! a Rust task sends what the socket did not take. Everything else follows
+//! asyncio's `_SelectorSocketTransport`: its messages, its flow control (the
+//! high and low water marks, `pause_writing`/`resume_writing`), and the
+//! order of the protocol's callbacks (`connection_made` and
+//! `connection_lost` scheduled with `call_soon`, `connection_lost` only once
+//! what was written is sent). Two differences a protocol can see:
+//! `get_write_buffer_size()` counts a small write until its turn ends, and
+//! the `connection_lost` of a transport closed with bytes pending comes one
+//! pass of the loop after the last byte is sent, not in the same one.
 //!
 //! The Python socket owns the descriptor; the transport registers it with
 //! the shard's reactor and deregisters it before the socket is closed, as
@@ -111,13 +115,14 @@ struct Inner {
     paused: Cell<bool>,
     /// `close` (or a fatal error) was called, or the connection is lost.
     closing: Closing,
-    /// `write_eof` was called.
+    /// `write_eof` was called (asyncio's `_eof`): the sending side is shut
+    /// down once the buffer is sent.
     eof_written: Cell<bool>,
     /// asyncio's `_conn_lost`: `connection_lost` is scheduled (and writes
     /// after it are counted and dropped).
     conn_lost: Cell<u32>,
-    /// `connection_lost` ran (or the transport was released): the
-    /// descriptor is deregistered and the objects are let go.
+    /// The descriptor is deregistered: `connection_lost` ran, or the
+    /// transport was released with its loop or dropped.
     lost: Cell<bool>,
     protocol_paused: Cell<bool>,
     high: Cell<usize>,
@@ -317,8 +322,7 @@ impl Inner {
         Ok(())
     }
 
-    /// Sends what was queued; leaves the rest to the writer task. Returns
-    /// whether Python has something to do about it.
+    /// Sends what was queued; leaves the rest to the writer task.
     fn send_queued(self: &Rc<Self>) {
         self.queued.set(false);
         if self.writing.get() || self.lost.get() {
@@ -733,16 +737,16 @@ impl Inner {
     /// Whether a write may go on; counts (and past a few, logs) the writes
     /// made after the connection was lost, which are dropped.
     fn may_write(&self, py: Python<'_>) -> PyResult<bool> {
-        let lost = self.conn_lost.get();
-        if lost == 0 && !self.lost.get() {
+        let dropped = self.conn_lost.get();
+        if dropped == 0 && !self.lost.get() {
             return Ok(true);
         }
-        if lost >= LOST_WRITES_LOGGED {
+        if dropped >= LOST_WRITES_LOGGED {
             py.import("asyncio.log")?
                 .getattr("logger")?
                 .call_method1("warning", ("socket.send() raised exception.",))?;
         }
-        self.conn_lost.set(lost + 1);
+        self.conn_lost.set(dropped + 1);
         Ok(false)
     }
 }
