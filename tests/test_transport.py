@@ -11,7 +11,7 @@ import socket
 import sys
 import warnings
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import shardloop
@@ -59,6 +59,20 @@ class Recorder(asyncio.Protocol):
             self.lost.set_result(exc)
 
 
+P = TypeVar("P")
+
+
+def keeping(protocol: Callable[[], P]) -> tuple[list[P], Callable[[], P]]:
+    """A protocol factory, and the list of the protocols it made."""
+    made: list[P] = []
+
+    def factory() -> P:
+        made.append(protocol())
+        return made[-1]
+
+    return made, factory
+
+
 async def serve(protocol: Callable[[], asyncio.BaseProtocol]) -> tuple[asyncio.Server, int]:
     server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
@@ -66,11 +80,7 @@ async def serve(protocol: Callable[[], asyncio.BaseProtocol]) -> tuple[asyncio.S
 
 def test_a_shard_loop_gives_its_own_transport() -> None:
     async def main() -> tuple[type, Any, Any, bool]:
-        made: list[Recorder] = []
-
-        def factory() -> Recorder:
-            made.append(Recorder())
-            return made[-1]
+        made, factory = keeping(Recorder)
 
         server, port = await serve(factory)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -96,11 +106,7 @@ def test_a_shard_loop_gives_its_own_transport() -> None:
 
 def test_the_protocol_hears_in_asyncio_s_order(run_on: Run) -> None:
     async def main() -> tuple[list[str], bytes, BaseException | None, bool]:
-        made: list[Recorder] = []
-
-        def factory() -> Recorder:
-            made.append(Recorder())
-            return made[-1]
+        made, factory = keeping(Recorder)
 
         server, port = await serve(factory)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -131,11 +137,7 @@ def test_a_client_that_does_not_read_pauses_the_writer(run_on: Run) -> None:
     payload = bytes(range(256)) * 40_000  # ~10 MB: more than the socket buffers
 
     async def main() -> tuple[list[str], bool, int, tuple[int, int]]:
-        made: list[Recorder] = []
-
-        def factory() -> Recorder:
-            made.append(Recorder(echo=False))
-            return made[-1]
+        made, factory = keeping(lambda: Recorder(echo=False))
 
         server, port = await serve(factory)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -230,11 +232,7 @@ def test_a_buffered_protocol_gets_everything_through_its_buffer(run_on: Run) -> 
     payload = b"".join(b"%05d" % i for i in range(2000))
 
     async def main() -> tuple[bytes, int]:
-        made: list[Buffered] = []
-
-        def factory() -> Buffered:
-            made.append(Buffered())
-            return made[-1]
+        made, factory = keeping(Buffered)
 
         server, port = await serve(factory)
         _, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -283,11 +281,7 @@ def test_a_protocol_that_raises_is_reported_and_its_connection_closed(run_on: Ru
 
 def test_bad_writes_get_asyncio_s_errors(run_on: Run) -> None:
     async def main() -> list[str]:
-        made: list[Recorder] = []
-
-        def factory() -> Recorder:
-            made.append(Recorder(echo=False))
-            return made[-1]
+        made, factory = keeping(lambda: Recorder(echo=False))
 
         server, port = await serve(factory)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -333,11 +327,7 @@ def test_abort_drops_what_is_buffered_and_writes_after_are_dropped(
     run_on: Run, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def main() -> tuple[BaseException | None, list[str]]:
-        made: list[Recorder] = []
-
-        def factory() -> Recorder:
-            made.append(Recorder(echo=False))
-            return made[-1]
+        made, factory = keeping(lambda: Recorder(echo=False))
 
         server, port = await serve(factory)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -365,11 +355,7 @@ def test_abort_drops_what_is_buffered_and_writes_after_are_dropped(
 
 def test_unix_sockets_get_the_transport_too() -> None:
     async def main(path: str) -> tuple[bytes, type]:
-        made: list[Recorder] = []
-
-        def factory() -> Recorder:
-            made.append(Recorder())
-            return made[-1]
+        made, factory = keeping(Recorder)
 
         loop = asyncio.get_running_loop()
         server = await loop.create_unix_server(factory, path)
@@ -439,11 +425,7 @@ def test_system_exit_in_data_received_stops_the_runtime() -> None:
 @pytest.mark.skipif(sys.version_info < (3, 13), reason="Server.close_clients is new in 3.13")
 def test_a_server_closes_its_clients() -> None:
     async def main() -> list[BaseException | None]:
-        made: list[Recorder] = []
-
-        def factory() -> Recorder:
-            made.append(Recorder())
-            return made[-1]
+        made, factory = keeping(Recorder)
 
         server, port = await serve(factory)
         clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
@@ -461,13 +443,7 @@ def test_a_server_closes_its_clients() -> None:
 
 def test_many_connections_at_once_on_every_shard() -> None:
     async def one_shard() -> int:
-        made: list[Recorder] = []
-
-        def factory() -> Recorder:
-            made.append(Recorder())
-            return made[-1]
-
-        server, port = await serve(factory)
+        server, port = await serve(Recorder)
 
         async def talk(i: int) -> bytes:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -494,11 +470,7 @@ def test_any_thread_may_ask_whether_a_transport_is_closing() -> None:
 
     async def main() -> tuple[bool, bool, Any, str]:
         loop = asyncio.get_running_loop()
-        made: list[Recorder] = []
-
-        def factory() -> Recorder:
-            made.append(Recorder())
-            return made[-1]
+        made, factory = keeping(Recorder)
 
         server, port = await serve(factory)
         _, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -699,11 +671,7 @@ def test_sendfile_goes_through_the_transport(run_on: Run, tmp_path: Any) -> None
 
     async def main() -> tuple[int, bytes, int]:
         loop = asyncio.get_running_loop()
-        made: list[Recorder] = []
-
-        def factory() -> Recorder:
-            made.append(Recorder(echo=False))
-            return made[-1]
+        made, factory = keeping(lambda: Recorder(echo=False))
 
         server, port = await serve(factory)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -127,6 +127,26 @@ impl WriteBuffer {
         self.data.len() - self.sent
     }
 
+    /// Hands the unsent bytes to `send` (a non-blocking write that says how
+    /// much it took) until they are all sent or it fails; an interrupted
+    /// call is retried. Emptied, the buffer keeps its allocation.
+    pub(crate) fn send_with(
+        &mut self,
+        mut send: impl FnMut(&[u8]) -> std::io::Result<usize>,
+    ) -> std::io::Result<()> {
+        while self.pending() > 0 {
+            match send(&self.data[self.sent..]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.sent += n,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+        self.data.clear();
+        self.sent = 0;
+        Ok(())
+    }
+
     /// Lets go of what was sent once it is at least half the buffer, so
     /// that a buffer that never empties (a peer that keeps up just short
     /// of the writer) does not grow without bound.
@@ -245,5 +265,51 @@ mod tests {
         output.data.extend_from_slice(b"hello");
         output.sent = 2;
         assert_eq!(output.pending(), 3);
+    }
+
+    #[test]
+    fn a_write_buffer_sends_in_pieces_retries_interrupts_and_keeps_what_was_refused() {
+        let mut buffer = WriteBuffer::default();
+        buffer.data.extend_from_slice(b"abcdefgh");
+        let mut calls = 0;
+        let mut taken = Vec::new();
+        let refused = buffer.send_with(|data| {
+            calls += 1;
+            match calls {
+                1 => Err(std::io::ErrorKind::Interrupted.into()),
+                2 | 3 => {
+                    taken.extend_from_slice(&data[..3]);
+                    Ok(3)
+                }
+                _ => Err(std::io::ErrorKind::WouldBlock.into()),
+            }
+        });
+        assert_eq!(refused.unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+        assert_eq!(taken, b"abcdef");
+        assert_eq!(buffer.pending(), 2);
+        buffer.send_with(|data| Ok(data.len())).unwrap();
+        assert_eq!(
+            (buffer.pending(), buffer.data.len(), buffer.sent),
+            (0, 0, 0)
+        );
+        buffer.data.extend_from_slice(b"x");
+        let stuck = buffer.send_with(|_| Ok(0));
+        assert_eq!(stuck.unwrap_err().kind(), std::io::ErrorKind::WriteZero);
+    }
+
+    #[test]
+    fn a_write_buffer_lets_go_of_what_was_sent_once_it_is_half() {
+        let mut buffer = WriteBuffer {
+            data: b"0123456789".to_vec(),
+            sent: 4,
+        };
+        buffer.compact();
+        assert_eq!(
+            (buffer.data.as_slice(), buffer.sent),
+            (&b"0123456789"[..], 4)
+        );
+        buffer.sent = 5;
+        buffer.compact();
+        assert_eq!((buffer.data.as_slice(), buffer.sent), (&b"56789"[..], 0));
     }
 }

@@ -131,19 +131,10 @@ impl Inner {
 
     /// Sends from the write buffer until it is empty or the socket is full.
     fn flush(&self) -> io::Result<()> {
-        let mut output = self.output.borrow_mut();
-        while output.pending() > 0 {
-            let sent = output.sent;
-            match self.io.get_ref().write(&output.data[sent..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => output.sent += n,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) => return Err(err),
-            }
-        }
-        output.data.clear();
-        output.sent = 0;
-        Ok(())
+        let mut socket = self.io.get_ref();
+        self.output
+            .borrow_mut()
+            .send_with(|data| socket.write(data))
     }
 
     /// Resolves the waiters' futures if what they wait for is there.

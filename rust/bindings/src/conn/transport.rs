@@ -307,19 +307,9 @@ impl Inner {
 
     /// Sends from the write buffer until it is empty or the socket is full.
     fn flush(&self) -> io::Result<()> {
-        let mut output = self.output.borrow_mut();
-        while output.pending() > 0 {
-            let sent = output.sent;
-            match send(self.fd, &output.data[sent..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => output.sent += n,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) => return Err(err),
-            }
-        }
-        output.data.clear();
-        output.sent = 0;
-        Ok(())
+        self.output
+            .borrow_mut()
+            .send_with(|data| send(self.fd, data))
     }
 
     /// Sends what was queued; leaves the rest to the writer task.
@@ -712,13 +702,11 @@ impl Inner {
 
     fn written(self: &Rc<Self>, py: Python<'_>) -> PyResult<()> {
         if self.output.borrow().pending() > self.high.get() && !self.writing.get() {
-            self.queued.set(false);
+            // (`write` refuses data after `write_eof`: no shutdown is due
+            // here. A send registered for the end of the turn finds
+            // nothing left, and then does what follows a finished send.)
             match self.flush() {
-                Ok(()) => {
-                    if self.eof_written.get() {
-                        shutdown_write(self.fd);
-                    }
-                }
+                Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => self.start_writer(),
                 Err(err) => {
                     return self.fatal_error(
