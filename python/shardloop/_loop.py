@@ -21,10 +21,14 @@ import os
 import selectors
 import signal
 import socket
+import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Coroutine, Iterable
+from asyncio import format_helpers
+from asyncio.log import logger as _asyncio_logger
+from collections.abc import Callable, Coroutine, Iterable
+from contextvars import Context
 from typing import Any, TypeVar
 
 from . import _shardloop, _stall
@@ -122,6 +126,17 @@ class ShardLoop(asyncio.SelectorEventLoop):
         self._foreign: dict[int, Any] = {}
         self._foreign_keys = itertools.count(1)
         super().__init__(selector=_ShardSelector(driver, self))
+        # The ready queue, the timers and the turn itself live in Rust
+        # (turn.rs); asyncio's _ready deque stays as the queue that
+        # call_soon_threadsafe fills from other threads.
+        own_clock = type(self).time is asyncio.BaseEventLoop.time
+        self._turn = driver.scheduler(
+            self,
+            self._ready,  # type: ignore[attr-defined]
+            own_clock,
+            self._clock_resolution,  # type: ignore[attr-defined]
+        )
+        self._install_turn()
         if driver.shard_id == 0:
             self._state.shard0 = self
         if runtime is not None and threading.current_thread() is threading.main_thread():
@@ -133,6 +148,147 @@ class ShardLoop(asyncio.SelectorEventLoop):
             self._old_wakeup_fd = signal.set_wakeup_fd(self_pipe.fileno())
         if runtime is not None:
             _open_runtimes.add(self)
+
+    # -- The loop's turn: its methods are the Rust scheduler's, installed on
+    # the instance so that a call costs no Python frame. In debug mode (and
+    # for what a subclass replaced) the class's methods below run instead:
+    # asyncio's checks, then the scheduler.
+
+    def _install_turn(self) -> None:
+        turn: _shardloop.Scheduler | None = getattr(self, "_turn", None)
+        if turn is None:  # asyncio's __init__ sets the debug mode first
+            return
+        fast = {
+            "call_soon": turn.call_soon,
+            "call_later": turn.call_later,
+            "call_at": turn.call_at,
+            "_run_once": turn.run_once,
+        }
+        cls = type(self)
+        for name, method in fast.items():
+            replaced = getattr(cls, name) is not getattr(ShardLoop, name)
+            if self._debug or replaced:  # type: ignore[attr-defined]
+                self.__dict__.pop(name, None)
+            else:
+                self.__dict__[name] = method
+
+    def set_debug(self, enabled: bool) -> None:
+        super().set_debug(enabled)
+        self._install_turn()
+
+    def call_soon(  # type: ignore[override]
+        self, callback: Callable[..., object], *args: Any, context: Context | None = None
+    ) -> _shardloop.Handle:
+        self._check_closed()  # type: ignore[attr-defined]
+        if self._debug:  # type: ignore[attr-defined]
+            self._check_thread()  # type: ignore[attr-defined]
+            self._check_callback(callback, "call_soon")  # type: ignore[attr-defined]
+        handle = self._turn.call_soon(callback, *args, context=context)
+        self._trace(handle)
+        return handle
+
+    def call_later(  # type: ignore[override]
+        self,
+        delay: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: Context | None = None,
+    ) -> _shardloop.TimerHandle:
+        if delay is None:
+            raise TypeError("delay must not be None")
+        timer = self.call_at(self.time() + delay, callback, *args, context=context)
+        self._trace(timer)
+        return timer
+
+    def call_at(  # type: ignore[override]
+        self,
+        when: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: Context | None = None,
+    ) -> _shardloop.TimerHandle:
+        if when is None:
+            raise TypeError("when cannot be None")
+        self._check_closed()  # type: ignore[attr-defined]
+        if self._debug:  # type: ignore[attr-defined]
+            self._check_thread()  # type: ignore[attr-defined]
+            self._check_callback(callback, "call_at")  # type: ignore[attr-defined]
+        timer = self._turn.call_at(when, callback, *args, context=context)
+        self._trace(timer)
+        return timer
+
+    def _trace(self, handle: _shardloop.Handle) -> None:
+        """In debug mode, where ``handle`` was made: the stack of the caller
+        of the ``call_*`` method that called this (asyncio's
+        ``_source_traceback``)."""
+        if self._debug:  # type: ignore[attr-defined]
+            handle._source_traceback = format_helpers.extract_stack(sys._getframe(2))
+
+    def _call_soon(
+        self, callback: Callable[..., object], args: tuple[Any, ...], context: Context | None
+    ) -> Any:
+        # call_soon_threadsafe's: from the loop's own thread the callback
+        # keeps its place among the others; from another thread it goes to
+        # asyncio's deque, which the next turn empties.
+        if threading.get_ident() != self._thread:
+            return super()._call_soon(callback, args, context)  # type: ignore[misc]
+        handle = self._turn.call_soon(callback, *args, context=context)
+        self._trace(handle)  # call_soon_threadsafe then drops its own frame
+        return handle
+
+    def _add_callback(self, handle: asyncio.Handle) -> None:
+        self._turn.add_callback(handle)
+
+    def _run_once(self) -> None:
+        self._turn.run_once()
+
+    def _run_debug(self, handle: Any) -> None:
+        """Runs ``handle`` as asyncio's turn does in debug mode: noted as
+        the current handle, and timed (a slow callback is logged)."""
+        if handle._cancelled:
+            return
+        try:
+            self._current_handle = handle
+            start = self.time()
+            handle._run()
+            took = self.time() - start
+            if took >= self.slow_callback_duration:
+                _asyncio_logger.warning(
+                    "Executing %s took %.3f seconds",
+                    asyncio.base_events._format_handle(handle),  # type: ignore[attr-defined]
+                    took,
+                )
+        finally:
+            self._current_handle = None
+            # This frame may outlive the call (a coroutine's frame kept by an
+            # exception links back to it): it must not keep the handle.
+            handle = None
+
+    def _callback_failed(self, handle: _shardloop.Handle, exc: BaseException) -> None:
+        """Reports an exception a callback raised, as asyncio's handles do."""
+        source = _callback_source(handle._callback, handle._args, self._debug)  # type: ignore[attr-defined]
+        context: dict[str, Any] = {
+            "message": f"Exception in callback {source}",
+            "exception": exc,
+            "handle": handle,
+        }
+        if handle._source_traceback:
+            context["source_traceback"] = handle._source_traceback
+        self.call_exception_handler(context)
+
+    def _handle_repr(self, handle: _shardloop.Handle) -> str:
+        """The repr of a handle of this loop, as asyncio writes it."""
+        if handle._repr is not None:
+            return handle._repr
+        info = asyncio.Handle._repr_info(handle)  # type: ignore[attr-defined]
+        if isinstance(handle, _shardloop.TimerHandle):
+            info.insert(2 if handle._cancelled else 1, f"when={handle._when}")
+        return "<{}>".format(" ".join(info))
+
+    def _close_loop(self) -> None:
+        """asyncio's close; the callbacks and timers left are dropped."""
+        super().close()
+        self._turn.clear()
 
     @property
     def shard_id(self) -> int:
@@ -221,7 +377,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
         runtime = self._runtime
         if runtime is None:
             self._release_foreign()
-            super().close()
+            self._close_loop()
             return
         self._closing = True
         try:
@@ -266,7 +422,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
         finally:
             self._restore_wakeup_fd()
             self._release_foreign()
-            super().close()
+            self._close_loop()
             self._restore_wakeup_fd()  # asyncio's close may have cleared it
             self._old_wakeup_fd = None
             self._driver.close()
@@ -438,7 +594,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
             else:
                 server._attach()  # type: ignore[attr-defined]
         self._transports[sock.fileno()] = transport  # type: ignore[attr-defined]
-        self.call_soon(protocol.connection_made, transport)  # type: ignore[arg-type]
+        self.call_soon(protocol.connection_made, transport)
         self.call_soon(transport._start_reading)
         if waiter is not None:
             self.call_soon(asyncio.futures._set_result_unless_cancelled, waiter, None)  # type: ignore[attr-defined]
@@ -530,6 +686,17 @@ def _transport_extra(sock: socket.socket, extra: dict[str, Any] | None) -> dict[
         except OSError:
             info["peername"] = None
     return info
+
+
+if "debug" in inspect.signature(format_helpers._format_callback_source).parameters:
+
+    def _callback_source(callback: Any, args: Any, debug: bool) -> str:
+        return format_helpers._format_callback_source(callback, args, debug=debug)  # type: ignore[call-arg]
+
+else:  # Python 3.11
+
+    def _callback_source(callback: Any, args: Any, debug: bool) -> str:
+        return format_helpers._format_callback_source(callback, args)
 
 
 class _CtrlCStops:

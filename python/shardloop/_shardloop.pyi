@@ -3,6 +3,7 @@ package; these are its building blocks."""
 
 import asyncio
 from collections.abc import Callable, Generator, Iterable
+from contextvars import Context
 from typing import Any, Generic, TypeVar, final
 
 from typing_extensions import disjoint_base
@@ -15,11 +16,14 @@ __all__ = [
     "AwaitShard",
     "Connection",
     "Driver",
+    "Handle",
     "Runtime",
+    "Scheduler",
     "ServiceGroup",
     "ShardFuture",
     "ShutdownError",
     "StatsReader",
+    "TimerHandle",
     "Transport",
     "Waiting",
     "Watchdog",
@@ -100,6 +104,14 @@ class Driver:
         for ``event_loop`` or ``timeout`` seconds pass (None: no limit).
         Plain calls that arrive meanwhile are run here. Returns whether the
         watched descriptors signalled new readiness."""
+    def scheduler(
+        self,
+        event_loop: asyncio.AbstractEventLoop,
+        threadsafe: Any,
+        own_clock: bool,
+        resolution: float,
+    ) -> Scheduler:
+        """The loop's ready queue, timers and turn, in Rust."""
     def watch_fd(self, fd: int) -> None:
         """Makes ``wait`` return when ``fd`` becomes readable."""
     def may_stop(self) -> bool:
@@ -203,6 +215,72 @@ class Transport:
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None: ...
     def write_eof(self) -> None: ...
     def can_write_eof(self) -> bool: ...
+
+@disjoint_base
+class Handle:
+    """A callback scheduled by a shard loop's ``call_soon``: asyncio's
+    ``Handle``, in Rust (not a subclass of it)."""
+
+    def cancel(self) -> None: ...
+    def cancelled(self) -> bool: ...
+    def get_context(self) -> Context | None: ...
+    def _run(self) -> None: ...
+    @property
+    def _callback(self) -> Callable[..., object] | None: ...
+    @property
+    def _args(self) -> tuple[Any, ...] | None: ...
+    @property
+    def _context(self) -> Context | None: ...
+    @property
+    def _cancelled(self) -> bool: ...
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def _source_traceback(self) -> Any: ...
+    @_source_traceback.setter
+    def _source_traceback(self, value: Any) -> None: ...
+    @property
+    def _repr(self) -> str | None: ...
+
+@final
+class TimerHandle(Handle):
+    """A callback scheduled by a shard loop's ``call_later`` or ``call_at``."""
+
+    def when(self) -> float: ...
+    @property
+    def _when(self) -> float: ...
+    @property
+    def _scheduled(self) -> bool: ...
+    @_scheduled.setter
+    def _scheduled(self, value: bool) -> None: ...
+
+@final
+class Scheduler:
+    """A shard loop's ready queue, timers and turn (its ``call_soon``,
+    ``call_later``, ``call_at``, ``_add_callback`` and ``_run_once``); made
+    by ``Driver.scheduler``."""
+
+    def call_soon(
+        self, callback: Callable[..., object], *args: Any, context: Context | None = None
+    ) -> Handle: ...
+    def call_later(
+        self,
+        delay: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: Context | None = None,
+    ) -> TimerHandle: ...
+    def call_at(
+        self,
+        when: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: Context | None = None,
+    ) -> TimerHandle: ...
+    def add_callback(self, handle: Any) -> None: ...
+    def run_once(self) -> None: ...
+    def pending(self) -> tuple[int, int]: ...
+    def clear(self) -> None: ...
 
 @final
 class ShardFuture(Generic[_T]):

@@ -73,6 +73,8 @@ pub(crate) struct Shard {
     next_call: Cell<u64>,
     /// Set while the shard's event loop runs.
     activation: RefCell<Option<Activation>>,
+    /// The event loop's ready queue and timers (see `turn.rs`).
+    pub(crate) turn: Rc<crate::turn::Turn>,
 }
 
 struct Activation {
@@ -253,6 +255,7 @@ impl Shard {
             driver: RefCell::new(Some(Rc::new(driver))),
             next_call: Cell::new(0),
             activation: RefCell::new(None),
+            turn: Rc::default(),
         }
     }
 
@@ -332,6 +335,7 @@ impl Shard {
     /// whether it was open.
     pub(crate) fn close(&self) -> bool {
         self.deactivate();
+        self.turn.clear();
         let driver = self.driver.borrow_mut().take();
         driver.is_some()
     }

@@ -20,6 +20,7 @@ use crate::gil;
 use crate::home::Home;
 use crate::stall::Watch;
 use crate::stats;
+use crate::turn::{is_stopping, Scheduler};
 
 /// The shard this thread runs, as seen by its event loop. The shard's state
 /// stays on this thread; the Python object may go anywhere (see `Home`).
@@ -126,8 +127,8 @@ impl Driver {
         let until = timeout
             .and_then(|t| Duration::try_from_secs_f64(t.max(0.0)).ok())
             .and_then(|t| Instant::now().checked_add(t));
-        let timers = loop_queue_len(event_loop, intern!(py, "_scheduled"));
         let (shard, driver) = self.open()?;
+        let timers = shard.turn.timers_added();
         loop {
             let left = if context::has_arrived() {
                 Some(Duration::ZERO)
@@ -153,13 +154,35 @@ impl Driver {
             // left work for the loop: callbacks (a finished task, a resolved
             // future), a new timer, or a stop. (A new descriptor to watch
             // makes the loop's epoll set readable, which ends the wait.)
-            if loop_queue_len(event_loop, intern!(py, "_ready")) != Some(0)
-                || loop_queue_len(event_loop, intern!(py, "_scheduled")) != timers
+            if shard.turn.has_ready()
+                || shard.turn.timers_added() != timers
                 || is_stopping(event_loop)
             {
                 return Ok(fd_ready);
             }
         }
+    }
+
+    /// The scheduler of `event_loop`, this shard's loop: its ready queue,
+    /// timers and turn (see `turn.rs`). `threadsafe` is asyncio's `_ready`
+    /// deque; `own_clock` says whether the loop's `time()` is
+    /// `time.monotonic()`; `resolution` is its clock's resolution.
+    fn scheduler(
+        &self,
+        event_loop: Py<PyAny>,
+        threadsafe: Py<PyAny>,
+        own_clock: bool,
+        resolution: f64,
+    ) -> PyResult<Scheduler> {
+        let shard = self.shard.local()?;
+        Ok(Scheduler::new(
+            shard.turn.clone(),
+            shard.id,
+            event_loop,
+            threadsafe,
+            own_clock,
+            resolution,
+        ))
     }
 
     /// Makes `wait` return when `fd` becomes readable.
@@ -321,24 +344,6 @@ fn report(py: Python<'_>, event_loop: &Bound<'_, PyAny>, err: PyErr) {
     if let Err(err) = event_loop.call_method1(intern!(py, "call_exception_handler"), (context,)) {
         err.write_unraisable(py, Some(event_loop));
     }
-}
-
-/// Whether `loop.stop()` was called (asyncio's `_stopping`).
-fn is_stopping(event_loop: &Bound<'_, PyAny>) -> bool {
-    let py = event_loop.py();
-    event_loop
-        .getattr(intern!(py, "_stopping"))
-        .and_then(|stopping| stopping.is_truthy())
-        .unwrap_or(true)
-}
-
-/// The length of one of the asyncio loop's own queues (`_ready`, the
-/// callbacks due now, or `_scheduled`, the timers); None if it has none.
-fn loop_queue_len(
-    event_loop: &Bound<'_, PyAny>,
-    name: &Bound<'_, pyo3::types::PyString>,
-) -> Option<usize> {
-    event_loop.getattr(name).ok()?.len().ok()
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -296,7 +296,7 @@ fn cancelled_error(py: Python<'_>, msg: Option<&Py<PyAny>>) -> PyErr {
 
 /// The current context, copied: the one a callback added without its own
 /// runs in.
-fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
+pub(crate) fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
     // SAFETY: called with the GIL held; returns a new reference or NULL
     // with an exception set, which `from_owned_ptr_or_err` takes over.
     unsafe {

@@ -16,6 +16,7 @@ mod home;
 mod runtime;
 mod stall;
 mod stats;
+mod turn;
 mod watchdog;
 
 /// The native module. It is safe without the GIL (free-threaded CPython):
@@ -34,6 +35,7 @@ fn _shardloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     conn::register(m)?;
     driver::register(m)?;
     runtime::register(m)?;
+    turn::register(m)?;
     watchdog::register(m)?;
     Ok(())
 }

@@ -1,0 +1,831 @@
+//! The turn of a shard's event loop in Rust: asyncio's ready queue, its
+//! timer heap, `call_soon`/`call_later`/`call_at` with their `Handle` and
+//! `TimerHandle`, and `_run_once` itself.
+//!
+//! asyncio keeps these in Python (`BaseEventLoop._ready`, `_scheduled`,
+//! `events.Handle`), so every callback costs a few Python frames to
+//! schedule and one more to run. Here a handle is a native object, the
+//! queues are Rust collections kept with the shard (the driver looks at
+//! them to know whether its wait must end), and a turn runs its callbacks
+//! without a Python frame of its own. The semantics are asyncio's, line for
+//! line: FIFO callbacks; the callbacks scheduled by this turn's callbacks
+//! run on the next turn, after another poll; timers due within the clock's
+//! resolution are run; a cancelled handle is skipped; the heap drops its
+//! cancelled timers when they are more than half of more than 100; an
+//! exception from a callback goes to the loop's exception handler, and a
+//! `SystemExit` or `KeyboardInterrupt` stops the turn, leaving the rest
+//! queued.
+//!
+//! What stays in Python (`ShardLoop` in `_loop.py`): the debug mode's
+//! checks and slow-callback warnings, a loop whose `time()` a subclass
+//! replaced, `call_soon_threadsafe` from other threads (which appends to
+//! asyncio's own `_ready` deque; each turn moves what it holds here), and
+//! the exception handler's report of a failing callback.
+//!
+//! Like uvloop's, these handles are not subclasses of `asyncio.Handle` (a
+//! native class cannot extend a Python one): they answer the same methods
+//! and attributes.
+
+use std::cell::{Cell, RefCell};
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::pyclass::CompareOp;
+use pyo3::types::PyTuple;
+use pyo3::{PyTraverseError, PyVisit};
+
+use crate::errors::stops_a_loop;
+use crate::future::{copy_context, in_context};
+use crate::home::Home;
+
+/// asyncio's `MAXIMUM_SELECT_TIMEOUT`: the longest a turn waits.
+const MAXIMUM_SELECT_TIMEOUT: f64 = 24.0 * 3600.0;
+/// asyncio's `_MIN_SCHEDULED_TIMER_HANDLES`: below this many timers, the
+/// cancelled ones are only dropped from the heap's head.
+const MIN_SCHEDULED_TIMERS: usize = 100;
+
+/// The queues of one shard's loop, kept with the shard. Nothing here is
+/// borrowed while Python runs: an object dropped inside a borrow could run
+/// a `__del__` that schedules a callback, so what leaves a queue is dropped
+/// after the borrow ends.
+#[derive(Default)]
+pub(crate) struct Turn {
+    /// The callbacks to run: our `Handle`s, or any object with `_cancelled`
+    /// and `_run()` (asyncio's own, from `add_reader` and signal handlers).
+    ready: RefCell<VecDeque<Py<PyAny>>>,
+    timers: RefCell<BinaryHeap<Due>>,
+    /// Numbers the timers, so that those due at the same time run in the
+    /// order they were made.
+    next_timer: Cell<u64>,
+    /// How many timers in the heap are cancelled; their handles count here
+    /// when cancelled (from any thread, hence atomic).
+    cancelled_timers: Arc<AtomicUsize>,
+}
+
+/// A timer in the heap.
+struct Due {
+    key: DueKey,
+    timer: Py<TimerHandle>,
+}
+
+impl Due {
+    fn is_cancelled(&self, py: Python<'_>) -> bool {
+        self.timer.bind(py).as_super().get().is_cancelled()
+    }
+}
+
+/// Where a timer sits in the heap: ordered so that the heap's top (its
+/// greatest) is the earliest timer, and of timers due at the same time,
+/// the first made.
+#[derive(Clone, Copy, Debug)]
+struct DueKey {
+    when: f64,
+    order: u64,
+}
+
+impl Ord for DueKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other
+            .when
+            .total_cmp(&self.when)
+            .then(other.order.cmp(&self.order))
+    }
+}
+
+impl PartialOrd for DueKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for DueKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for DueKey {}
+
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.key.cmp(&other.key)
+    }
+}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for Due {}
+
+impl Turn {
+    /// Whether a callback waits to run.
+    pub(crate) fn has_ready(&self) -> bool {
+        !self.ready.borrow().is_empty()
+    }
+
+    /// How many timers were ever added: the driver's wait ends when it
+    /// changes, as a new timer may be due sooner than the wait's end.
+    pub(crate) fn timers_added(&self) -> u64 {
+        self.next_timer.get()
+    }
+
+    fn push(&self, handle: Py<PyAny>) {
+        self.ready.borrow_mut().push_back(handle);
+    }
+
+    fn pop(&self) -> Option<Py<PyAny>> {
+        self.ready.borrow_mut().pop_front()
+    }
+
+    fn add_timer(&self, when: f64, timer: Py<TimerHandle>) {
+        let order = self.next_timer.get();
+        self.next_timer.set(order + 1);
+        let key = DueKey { when, order };
+        self.timers.borrow_mut().push(Due { key, timer });
+    }
+
+    /// When the earliest timer is due.
+    fn next_due(&self) -> Option<f64> {
+        self.timers.borrow().peek().map(|due| due.key.when)
+    }
+
+    /// Drops cancelled timers from the heap as asyncio does: all of them
+    /// when they are more than half of more than 100 timers, else those at
+    /// the head.
+    fn drop_cancelled(&self, py: Python<'_>) {
+        let mut dropped = Vec::new();
+        {
+            let mut timers = self.timers.borrow_mut();
+            let count = timers.len();
+            let cancelled = self.cancelled_timers.load(Relaxed);
+            if count > MIN_SCHEDULED_TIMERS && cancelled * 2 > count {
+                let (gone, kept): (Vec<Due>, Vec<Due>) = std::mem::take(&mut *timers)
+                    .into_iter()
+                    .partition(|due| due.is_cancelled(py));
+                *timers = BinaryHeap::from(kept);
+                self.cancelled_timers.store(0, Relaxed);
+                dropped = gone;
+            } else {
+                while timers.peek().is_some_and(|due| due.is_cancelled(py)) {
+                    dropped.extend(timers.pop());
+                    self.cancelled_timers.fetch_sub(1, Relaxed);
+                }
+            }
+        }
+        for due in &dropped {
+            due.timer.get().scheduled.set(false);
+        }
+        drop(dropped);
+    }
+
+    /// Moves the timers due before `end` to the ready queue.
+    fn move_due(&self, end: f64) {
+        loop {
+            let due = {
+                let mut timers = self.timers.borrow_mut();
+                match timers.peek() {
+                    Some(due) if due.key.when < end => timers.pop(),
+                    _ => None,
+                }
+            };
+            let Some(due) = due else { return };
+            due.timer.get().scheduled.set(false);
+            self.push(due.timer.into_any());
+        }
+    }
+
+    /// Empties both queues (the loop closed).
+    pub(crate) fn clear(&self) {
+        let ready = std::mem::take(&mut *self.ready.borrow_mut());
+        let timers = std::mem::take(&mut *self.timers.borrow_mut());
+        self.cancelled_timers.store(0, Relaxed);
+        drop(ready);
+        drop(timers);
+    }
+}
+
+/// What a callback is: the function, its arguments and its context. Shared
+/// by `Handle` and `TimerHandle`.
+struct Callback {
+    function: Py<PyAny>,
+    args: Py<PyTuple>,
+    context: Py<PyAny>,
+}
+
+/// `asyncio.Handle`'s counterpart: a callback scheduled by `call_soon`.
+///
+/// The cancelled flag, the callback and the debug-mode fields change after
+/// creation; they sit behind a lock of their own, as a handle may be
+/// cancelled from any thread (as asyncio's may, racily).
+#[pyclass(frozen, subclass, weakref, module = "shardloop._shardloop")]
+pub(crate) struct Handle {
+    state: std::sync::Mutex<HandleState>,
+    event_loop: Py<PyAny>,
+}
+
+struct HandleState {
+    /// `None` once cancelled (as asyncio drops it, to break cycles).
+    callback: Option<Callback>,
+    cancelled: bool,
+    source_traceback: Option<Py<PyAny>>,
+    repr: Option<Py<PyAny>>,
+}
+
+impl Handle {
+    fn new(callback: Callback, event_loop: Py<PyAny>) -> Self {
+        Self {
+            state: std::sync::Mutex::new(HandleState {
+                callback: Some(callback),
+                cancelled: false,
+                source_traceback: None,
+                repr: None,
+            }),
+            event_loop,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, HandleState> {
+        // A panic cannot happen while the lock is held (only moves of
+        // fields), so the state is never left half-changed.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.state().cancelled
+    }
+
+    /// The callback, unless cancelled; the lock is released before it is
+    /// called.
+    fn callback(&self, py: Python<'_>) -> Option<(Py<PyAny>, Py<PyTuple>, Py<PyAny>)> {
+        let state = self.state();
+        let callback = state.callback.as_ref()?;
+        Some((
+            callback.function.clone_ref(py),
+            callback.args.clone_ref(py),
+            callback.context.clone_ref(py),
+        ))
+    }
+
+    /// Cancels the handle; returns whether it was not cancelled before.
+    fn cancel_once(slf: &Bound<'_, Self>) -> PyResult<bool> {
+        let py = slf.py();
+        let this = slf.get();
+        if this.is_cancelled() {
+            return Ok(false);
+        }
+        // In debug mode the handle keeps what it was, for the warning about
+        // a slow callback (asyncio's `_repr`); made before the callback goes.
+        let repr = if debug(this.event_loop.bind(py)) {
+            Some(slf.repr()?.into_any().unbind())
+        } else {
+            None
+        };
+        let callback = {
+            let mut state = this.state();
+            if state.cancelled {
+                return Ok(false);
+            }
+            state.cancelled = true;
+            if repr.is_some() {
+                state.repr = repr;
+            }
+            state.callback.take()
+        };
+        drop(callback);
+        Ok(true)
+    }
+
+    /// Runs the callback in its context. An exception goes to the loop's
+    /// exception handler (through `ShardLoop._callback_failed`); only what
+    /// stops a loop comes out.
+    fn run(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let Some((function, args, context)) = slf.get().callback(py) else {
+            return Ok(());
+        };
+        let outcome = in_context(py, context.bind(py), || {
+            function.bind(py).call1(args.bind(py)).map(drop)
+        });
+        let Err(err) = outcome else { return Ok(()) };
+        if stops_a_loop(py, &err) {
+            return Err(err);
+        }
+        let exc = crate::errors::exception_with_traceback(py, err);
+        let event_loop = slf.get().event_loop.bind(py);
+        if let Err(err) = event_loop.call_method1(intern!(py, "_callback_failed"), (slf, exc)) {
+            if stops_a_loop(py, &err) {
+                return Err(err);
+            }
+            err.write_unraisable(py, Some(slf));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `event_loop` is in debug mode.
+fn debug(event_loop: &Bound<'_, PyAny>) -> bool {
+    let py = event_loop.py();
+    event_loop
+        .getattr(intern!(py, "_debug"))
+        .and_then(|debug| debug.is_truthy())
+        .unwrap_or(false)
+}
+
+#[pymethods]
+impl Handle {
+    /// Cancels the callback: it will not run. Idempotent.
+    fn cancel(slf: &Bound<'_, Self>) -> PyResult<()> {
+        Self::cancel_once(slf).map(drop)
+    }
+
+    fn cancelled(&self) -> bool {
+        self.is_cancelled()
+    }
+
+    fn get_context(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.callback(py).map(|(_, _, context)| context)
+    }
+
+    /// Runs the callback now, as the loop would.
+    fn _run(slf: &Bound<'_, Self>) -> PyResult<()> {
+        Self::run(slf)
+    }
+
+    #[getter]
+    fn _callback(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.callback(py).map(|(function, _, _)| function)
+    }
+
+    #[getter]
+    fn _args(&self, py: Python<'_>) -> Option<Py<PyTuple>> {
+        self.callback(py).map(|(_, args, _)| args)
+    }
+
+    #[getter]
+    fn _context(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.get_context(py)
+    }
+
+    #[getter]
+    fn _cancelled(&self) -> bool {
+        self.is_cancelled()
+    }
+
+    #[getter]
+    fn _loop(&self, py: Python<'_>) -> Py<PyAny> {
+        self.event_loop.clone_ref(py)
+    }
+
+    #[getter(_source_traceback)]
+    fn source_traceback(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.state()
+            .source_traceback
+            .as_ref()
+            .map(|t| t.clone_ref(py))
+    }
+
+    #[setter(_source_traceback)]
+    fn set_source_traceback(&self, value: Option<Py<PyAny>>) {
+        let old = std::mem::replace(&mut self.state().source_traceback, value);
+        drop(old);
+    }
+
+    #[getter]
+    fn _repr(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.state().repr.as_ref().map(|r| r.clone_ref(py))
+    }
+
+    fn __repr__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        slf.get()
+            .event_loop
+            .bind(py)
+            .call_method1(intern!(py, "_handle_repr"), (slf,))
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.event_loop)?;
+        // A handle being changed on another thread is skipped this time.
+        let Ok(state) = self.state.try_lock() else {
+            return Ok(());
+        };
+        if let Some(callback) = &state.callback {
+            visit.call(&callback.function)?;
+            visit.call(&callback.args)?;
+            visit.call(&callback.context)?;
+        }
+        visit.call(&state.source_traceback)?;
+        visit.call(&state.repr)
+    }
+
+    fn __clear__(&self) {
+        let Ok(mut state) = self.state.try_lock() else {
+            return;
+        };
+        let callback = state.callback.take();
+        let traceback = state.source_traceback.take();
+        drop(state);
+        drop((callback, traceback));
+    }
+}
+
+/// `asyncio.TimerHandle`'s counterpart: a callback scheduled by
+/// `call_later` or `call_at`.
+#[pyclass(frozen, extends = Handle, module = "shardloop._shardloop")]
+pub(crate) struct TimerHandle {
+    when: f64,
+    /// Whether it is in its loop's heap.
+    scheduled: AtomicFlag,
+    /// The heap's count of cancelled timers.
+    cancelled_timers: Arc<AtomicUsize>,
+}
+
+/// A flag readable and settable from any thread.
+struct AtomicFlag(std::sync::atomic::AtomicBool);
+
+impl AtomicFlag {
+    fn get(&self) -> bool {
+        self.0.load(Relaxed)
+    }
+
+    fn set(&self, value: bool) {
+        self.0.store(value, Relaxed);
+    }
+}
+
+#[pymethods]
+impl TimerHandle {
+    /// When the callback is due, on the loop's clock.
+    fn when(&self) -> f64 {
+        self.when
+    }
+
+    #[getter]
+    fn _when(&self) -> f64 {
+        self.when
+    }
+
+    #[getter]
+    fn _scheduled(&self) -> bool {
+        self.scheduled.get()
+    }
+
+    #[setter(_scheduled)]
+    fn set_scheduled(&self, value: bool) {
+        self.scheduled.set(value);
+    }
+
+    fn cancel(slf: &Bound<'_, Self>) -> PyResult<()> {
+        if Handle::cancel_once(slf.as_super())? && slf.get().scheduled.get() {
+            slf.get().cancelled_timers.fetch_add(1, Relaxed);
+        }
+        Ok(())
+    }
+
+    fn __hash__(&self) -> u64 {
+        self.when.to_bits()
+    }
+
+    fn __richcmp__(
+        slf: &Bound<'_, Self>,
+        other: &Bound<'_, PyAny>,
+        op: CompareOp,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let Ok(other) = other.cast::<TimerHandle>() else {
+            return Ok(py.NotImplemented());
+        };
+        let (a, b) = (slf.get().when, other.get().when);
+        let result = match op {
+            CompareOp::Lt => a < b,
+            CompareOp::Le => a <= b,
+            CompareOp::Gt => a > b,
+            CompareOp::Ge => a >= b,
+            CompareOp::Eq | CompareOp::Ne => {
+                let same = a == b
+                    && slf
+                        .as_super()
+                        .getattr(intern!(py, "_callback"))?
+                        .eq(other.as_super().getattr(intern!(py, "_callback"))?)?
+                    && slf
+                        .as_super()
+                        .getattr(intern!(py, "_args"))?
+                        .eq(other.as_super().getattr(intern!(py, "_args"))?)?
+                    && slf.as_super().get().is_cancelled() == other.as_super().get().is_cancelled();
+                same == matches!(op, CompareOp::Eq)
+            }
+        };
+        Ok(result.into_pyobject(py)?.to_owned().into_any().unbind())
+    }
+}
+
+/// What a `ShardLoop`'s `call_soon`, `call_later`, `call_at`,
+/// `_add_callback` and `_run_once` do (the loop installs these methods as
+/// its own, see `_loop.py`).
+#[pyclass(frozen, module = "shardloop._shardloop")]
+pub(crate) struct Scheduler {
+    turn: Home<Turn>,
+    event_loop: Py<PyAny>,
+    /// asyncio's own `_ready` deque: `call_soon_threadsafe` from other
+    /// threads appends there, and each turn moves what it holds here.
+    threadsafe: Py<PyAny>,
+    /// Whether the loop's clock is `time.monotonic()`; if not (a subclass
+    /// replaced `time()`), its `time()` is asked.
+    own_clock: bool,
+    /// asyncio's `_clock_resolution`: timers due within it run now.
+    resolution: f64,
+}
+
+impl Scheduler {
+    /// The shard's queues, for an operation that may only happen on the
+    /// loop's thread while the loop is open (asyncio's `_check_closed`,
+    /// and the thread check its debug mode makes).
+    fn open(&self, py: Python<'_>) -> PyResult<&Rc<Turn>> {
+        let closed = self
+            .event_loop
+            .bind(py)
+            .getattr(intern!(py, "_closed"))?
+            .is_truthy()?;
+        if closed {
+            return Err(PyRuntimeError::new_err("Event loop is closed"));
+        }
+        self.turn.local().map_err(|_| {
+            PyRuntimeError::new_err(
+                "Non-thread-safe operation invoked on an event loop other than the current \
+                 one; use call_soon_threadsafe()",
+            )
+        })
+    }
+
+    fn callback(
+        py: Python<'_>,
+        function: Py<PyAny>,
+        args: Py<PyTuple>,
+        context: Option<Py<PyAny>>,
+    ) -> PyResult<Callback> {
+        let context = match context {
+            Some(context) if !context.is_none(py) => context,
+            _ => copy_context(py)?,
+        };
+        Ok(Callback {
+            function,
+            args,
+            context,
+        })
+    }
+
+    /// The loop's time.
+    fn now(&self, py: Python<'_>) -> PyResult<f64> {
+        if !self.own_clock {
+            return self
+                .event_loop
+                .bind(py)
+                .call_method0(intern!(py, "time"))?
+                .extract();
+        }
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `now` is a valid, writable timespec; CLOCK_MONOTONIC
+        // always exists on Linux, so the call cannot fail.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        Ok(now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9)
+    }
+
+    /// Moves what other threads added to asyncio's deque to the queue.
+    fn take_threadsafe(&self, py: Python<'_>, turn: &Turn) -> PyResult<()> {
+        let deque = self.threadsafe.bind(py);
+        // Only this thread takes from the deque: what `len` counts is there.
+        for _ in 0..deque.len()? {
+            turn.push(deque.call_method0(intern!(py, "popleft"))?.unbind());
+        }
+        Ok(())
+    }
+}
+
+/// Whether `loop.stop()` was called (asyncio's `_stopping`).
+pub(crate) fn is_stopping(event_loop: &Bound<'_, PyAny>) -> bool {
+    let py = event_loop.py();
+    event_loop
+        .getattr(intern!(py, "_stopping"))
+        .and_then(|stopping| stopping.is_truthy())
+        .unwrap_or(true)
+}
+
+impl Scheduler {
+    /// The scheduler of shard `shard`'s loop `event_loop`, whose queues
+    /// are `turn` (kept with the shard, on this thread).
+    pub(crate) fn new(
+        turn: Rc<Turn>,
+        shard: usize,
+        event_loop: Py<PyAny>,
+        threadsafe: Py<PyAny>,
+        own_clock: bool,
+        resolution: f64,
+    ) -> Self {
+        Self {
+            turn: Home::new(turn, shard, drop, "a shard loop's scheduler"),
+            event_loop,
+            threadsafe,
+            own_clock,
+            resolution,
+        }
+    }
+}
+
+#[pymethods]
+impl Scheduler {
+    /// `loop.call_soon`.
+    #[pyo3(signature = (callback, *args, context=None))]
+    fn call_soon(
+        &self,
+        py: Python<'_>,
+        callback: Py<PyAny>,
+        args: Py<PyTuple>,
+        context: Option<Py<PyAny>>,
+    ) -> PyResult<Py<Handle>> {
+        let turn = self.open(py)?;
+        let callback = Self::callback(py, callback, args, context)?;
+        let handle = Py::new(py, Handle::new(callback, self.event_loop.clone_ref(py)))?;
+        // What another thread queued before keeps its place ahead.
+        self.take_threadsafe(py, turn)?;
+        turn.push(handle.clone_ref(py).into_any());
+        Ok(handle)
+    }
+
+    /// `loop.call_later`.
+    #[pyo3(signature = (delay, callback, *args, context=None))]
+    fn call_later(
+        &self,
+        py: Python<'_>,
+        delay: Option<f64>,
+        callback: Py<PyAny>,
+        args: Py<PyTuple>,
+        context: Option<Py<PyAny>>,
+    ) -> PyResult<Py<TimerHandle>> {
+        let delay = delay.ok_or_else(|| PyTypeError::new_err("delay must not be None"))?;
+        let when = self.now(py)? + delay;
+        self.call_at(py, Some(when), callback, args, context)
+    }
+
+    /// `loop.call_at`.
+    #[pyo3(signature = (when, callback, *args, context=None))]
+    fn call_at(
+        &self,
+        py: Python<'_>,
+        when: Option<f64>,
+        callback: Py<PyAny>,
+        args: Py<PyTuple>,
+        context: Option<Py<PyAny>>,
+    ) -> PyResult<Py<TimerHandle>> {
+        let when = when.ok_or_else(|| PyTypeError::new_err("when cannot be None"))?;
+        let turn = self.open(py)?;
+        let callback = Self::callback(py, callback, args, context)?;
+        let timer = PyClassInitializer::from(Handle::new(callback, self.event_loop.clone_ref(py)))
+            .add_subclass(TimerHandle {
+                when,
+                scheduled: AtomicFlag(true.into()),
+                cancelled_timers: turn.cancelled_timers.clone(),
+            });
+        let timer = Py::new(py, timer)?;
+        turn.add_timer(when, timer.clone_ref(py));
+        Ok(timer)
+    }
+
+    /// `loop._add_callback`: queues a handle made elsewhere (an I/O
+    /// callback of asyncio's, a signal's), unless it is cancelled.
+    fn add_callback(&self, py: Python<'_>, handle: Bound<'_, PyAny>) -> PyResult<()> {
+        let cancelled = match handle.cast::<Handle>() {
+            Ok(ours) => ours.get().is_cancelled(),
+            Err(_) => handle.getattr(intern!(py, "_cancelled"))?.is_truthy()?,
+        };
+        if !cancelled {
+            let turn = self.turn.local()?;
+            self.take_threadsafe(py, turn)?;
+            turn.push(handle.unbind());
+        }
+        Ok(())
+    }
+
+    /// `loop._run_once`: one full turn of the loop. Polls (waiting until
+    /// the next timer, or not at all if a callback is ready or the loop
+    /// stops), then runs the callbacks ready now and the timers due.
+    fn run_once(&self, py: Python<'_>) -> PyResult<()> {
+        let turn = self.turn.local()?.clone();
+        let turn = &*turn;
+        let event_loop = self.event_loop.bind(py);
+        turn.drop_cancelled(py);
+        self.take_threadsafe(py, turn)?;
+        let timeout = if turn.has_ready() || is_stopping(event_loop) {
+            Some(0.0)
+        } else {
+            match turn.next_due() {
+                Some(when) => Some((when - self.now(py)?).clamp(0.0, MAXIMUM_SELECT_TIMEOUT)),
+                None => None,
+            }
+        };
+        let events = event_loop
+            .getattr(intern!(py, "_selector"))?
+            .call_method1(intern!(py, "select"), (timeout,))?;
+        event_loop.call_method1(intern!(py, "_process_events"), (events,))?;
+        self.take_threadsafe(py, turn)?;
+        turn.move_due(self.now(py)? + self.resolution);
+        // The callbacks queued by these run on the next turn.
+        let count = turn.ready.borrow().len();
+        let debug = debug(event_loop);
+        for _ in 0..count {
+            let Some(handle) = turn.pop() else { break };
+            let handle = handle.into_bound(py);
+            if debug {
+                event_loop.call_method1(intern!(py, "_run_debug"), (handle,))?;
+            } else if let Ok(ours) = handle.cast::<Handle>() {
+                Handle::run(ours)?;
+            } else if !handle.getattr(intern!(py, "_cancelled"))?.is_truthy()? {
+                handle.call_method0(intern!(py, "_run"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// How many callbacks are ready and how many timers are scheduled
+    /// (cancelled ones included, until the heap drops them).
+    fn pending(&self) -> PyResult<(usize, usize)> {
+        let turn = self.turn.local()?;
+        let ready = turn.ready.borrow().len();
+        let timers = turn.timers.borrow().len();
+        Ok((ready, timers))
+    }
+
+    /// Empties the queues (the loop closed). Off the shard's thread it
+    /// does nothing: closing the shard empties them.
+    fn clear(&self) {
+        if let Ok(turn) = self.turn.local() {
+            turn.clear();
+        }
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.event_loop)?;
+        visit.call(&self.threadsafe)
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Handle>()?;
+    m.add_class::<TimerHandle>()?;
+    m.add_class::<Scheduler>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DueKey;
+    use std::collections::BinaryHeap;
+
+    #[test]
+    fn the_heap_gives_the_earliest_timer_and_ties_in_the_order_made() {
+        let timers = [(3.0, 0), (1.0, 1), (2.0, 2), (1.0, 3), (0.5, 4), (1.0, 5)];
+        let mut heap: BinaryHeap<DueKey> = timers
+            .iter()
+            .map(|&(when, order)| DueKey { when, order })
+            .collect();
+        let mut popped = Vec::new();
+        while let Some(key) = heap.pop() {
+            popped.push(key.order);
+        }
+        assert_eq!(popped, [4, 1, 3, 5, 2, 0]);
+    }
+
+    #[test]
+    fn a_timer_at_an_infinite_or_negative_time_keeps_its_place() {
+        let keys = [f64::INFINITY, -1.0, 0.0, f64::NEG_INFINITY];
+        let mut heap: BinaryHeap<DueKey> = keys
+            .iter()
+            .enumerate()
+            .map(|(order, &when)| DueKey {
+                when,
+                order: order as u64,
+            })
+            .collect();
+        let mut popped = Vec::new();
+        while let Some(key) = heap.pop() {
+            popped.push(key.when);
+        }
+        assert_eq!(popped, [f64::NEG_INFINITY, -1.0, 0.0, f64::INFINITY]);
+    }
+}
