@@ -164,6 +164,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
             "call_at": turn.call_at,
             "_run_once": turn.run_once,
         }
+        turn.set_debug(self._debug)  # type: ignore[attr-defined]
         cls = type(self)
         for name, method in fast.items():
             replaced = getattr(cls, name) is not getattr(ShardLoop, name)
@@ -288,7 +289,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
     def _close_loop(self) -> None:
         """asyncio's close; the callbacks and timers left are dropped."""
         super().close()
-        self._turn.clear()
+        self._turn.close()
 
     @property
     def shard_id(self) -> int:

@@ -168,16 +168,17 @@ impl Driver {
     /// deque; `own_clock` says whether the loop's `time()` is
     /// `time.monotonic()`; `resolution` is its clock's resolution.
     fn scheduler(
-        &self,
+        slf: &Bound<'_, Self>,
         event_loop: Py<PyAny>,
         threadsafe: Py<PyAny>,
         own_clock: bool,
         resolution: f64,
     ) -> PyResult<Scheduler> {
-        let shard = self.shard.local()?;
+        let shard = slf.get().shard.local()?;
         Ok(Scheduler::new(
             shard.turn.clone(),
             shard.id,
+            slf.clone().into_any().unbind(),
             event_loop,
             threadsafe,
             own_clock,

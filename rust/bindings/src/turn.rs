@@ -30,14 +30,14 @@ use std::cell::{Cell, RefCell};
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::pyclass::CompareOp;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyList, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::stops_a_loop;
@@ -549,19 +549,20 @@ pub(crate) struct Scheduler {
     own_clock: bool,
     /// asyncio's `_clock_resolution`: timers due within it run now.
     resolution: f64,
+    /// The shard's `Driver`, whose `poll` and `wait` a turn calls.
+    driver: Py<PyAny>,
+    /// The loop's debug mode (`set_debug` keeps it here).
+    debug: AtomicBool,
+    /// Set when the loop closes.
+    closed: AtomicBool,
 }
 
 impl Scheduler {
     /// The shard's queues, for an operation that may only happen on the
     /// loop's thread while the loop is open (asyncio's `_check_closed`,
     /// and the thread check its debug mode makes).
-    fn open(&self, py: Python<'_>) -> PyResult<&Rc<Turn>> {
-        let closed = self
-            .event_loop
-            .bind(py)
-            .getattr(intern!(py, "_closed"))?
-            .is_truthy()?;
-        if closed {
+    fn open(&self) -> PyResult<&Rc<Turn>> {
+        if self.closed.load(Relaxed) {
             return Err(PyRuntimeError::new_err("Event loop is closed"));
         }
         self.turn.local().map_err(|_| {
@@ -634,6 +635,7 @@ impl Scheduler {
     pub(crate) fn new(
         turn: Rc<Turn>,
         shard: usize,
+        driver: Py<PyAny>,
         event_loop: Py<PyAny>,
         threadsafe: Py<PyAny>,
         own_clock: bool,
@@ -645,7 +647,39 @@ impl Scheduler {
             threadsafe,
             own_clock,
             resolution,
+            driver,
+            debug: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         }
+    }
+
+    /// What the loop's selector found ready (`select(timeout)`). The
+    /// selector (`_ShardSelector`) is only asked when its epoll set may
+    /// hold events; otherwise the driver polls, or waits, directly, and
+    /// the selector is asked only if a watched descriptor signalled.
+    fn select<'py>(
+        &self,
+        event_loop: &Bound<'py, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = event_loop.py();
+        let selector = event_loop.getattr(intern!(py, "_selector"))?;
+        let look = intern!(py, "_look");
+        if selector.getattr(look)?.is_truthy()? {
+            return selector.call_method1(intern!(py, "select"), (timeout,));
+        }
+        let driver = self.driver.bind(py);
+        let signalled = match timeout {
+            Some(timeout) if timeout <= 0.0 => {
+                driver.call_method1(intern!(py, "poll"), (event_loop,))
+            }
+            _ => driver.call_method1(intern!(py, "wait"), (event_loop, timeout)),
+        }?;
+        if !signalled.is_truthy()? {
+            return Ok(PyList::empty(py).into_any());
+        }
+        selector.setattr(look, true)?;
+        selector.call_method1(intern!(py, "select"), (0.0,))
     }
 }
 
@@ -660,7 +694,7 @@ impl Scheduler {
         args: Py<PyTuple>,
         context: Option<Py<PyAny>>,
     ) -> PyResult<Py<Handle>> {
-        let turn = self.open(py)?;
+        let turn = self.open()?;
         let callback = Self::callback(py, callback, args, context)?;
         let handle = Py::new(py, Handle::new(callback, self.event_loop.clone_ref(py)))?;
         // What another thread queued before keeps its place ahead.
@@ -695,7 +729,7 @@ impl Scheduler {
         context: Option<Py<PyAny>>,
     ) -> PyResult<Py<TimerHandle>> {
         let when = when.ok_or_else(|| PyTypeError::new_err("when cannot be None"))?;
-        let turn = self.open(py)?;
+        let turn = self.open()?;
         let callback = Self::callback(py, callback, args, context)?;
         let timer = PyClassInitializer::from(Handle::new(callback, self.event_loop.clone_ref(py)))
             .add_subclass(TimerHandle {
@@ -740,15 +774,19 @@ impl Scheduler {
                 None => None,
             }
         };
-        let events = event_loop
-            .getattr(intern!(py, "_selector"))?
-            .call_method1(intern!(py, "select"), (timeout,))?;
-        event_loop.call_method1(intern!(py, "_process_events"), (events,))?;
+        let events = self.select(event_loop, timeout)?;
+        // The loop's `_process_events` also notices when shutdown lets the
+        // shard stop (`_stopped`); a turn without events skips it otherwise.
+        if events.len()? > 0 || !event_loop.getattr(intern!(py, "_stopped"))?.is_none() {
+            event_loop.call_method1(intern!(py, "_process_events"), (events,))?;
+        }
         self.take_threadsafe(py, turn)?;
-        turn.move_due(self.now(py)? + self.resolution);
+        if turn.next_due().is_some() {
+            turn.move_due(self.now(py)? + self.resolution);
+        }
         // The callbacks queued by these run on the next turn.
         let count = turn.ready.borrow().len();
-        let debug = debug(event_loop);
+        let debug = self.debug.load(Relaxed);
         for _ in 0..count {
             let Some(handle) = turn.pop() else { break };
             let handle = handle.into_bound(py);
@@ -772,17 +810,24 @@ impl Scheduler {
         Ok((ready, timers))
     }
 
-    /// Empties the queues (the loop closed). Off the shard's thread it
-    /// does nothing: closing the shard empties them.
-    fn clear(&self) {
+    /// The loop closed: it takes no more callbacks, and those left are
+    /// dropped (off the shard's thread, closing the shard drops them).
+    fn close(&self) {
+        self.closed.store(true, Relaxed);
         if let Ok(turn) = self.turn.local() {
             turn.clear();
         }
     }
 
+    /// Follows the loop's debug mode.
+    fn set_debug(&self, enabled: bool) {
+        self.debug.store(enabled, Relaxed);
+    }
+
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.event_loop)?;
-        visit.call(&self.threadsafe)
+        visit.call(&self.threadsafe)?;
+        visit.call(&self.driver)
     }
 }
 
