@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import decimal
+import fractions
 import gc
 import logging
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -205,12 +208,17 @@ def test_handles_answer_as_asyncio_s_do(run_on: Run) -> None:
         handle.cancel()
         timer.cancel()
         handle.cancel()  # twice is once
+        zero, negative_zero = loop.call_at(0.0, noop), loop.call_at(-0.0, noop)
         answers += [
             handle.cancelled(),
             repr(handle),
             repr(timer),
             timer != twin,  # a cancelled timer differs from its twin
+            handle._context is context,  # kept once cancelled
+            zero == negative_zero and hash(zero) == hash(negative_zero),
         ]
+        zero.cancel()
+        negative_zero.cancel()
         twin.cancel()
         later.cancel()
         return answers
@@ -226,6 +234,8 @@ def test_handles_answer_as_asyncio_s_do(run_on: Run) -> None:
         True,
         "<Handle cancelled>",
         "<TimerHandle cancelled when=12345.0>",
+        True,
+        True,
         True,
     ]
 
@@ -261,29 +271,33 @@ def test_a_missing_time_is_a_type_error(run_on: Run) -> None:
     assert run_on(main()) == ["delay must not be None", "when cannot be None"]
 
 
-def test_other_threads_must_use_call_soon_threadsafe() -> None:
-    async def main() -> tuple[str, list[str]]:
+def test_call_soon_from_another_thread_is_thread_safe_and_keeps_its_place() -> None:
+    """asyncio's call_soon from another thread races; a shard loop's acts as
+    call_soon_threadsafe: the loop wakes, and the order is kept."""
+
+    async def main() -> list[str]:
         loop = asyncio.get_running_loop()
-        outcome: list[str] = []
         order: list[str] = []
+        woken = loop.create_future()
 
         def elsewhere() -> None:
-            try:
-                loop.call_soon(noop)
-            except RuntimeError as exc:
-                outcome.append(str(exc))
-            loop.call_soon_threadsafe(order.append, "from the thread")
+            loop.call_soon(order.append, "call_soon from the thread")
+            loop.call_soon_threadsafe(order.append, "call_soon_threadsafe from the thread")
+            loop.call_soon(woken.set_result, None)
 
         thread = threading.Thread(target=elsewhere)
         thread.start()
-        await asyncio.to_thread(thread.join)
+        await asyncio.wait_for(woken, 10)
+        thread.join()
         loop.call_soon(order.append, "from the loop")
         await turns(2)
-        return outcome[0], order
+        return order
 
-    message, order = shardloop.run(asyncio.wait_for(main(), 30), shards=1, pin=False)
-    assert "call_soon_threadsafe" in message
-    assert order == ["from the thread", "from the loop"]
+    assert shardloop.run(asyncio.wait_for(main(), 30), shards=1, pin=False) == [
+        "call_soon from the thread",
+        "call_soon_threadsafe from the thread",
+        "from the loop",
+    ]
 
 
 def test_a_timer_in_a_cycle_is_collected(run_on: Run) -> None:
@@ -314,11 +328,14 @@ def test_debug_mode_reports_slow_callbacks(run_on: Run, caplog: pytest.LogCaptur
         handle = loop.call_soon(time.sleep, 0.02)
         traced = handle._source_traceback[-1][2]  # type: ignore[attr-defined]
         await turns(2)
+        cancelled = loop.call_soon(noop)
+        cancelled.cancel()
         loop.set_debug(False)
-        return [traced]
+        shown = repr(cancelled)
+        return [traced, shown.startswith("<Handle cancelled noop() at ") and "created at" in shown]
 
     with caplog.at_level(logging.WARNING, logger="asyncio"):
-        assert run_on(main()) == ["main"]
+        assert run_on(main()) == ["main", True]
     slow = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
     assert any(m.startswith("Executing <Handle sleep(0.02)") for m in slow), slow
 
@@ -345,3 +362,143 @@ def test_in_debug_mode_a_finished_task_is_freed_at_once(run_on: Run) -> None:
         assert run_on(main())
     finally:
         gc.enable()
+
+
+def test_a_time_that_is_nan_is_refused_and_the_other_timers_go_on() -> None:
+    """asyncio takes a NaN time, then fires it at once (3.11) or fails in
+    select (3.13); a shard loop refuses it where it is given."""
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        refused = []
+        for schedule in (
+            lambda: loop.call_at(float("nan"), noop),
+            lambda: loop.call_at(-float("nan"), noop),  # sorts before every number
+            lambda: loop.call_later(float("inf") - float("inf"), noop),
+        ):
+            try:
+                schedule()
+            except ValueError as exc:
+                refused.append(str(exc))
+        await asyncio.sleep(0.01)
+        return refused
+
+    assert (
+        shardloop.run(asyncio.wait_for(main(), 30), shards=1, pin=False)
+        == ["when cannot be NaN"] * 3
+    )
+
+
+def test_a_future_completed_by_another_thread_wakes_its_task() -> None:
+    """A worker thread that completes a future directly (rather than with
+    call_soon_threadsafe) still wakes the task that awaits it."""
+
+    async def main() -> tuple[int, float, str]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        timer_fired = loop.create_future()
+
+        def worker() -> None:
+            time.sleep(0.05)
+            future.set_result(42)
+            loop.call_later(0.01, timer_fired.set_result, "timer from a thread")
+
+        start = loop.time()
+        threading.Thread(target=worker).start()
+        value = await asyncio.wait_for(future, 10)
+        took = loop.time() - start
+        return value, took, await asyncio.wait_for(timer_fired, 10)
+
+    value, took, timer = shardloop.run(main(), shards=1, pin=False)
+    assert (value, timer) == (42, "timer from a thread")
+    assert took < 5
+
+
+def test_a_loop_dropped_unclosed_with_callbacks_pending_is_collected() -> None:
+    def dropped() -> weakref.ref[asyncio.AbstractEventLoop]:
+        loop = shardloop.new_event_loop(1, pin=False)
+        loop.call_later(3600, noop)
+        loop.call_soon(noop)
+        return weakref.ref(loop)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gone = dropped()
+        gc.collect()
+    assert gone() is None
+
+
+@pytest.mark.parametrize("kind", sorted(LOOPS))
+def test_a_fake_clock_set_on_the_loop_is_its_clock(kind: str) -> None:
+    async def main() -> str:
+        try:
+            async with asyncio.timeout(0.05):
+                await asyncio.sleep(5)
+        except TimeoutError:
+            return "timed out"
+        return "not timed out"
+
+    loop = LOOPS[kind]()
+    try:
+        real = loop.time
+        loop.time = lambda: real() + 1000.0  # type: ignore[method-assign]
+        assert loop.run_until_complete(main()) == "timed out"
+    finally:
+        loop.close()
+
+
+def test_what_the_user_sets_on_the_loop_survives_set_debug(run_on: Run) -> None:
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        calls = 0
+        original = loop.call_soon
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return original(*args, **kwargs)
+
+        loop.call_soon = counting  # type: ignore[method-assign]
+        loop.set_debug(True)
+        loop.set_debug(False)
+        loop.call_soon(noop)
+        del loop.call_soon
+        return calls
+
+    assert run_on(main()) == 1
+
+
+def test_delays_are_those_a_float_adds_with(run_on: Run) -> None:
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        outcomes = []
+        for debug in (False, True):
+            loop.set_debug(debug)
+            try:
+                loop.call_later(decimal.Decimal("0.5"), noop).cancel()
+                outcomes.append("taken")
+            except TypeError:
+                outcomes.append("TypeError")
+            loop.call_later(fractions.Fraction(1, 2), noop).cancel()
+        loop.set_debug(False)
+        return outcomes
+
+    assert run_on(main()) == ["TypeError", "TypeError"]
+
+
+def test_in_debug_mode_a_handle_from_another_thread_names_its_caller(run_on: Run) -> None:
+    async def main() -> str:
+        loop = asyncio.get_running_loop()
+        loop.set_debug(True)
+        made: list[Any] = []
+
+        def elsewhere() -> None:
+            made.append(loop.call_soon_threadsafe(noop))
+
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        await asyncio.to_thread(thread.join)
+        loop.set_debug(False)
+        return str(made[0]._source_traceback[-1][2])
+
+    assert run_on(main()) == "elsewhere"

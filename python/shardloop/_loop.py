@@ -167,6 +167,9 @@ class ShardLoop(asyncio.SelectorEventLoop):
         turn.set_debug(self._debug)  # type: ignore[attr-defined]
         cls = type(self)
         for name, method in fast.items():
+            current = self.__dict__.get(name)
+            if current is not None and current != method:
+                continue  # the user's own, set on the instance: kept
             replaced = getattr(cls, name) is not getattr(ShardLoop, name)
             if self._debug or replaced:  # type: ignore[attr-defined]
                 self.__dict__.pop(name, None)
@@ -232,7 +235,10 @@ class ShardLoop(asyncio.SelectorEventLoop):
         # keeps its place among the others; from another thread it goes to
         # asyncio's deque, which the next turn empties.
         if threading.get_ident() != self._thread:
-            return super()._call_soon(callback, args, context)  # type: ignore[misc]
+            handle = super()._call_soon(callback, args, context)  # type: ignore[misc]
+            if handle._source_traceback:
+                del handle._source_traceback[-1]  # this method's own frame
+            return handle
         handle = self._turn.call_soon(callback, *args, context=context)
         self._trace(handle)  # call_soon_threadsafe then drops its own frame
         return handle

@@ -169,13 +169,13 @@ impl Driver {
     /// `time.monotonic()`; `resolution` is its clock's resolution.
     fn scheduler(
         slf: &Bound<'_, Self>,
-        event_loop: Py<PyAny>,
+        event_loop: &Bound<'_, PyAny>,
         threadsafe: Py<PyAny>,
         own_clock: bool,
         resolution: f64,
     ) -> PyResult<Scheduler> {
         let shard = slf.get().shard.local()?;
-        Ok(Scheduler::new(
+        Scheduler::new(
             shard.turn.clone(),
             shard.id,
             slf.clone().into_any().unbind(),
@@ -183,7 +183,7 @@ impl Driver {
             threadsafe,
             own_clock,
             resolution,
-        ))
+        )
     }
 
     /// Makes `wait` return when `fd` becomes readable.

@@ -86,6 +86,11 @@ impl<T> Home<T> {
         }
     }
 
+    /// The value, if this is its thread (`local` without the error).
+    pub(crate) fn here(&self) -> Option<&Rc<T>> {
+        (this_thread() == self.thread).then_some(&*self.value)
+    }
+
     /// The shard it belongs to.
     pub(crate) fn shard(&self) -> usize {
         self.shard

@@ -33,11 +33,11 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::pyclass::CompareOp;
-use pyo3::types::{PyList, PyTuple};
+use pyo3::types::{PyDict, PyFloat, PyList, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::stops_a_loop;
@@ -209,6 +209,38 @@ impl Turn {
         }
     }
 
+    /// Visits what the queues hold, for the garbage collector (nothing if
+    /// they are borrowed now).
+    fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Ok(ready) = self.ready.try_borrow() {
+            for handle in ready.iter() {
+                visit.call(handle)?;
+            }
+        }
+        if let Ok(timers) = self.timers.try_borrow() {
+            for due in timers.iter() {
+                visit.call(&due.timer)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `clear`, unless the queues are borrowed now.
+    fn try_clear(&self) {
+        let ready = self
+            .ready
+            .try_borrow_mut()
+            .map(|mut r| std::mem::take(&mut *r));
+        let timers = self
+            .timers
+            .try_borrow_mut()
+            .map(|mut t| std::mem::take(&mut *t));
+        if timers.is_ok() {
+            self.cancelled_timers.store(0, Relaxed);
+        }
+        drop((ready, timers));
+    }
+
     /// Empties both queues (the loop closed).
     pub(crate) fn clear(&self) {
         let ready = std::mem::take(&mut *self.ready.borrow_mut());
@@ -219,12 +251,10 @@ impl Turn {
     }
 }
 
-/// What a callback is: the function, its arguments and its context. Shared
-/// by `Handle` and `TimerHandle`.
+/// What a handle calls: the function and its arguments.
 struct Callback {
     function: Py<PyAny>,
     args: Py<PyTuple>,
-    context: Py<PyAny>,
 }
 
 /// `asyncio.Handle`'s counterpart: a callback scheduled by `call_soon`.
@@ -235,6 +265,9 @@ struct Callback {
 #[pyclass(frozen, subclass, weakref, module = "shardloop._shardloop")]
 pub(crate) struct Handle {
     state: std::sync::Mutex<HandleState>,
+    /// The `contextvars` context the callback runs in (kept once
+    /// cancelled, as asyncio keeps it).
+    context: Py<PyAny>,
     event_loop: Py<PyAny>,
 }
 
@@ -247,7 +280,7 @@ struct HandleState {
 }
 
 impl Handle {
-    fn new(callback: Callback, event_loop: Py<PyAny>) -> Self {
+    fn new(callback: Callback, context: Py<PyAny>, event_loop: Py<PyAny>) -> Self {
         Self {
             state: std::sync::Mutex::new(HandleState {
                 callback: Some(callback),
@@ -255,6 +288,7 @@ impl Handle {
                 source_traceback: None,
                 repr: None,
             }),
+            context,
             event_loop,
         }
     }
@@ -271,41 +305,31 @@ impl Handle {
 
     /// The callback, unless cancelled; the lock is released before it is
     /// called.
-    fn callback(&self, py: Python<'_>) -> Option<(Py<PyAny>, Py<PyTuple>, Py<PyAny>)> {
+    fn callback(&self, py: Python<'_>) -> Option<(Py<PyAny>, Py<PyTuple>)> {
         let state = self.state();
         let callback = state.callback.as_ref()?;
-        Some((
-            callback.function.clone_ref(py),
-            callback.args.clone_ref(py),
-            callback.context.clone_ref(py),
-        ))
+        Some((callback.function.clone_ref(py), callback.args.clone_ref(py)))
     }
 
     /// Cancels the handle; returns whether it was not cancelled before.
     fn cancel_once(slf: &Bound<'_, Self>) -> PyResult<bool> {
         let py = slf.py();
         let this = slf.get();
-        if this.is_cancelled() {
-            return Ok(false);
-        }
-        // In debug mode the handle keeps what it was, for the warning about
-        // a slow callback (asyncio's `_repr`); made before the callback goes.
-        let repr = if debug(this.event_loop.bind(py)) {
-            Some(slf.repr()?.into_any().unbind())
-        } else {
-            None
-        };
-        let callback = {
+        {
             let mut state = this.state();
             if state.cancelled {
                 return Ok(false);
             }
             state.cancelled = true;
-            if repr.is_some() {
-                state.repr = repr;
-            }
-            state.callback.take()
-        };
+        }
+        // In debug mode the handle keeps what it was, for the warning about
+        // a slow callback (asyncio's `_repr`): made cancelled, before the
+        // callback goes.
+        if debug(this.event_loop.bind(py)) {
+            let repr = slf.repr()?.into_any().unbind();
+            this.state().repr = Some(repr);
+        }
+        let callback = this.state().callback.take();
         drop(callback);
         Ok(true)
     }
@@ -315,9 +339,10 @@ impl Handle {
     /// stops a loop comes out.
     fn run(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
-        let Some((function, args, context)) = slf.get().callback(py) else {
+        let Some((function, args)) = slf.get().callback(py) else {
             return Ok(());
         };
+        let context = &slf.get().context;
         let outcome = in_context(py, context.bind(py), || {
             function.bind(py).call1(args.bind(py)).map(drop)
         });
@@ -357,8 +382,8 @@ impl Handle {
         self.is_cancelled()
     }
 
-    fn get_context(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        self.callback(py).map(|(_, _, context)| context)
+    fn get_context(&self, py: Python<'_>) -> Py<PyAny> {
+        self.context.clone_ref(py)
     }
 
     /// Runs the callback now, as the loop would.
@@ -368,16 +393,16 @@ impl Handle {
 
     #[getter]
     fn _callback(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        self.callback(py).map(|(function, _, _)| function)
+        self.callback(py).map(|(function, _)| function)
     }
 
     #[getter]
     fn _args(&self, py: Python<'_>) -> Option<Py<PyTuple>> {
-        self.callback(py).map(|(_, args, _)| args)
+        self.callback(py).map(|(_, args)| args)
     }
 
     #[getter]
-    fn _context(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+    fn _context(&self, py: Python<'_>) -> Py<PyAny> {
         self.get_context(py)
     }
 
@@ -420,6 +445,7 @@ impl Handle {
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.event_loop)?;
+        visit.call(&self.context)?;
         // A handle being changed on another thread is skipped this time.
         let Ok(state) = self.state.try_lock() else {
             return Ok(());
@@ -427,7 +453,6 @@ impl Handle {
         if let Some(callback) = &state.callback {
             visit.call(&callback.function)?;
             visit.call(&callback.args)?;
-            visit.call(&callback.context)?;
         }
         visit.call(&state.source_traceback)?;
         visit.call(&state.repr)
@@ -497,8 +522,9 @@ impl TimerHandle {
         Ok(())
     }
 
-    fn __hash__(&self) -> u64 {
-        self.when.to_bits()
+    fn __hash__(&self, py: Python<'_>) -> PyResult<isize> {
+        // Python's hash of the time, as asyncio's (0.0 and -0.0 are equal).
+        pyo3::types::PyFloat::new(py, self.when).hash()
     }
 
     fn __richcmp__(
@@ -555,44 +581,68 @@ pub(crate) struct Scheduler {
     debug: AtomicBool,
     /// Set when the loop closes.
     closed: AtomicBool,
+    /// The turn's count of cancelled timers, for the timers made here.
+    cancelled_timers: Arc<AtomicUsize>,
+    /// The loop object's `__dict__`: a `time` there (a test's fake clock)
+    /// is the loop's clock.
+    instance_dict: Py<PyDict>,
 }
 
 impl Scheduler {
     /// The shard's queues, for an operation that may only happen on the
     /// loop's thread while the loop is open (asyncio's `_check_closed`,
     /// and the thread check its debug mode makes).
-    fn open(&self) -> PyResult<&Rc<Turn>> {
+    fn check_open(&self) -> PyResult<()> {
         if self.closed.load(Relaxed) {
             return Err(PyRuntimeError::new_err("Event loop is closed"));
         }
-        self.turn.local().map_err(|_| {
-            PyRuntimeError::new_err(
-                "Non-thread-safe operation invoked on an event loop other than the current \
-                 one; use call_soon_threadsafe()",
-            )
-        })
+        Ok(())
     }
 
-    fn callback(
+    /// A handle of this loop for `function(*args)` in `context` (`None`: a
+    /// copy of the current one).
+    fn handle(
+        &self,
         py: Python<'_>,
         function: Py<PyAny>,
         args: Py<PyTuple>,
         context: Option<Py<PyAny>>,
-    ) -> PyResult<Callback> {
+    ) -> PyResult<Handle> {
         let context = match context {
             Some(context) if !context.is_none(py) => context,
             _ => copy_context(py)?,
         };
-        Ok(Callback {
-            function,
-            args,
+        let callback = Callback { function, args };
+        Ok(Handle::new(
+            callback,
             context,
-        })
+            self.event_loop.clone_ref(py),
+        ))
+    }
+
+    /// Queues a handle made on another thread, as `call_soon_threadsafe`
+    /// does: in asyncio's deque, with a wake-up of the loop. (asyncio's
+    /// `call_soon` from another thread races; here it is safe.)
+    fn queue_from_elsewhere(&self, handle: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = handle.py();
+        self.threadsafe
+            .bind(py)
+            .call_method1(intern!(py, "append"), (handle,))?;
+        self.event_loop
+            .bind(py)
+            .call_method0(intern!(py, "_write_to_self"))?;
+        Ok(())
     }
 
     /// The loop's time.
     fn now(&self, py: Python<'_>) -> PyResult<f64> {
-        if !self.own_clock {
+        let replaced = || {
+            self.instance_dict
+                .bind(py)
+                .contains(intern!(py, "time"))
+                .unwrap_or(true)
+        };
+        if !self.own_clock || replaced() {
             return self
                 .event_loop
                 .bind(py)
@@ -610,11 +660,16 @@ impl Scheduler {
     }
 
     /// Moves what other threads added to asyncio's deque to the queue.
+    /// (A timer made on another thread joins the heap.)
     fn take_threadsafe(&self, py: Python<'_>, turn: &Turn) -> PyResult<()> {
         let deque = self.threadsafe.bind(py);
         // Only this thread takes from the deque: what `len` counts is there.
         for _ in 0..deque.len()? {
-            turn.push(deque.call_method0(intern!(py, "popleft"))?.unbind());
+            let handle = deque.call_method0(intern!(py, "popleft"))?;
+            match handle.cast_into::<TimerHandle>() {
+                Ok(timer) => turn.add_timer(timer.get().when, timer.unbind()),
+                Err(other) => turn.push(other.into_inner().unbind()),
+            }
         }
         Ok(())
     }
@@ -636,21 +691,28 @@ impl Scheduler {
         turn: Rc<Turn>,
         shard: usize,
         driver: Py<PyAny>,
-        event_loop: Py<PyAny>,
+        event_loop: &Bound<'_, PyAny>,
         threadsafe: Py<PyAny>,
         own_clock: bool,
         resolution: f64,
-    ) -> Self {
-        Self {
+    ) -> PyResult<Self> {
+        let py = event_loop.py();
+        let instance_dict = event_loop
+            .getattr(intern!(py, "__dict__"))?
+            .cast_into::<PyDict>()?
+            .unbind();
+        Ok(Self {
+            cancelled_timers: turn.cancelled_timers.clone(),
             turn: Home::new(turn, shard, drop, "a shard loop's scheduler"),
-            event_loop,
+            event_loop: event_loop.clone().unbind(),
             threadsafe,
             own_clock,
             resolution,
             driver,
             debug: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-        }
+            instance_dict,
+        })
     }
 
     /// What the loop's selector found ready (`select(timeout)`). The
@@ -694,9 +756,12 @@ impl Scheduler {
         args: Py<PyTuple>,
         context: Option<Py<PyAny>>,
     ) -> PyResult<Py<Handle>> {
-        let turn = self.open()?;
-        let callback = Self::callback(py, callback, args, context)?;
-        let handle = Py::new(py, Handle::new(callback, self.event_loop.clone_ref(py)))?;
+        self.check_open()?;
+        let handle = Py::new(py, self.handle(py, callback, args, context)?)?;
+        let Some(turn) = self.turn.here() else {
+            self.queue_from_elsewhere(handle.bind(py).as_any())?;
+            return Ok(handle);
+        };
         // What another thread queued before keeps its place ahead.
         self.take_threadsafe(py, turn)?;
         turn.push(handle.clone_ref(py).into_any());
@@ -708,13 +773,15 @@ impl Scheduler {
     fn call_later(
         &self,
         py: Python<'_>,
-        delay: Option<f64>,
+        delay: Option<Bound<'_, PyAny>>,
         callback: Py<PyAny>,
         args: Py<PyTuple>,
         context: Option<Py<PyAny>>,
     ) -> PyResult<Py<TimerHandle>> {
         let delay = delay.ok_or_else(|| PyTypeError::new_err("delay must not be None"))?;
-        let when = self.now(py)? + delay;
+        // `time() + delay`, as asyncio computes it: the delays it takes are
+        // those a float adds with.
+        let when = PyFloat::new(py, self.now(py)?).add(delay)?.extract()?;
         self.call_at(py, Some(when), callback, args, context)
     }
 
@@ -729,16 +796,22 @@ impl Scheduler {
         context: Option<Py<PyAny>>,
     ) -> PyResult<Py<TimerHandle>> {
         let when = when.ok_or_else(|| PyTypeError::new_err("when cannot be None"))?;
-        let turn = self.open()?;
-        let callback = Self::callback(py, callback, args, context)?;
-        let timer = PyClassInitializer::from(Handle::new(callback, self.event_loop.clone_ref(py)))
-            .add_subclass(TimerHandle {
-                when,
-                scheduled: AtomicFlag(true.into()),
-                cancelled_timers: turn.cancelled_timers.clone(),
-            });
+        if when.is_nan() {
+            // It would never be due, and would hold back every timer after it.
+            return Err(PyValueError::new_err("when cannot be NaN"));
+        }
+        self.check_open()?;
+        let handle = self.handle(py, callback, args, context)?;
+        let timer = PyClassInitializer::from(handle).add_subclass(TimerHandle {
+            when,
+            scheduled: AtomicFlag(true.into()),
+            cancelled_timers: self.cancelled_timers.clone(),
+        });
         let timer = Py::new(py, timer)?;
-        turn.add_timer(when, timer.clone_ref(py));
+        match self.turn.here() {
+            Some(turn) => turn.add_timer(when, timer.clone_ref(py)),
+            None => self.queue_from_elsewhere(timer.bind(py).as_any())?,
+        }
         Ok(timer)
     }
 
@@ -827,7 +900,21 @@ impl Scheduler {
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.event_loop)?;
         visit.call(&self.threadsafe)?;
-        visit.call(&self.driver)
+        visit.call(&self.driver)?;
+        visit.call(&self.instance_dict)?;
+        // The handles queued hold the loop: a loop dropped unclosed with
+        // callbacks pending is a cycle through them. (Seen only from the
+        // loop's own thread.)
+        match self.turn.here() {
+            Some(turn) => turn.visit(&visit),
+            None => Ok(()),
+        }
+    }
+
+    fn __clear__(&self) {
+        if let Some(turn) = self.turn.here() {
+            turn.try_clear();
+        }
     }
 }
 
