@@ -9,6 +9,7 @@ import decimal
 import fractions
 import gc
 import logging
+import sys
 import threading
 import time
 import warnings
@@ -502,3 +503,65 @@ def test_in_debug_mode_a_handle_from_another_thread_names_its_caller(run_on: Run
         return str(made[0]._source_traceback[-1][2])
 
     assert run_on(main()) == "elsewhere"
+
+
+def test_call_later_goes_through_the_loop_s_call_at(run_on: Run) -> None:
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        seen: list[float] = []
+        original = loop.call_at
+
+        def call_at(when: float, *args: Any, **kwargs: Any) -> Any:
+            seen.append(when - loop.time())
+            return original(when, *args, **kwargs)
+
+        loop.call_at = call_at  # type: ignore[method-assign]
+        try:
+            loop.call_later(100, noop).cancel()
+        finally:
+            del loop.call_at
+        return [round(delay) for delay in seen]
+
+    assert run_on(main()) == [100]
+
+
+def test_the_exception_handler_runs_as_in_an_except_block(run_on: Run) -> None:
+    async def main() -> tuple[Any, Any]:
+        loop = asyncio.get_running_loop()
+        handled: list[Any] = []
+        loop.set_exception_handler(lambda _loop, context: handled.append(sys.exc_info()[1]))
+
+        def boom() -> None:
+            raise ValueError("boom")
+
+        loop.call_soon(boom)
+        await turns(2)
+        return type(handled[0]), sys.exc_info()[1]
+
+    assert run_on(main()) == (ValueError, None)
+
+
+def test_timers_compare_as_asyncio_s_do(run_on: Run) -> None:
+    async def main() -> list[bool]:
+        loop = asyncio.get_running_loop()
+        a = loop.call_at(12345.0, noop)
+        b = loop.call_at(12345.0, print)  # same time, another callback
+        answers = [a <= b, a >= b, a == b, a < b, a > b]
+        a.cancel()
+        b.cancel()
+        return answers
+
+    assert run_on(main()) == [False, False, False, False, False]
+
+
+def test_a_shard_has_one_scheduler() -> None:
+    async def main() -> str:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, shardloop.ShardLoop)
+        try:
+            loop._driver.scheduler(loop, loop._ready, True, 1e-9)  # type: ignore[attr-defined]
+        except RuntimeError as exc:
+            return str(exc)
+        return "made a second one"
+
+    assert "already has its scheduler" in shardloop.run(main(), shards=1, pin=False)

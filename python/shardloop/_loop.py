@@ -127,7 +127,7 @@ class ShardLoop(asyncio.SelectorEventLoop):
         self._foreign_keys = itertools.count(1)
         super().__init__(selector=_ShardSelector(driver, self))
         # The ready queue, the timers and the turn itself live in Rust
-        # (turn.rs); asyncio's _ready deque stays as the queue that
+        # (rust/bindings/src/turn/); asyncio's _ready deque stays as the queue that
         # call_soon_threadsafe fills from other threads.
         own_clock = type(self).time is asyncio.BaseEventLoop.time
         self._turn = driver.scheduler(
@@ -294,8 +294,10 @@ class ShardLoop(asyncio.SelectorEventLoop):
 
     def _close_loop(self) -> None:
         """asyncio's close; the callbacks and timers left are dropped."""
-        super().close()
-        self._turn.close()
+        try:
+            super().close()
+        finally:
+            self._turn.close()
 
     @property
     def shard_id(self) -> int:

@@ -73,8 +73,8 @@ pub(crate) struct Shard {
     next_call: Cell<u64>,
     /// Set while the shard's event loop runs.
     activation: RefCell<Option<Activation>>,
-    /// The event loop's ready queue and timers (see `turn.rs`).
-    pub(crate) turn: Rc<crate::turn::Turn>,
+    /// The event loop's ready queue and timers (see `turn/mod.rs`).
+    pub(crate) turn: Rc<crate::turn::LoopQueues>,
 }
 
 struct Activation {

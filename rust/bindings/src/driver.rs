@@ -164,7 +164,7 @@ impl Driver {
     }
 
     /// The scheduler of `event_loop`, this shard's loop: its ready queue,
-    /// timers and turn (see `turn.rs`). `threadsafe` is asyncio's `_ready`
+    /// timers and turn (see `turn/mod.rs`). `threadsafe` is asyncio's `_ready`
     /// deque; `own_clock` says whether the loop's `time()` is
     /// `time.monotonic()`; `resolution` is its clock's resolution.
     fn scheduler(
@@ -175,6 +175,11 @@ impl Driver {
         resolution: f64,
     ) -> PyResult<Scheduler> {
         let shard = slf.get().shard.local()?;
+        if !shard.turn.claim() {
+            return Err(pyo3::exceptions::PyRuntimeError::new_err(
+                "this shard's loop already has its scheduler",
+            ));
+        }
         Scheduler::new(
             shard.turn.clone(),
             shard.id,

@@ -131,3 +131,34 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ShutdownError", m.py().get_type::<ShutdownError>())?;
     m.add("NOT_ON_SHARD", NOT_ON_SHARD)
 }
+
+/// Runs `f` as if inside an `except` block that caught `exc`:
+/// `sys.exc_info()` gives `exc` meanwhile, and what was being handled before
+/// is restored after.
+pub(crate) fn while_handling<R>(
+    exc: &Bound<'_, pyo3::exceptions::PyBaseException>,
+    f: impl FnOnce() -> R,
+) -> R {
+    let (mut kind, mut value, mut traceback) = (
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+    );
+    // SAFETY: called with the GIL held (a `Bound` proves it); the three
+    // pointers are valid out-parameters, which receive new references (or
+    // NULL) to what the thread is handling now.
+    unsafe { pyo3::ffi::PyErr_GetExcInfo(&mut kind, &mut value, &mut traceback) };
+    let handled_kind = exc.get_type().into_ptr();
+    let handled = exc.clone().into_ptr();
+    // SAFETY: with the GIL held; `exc` is a live exception object, and
+    // `PyException_GetTraceback` returns a new reference or NULL.
+    let handled_traceback = unsafe { pyo3::ffi::PyException_GetTraceback(exc.as_ptr()) };
+    // SAFETY: with the GIL held; `PyErr_SetExcInfo` steals the three new
+    // references made just above (NULL is allowed for each).
+    unsafe { pyo3::ffi::PyErr_SetExcInfo(handled_kind, handled, handled_traceback) };
+    let done = f();
+    // SAFETY: with the GIL held; steals the references `PyErr_GetExcInfo`
+    // gave, restoring what was handled before.
+    unsafe { pyo3::ffi::PyErr_SetExcInfo(kind, value, traceback) };
+    done
+}

@@ -35,8 +35,8 @@ pub(crate) struct Home<T: 'static> {
 }
 
 // SAFETY: the `Rc` (and the `!Send` state behind it) is only reached through
-// `Home::local` (and `Home::get`, which calls it), which checks that the
-// caller is the owning thread, and
+// `Home::local` and `Home::here` (and `Home::get`, which calls `local`), which
+// check that the caller is the owning thread, and
 // through `Drop`, which on another thread moves the `Rc` untouched to the
 // owning shard to be released there. Its count and contents are therefore
 // only used by that one thread, as `Rc` requires.

@@ -1,30 +1,43 @@
 //! The turn of a shard's event loop in Rust: asyncio's ready queue, its
-//! timer heap, `call_soon`/`call_later`/`call_at` with their `Handle` and
-//! `TimerHandle`, and `_run_once` itself.
+//! timer heap, `call_soon`/`call_later`/`call_at` (whose handles are in
+//! `handle.rs`), and `_run_once` itself.
 //!
 //! asyncio keeps these in Python (`BaseEventLoop._ready`, `_scheduled`,
 //! `events.Handle`), so every callback costs a few Python frames to
 //! schedule and one more to run. Here a handle is a native object, the
-//! queues are Rust collections kept with the shard (the driver looks at
-//! them to know whether its wait must end), and a turn runs its callbacks
-//! without a Python frame of its own. The semantics are asyncio's, line for
-//! line: FIFO callbacks; the callbacks scheduled by this turn's callbacks
-//! run on the next turn, after another poll; timers due within the clock's
-//! resolution are run; a cancelled handle is skipped; the heap drops its
-//! cancelled timers when they are more than half of more than 100; an
-//! exception from a callback goes to the loop's exception handler, and a
-//! `SystemExit` or `KeyboardInterrupt` stops the turn, leaving the rest
-//! queued.
+//! queues (`LoopQueues`) are Rust collections kept with the shard (the
+//! driver looks at them to know whether its wait must end), and a turn
+//! runs its callbacks without a Python frame of its own.
+//!
+//! The semantics are asyncio's `_run_once`: FIFO callbacks; the callbacks
+//! scheduled by this turn's callbacks run on the next turn, after another
+//! poll; timers due within the clock's resolution are run; a cancelled
+//! handle is skipped; the heap drops its cancelled timers when they are
+//! more than half of more than 100; an exception from a callback goes to
+//! the loop's exception handler, and a `SystemExit` or `KeyboardInterrupt`
+//! stops the turn, leaving the rest queued. Where it differs, on purpose:
+//! - a NaN time is refused (`ValueError`): it would never be due, and would
+//!   hold back every timer after it;
+//! - `call_soon`, `call_later` and `call_at` from another thread act as
+//!   their thread-safe forms (asyncio's race), except in debug mode, where
+//!   asyncio's thread check raises;
+//! - timers due at the same time run in the order they were made;
+//! - a turn without I/O events does not call the loop's `_process_events`
+//!   (unless shutdown waits for the shard to stop, `_stopped`);
+//! - `loop._ready` and `loop._scheduled` do not show what is queued
+//!   (`Scheduler.pending` does).
 //!
 //! What stays in Python (`ShardLoop` in `_loop.py`): the debug mode's
-//! checks and slow-callback warnings, a loop whose `time()` a subclass
-//! replaced, `call_soon_threadsafe` from other threads (which appends to
-//! asyncio's own `_ready` deque; each turn moves what it holds here), and
-//! the exception handler's report of a failing callback.
-//!
-//! Like uvloop's, these handles are not subclasses of `asyncio.Handle` (a
-//! native class cannot extend a Python one): they answer the same methods
-//! and attributes.
+//! checks and slow-callback warnings, the exception handler's report of a
+//! failing callback, the clock of a loop whose `time()` was replaced, and
+//! what other threads schedule: asyncio's own `_ready` deque, where
+//! `call_soon_threadsafe` (and any `call_*` made on another thread) puts
+//! its handles, and which each turn empties into these queues.
+
+mod handle;
+
+use handle::{AtomicFlag, Callback};
+pub(crate) use handle::{Handle, TimerHandle};
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Ordering;
@@ -36,12 +49,10 @@ use std::sync::Arc;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::pyclass::CompareOp;
 use pyo3::types::{PyDict, PyFloat, PyList, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
-use crate::errors::stops_a_loop;
-use crate::future::{copy_context, in_context};
+use crate::future::copy_context;
 use crate::home::Home;
 
 /// asyncio's `MAXIMUM_SELECT_TIMEOUT`: the longest a turn waits.
@@ -55,7 +66,7 @@ const MIN_SCHEDULED_TIMERS: usize = 100;
 /// a `__del__` that schedules a callback, so what leaves a queue is dropped
 /// after the borrow ends.
 #[derive(Default)]
-pub(crate) struct Turn {
+pub(crate) struct LoopQueues {
     /// The callbacks to run: our `Handle`s, or any object with `_cancelled`
     /// and `_run()` (asyncio's own, from `add_reader` and signal handlers).
     ready: RefCell<VecDeque<Py<PyAny>>>,
@@ -66,6 +77,8 @@ pub(crate) struct Turn {
     /// How many timers in the heap are cancelled; their handles count here
     /// when cancelled (from any thread, hence atomic).
     cancelled_timers: Arc<AtomicUsize>,
+    /// Whether a scheduler uses these queues: a shard has one loop.
+    claimed: Cell<bool>,
 }
 
 /// A timer in the heap.
@@ -132,7 +145,12 @@ impl PartialEq for Due {
 
 impl Eq for Due {}
 
-impl Turn {
+impl LoopQueues {
+    /// Claims the queues for a loop's scheduler: `false` if one has them.
+    pub(crate) fn claim(&self) -> bool {
+        !self.claimed.replace(true)
+    }
+
     /// Whether a callback waits to run.
     pub(crate) fn has_ready(&self) -> bool {
         !self.ready.borrow().is_empty()
@@ -173,7 +191,7 @@ impl Turn {
             let mut timers = self.timers.borrow_mut();
             let count = timers.len();
             let cancelled = self.cancelled_timers.load(Relaxed);
-            if count > MIN_SCHEDULED_TIMERS && cancelled * 2 > count {
+            if count > MIN_SCHEDULED_TIMERS && cancelled > count / 2 {
                 let (gone, kept): (Vec<Due>, Vec<Due>) = std::mem::take(&mut *timers)
                     .into_iter()
                     .partition(|due| due.is_cancelled(py));
@@ -183,7 +201,11 @@ impl Turn {
             } else {
                 while timers.peek().is_some_and(|due| due.is_cancelled(py)) {
                     dropped.extend(timers.pop());
-                    self.cancelled_timers.fetch_sub(1, Relaxed);
+                    // Saturating: a timer cancelled on another thread counts
+                    // itself a moment after it is marked cancelled.
+                    let _ = self
+                        .cancelled_timers
+                        .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
                 }
             }
         }
@@ -225,8 +247,9 @@ impl Turn {
         Ok(())
     }
 
-    /// `clear`, unless the queues are borrowed now.
-    fn try_clear(&self) {
+    /// Empties both queues (the loop closed, or the collector clears the
+    /// scheduler); a queue borrowed now is left as it is.
+    pub(crate) fn clear(&self) {
         let ready = self
             .ready
             .try_borrow_mut()
@@ -238,325 +261,8 @@ impl Turn {
         if timers.is_ok() {
             self.cancelled_timers.store(0, Relaxed);
         }
+        // Dropped with nothing borrowed: a handle's `__del__` may schedule.
         drop((ready, timers));
-    }
-
-    /// Empties both queues (the loop closed).
-    pub(crate) fn clear(&self) {
-        let ready = std::mem::take(&mut *self.ready.borrow_mut());
-        let timers = std::mem::take(&mut *self.timers.borrow_mut());
-        self.cancelled_timers.store(0, Relaxed);
-        drop(ready);
-        drop(timers);
-    }
-}
-
-/// What a handle calls: the function and its arguments.
-struct Callback {
-    function: Py<PyAny>,
-    args: Py<PyTuple>,
-}
-
-/// `asyncio.Handle`'s counterpart: a callback scheduled by `call_soon`.
-///
-/// The cancelled flag, the callback and the debug-mode fields change after
-/// creation; they sit behind a lock of their own, as a handle may be
-/// cancelled from any thread (as asyncio's may, racily).
-#[pyclass(frozen, subclass, weakref, module = "shardloop._shardloop")]
-pub(crate) struct Handle {
-    state: std::sync::Mutex<HandleState>,
-    /// The `contextvars` context the callback runs in (kept once
-    /// cancelled, as asyncio keeps it).
-    context: Py<PyAny>,
-    event_loop: Py<PyAny>,
-}
-
-struct HandleState {
-    /// `None` once cancelled (as asyncio drops it, to break cycles).
-    callback: Option<Callback>,
-    cancelled: bool,
-    source_traceback: Option<Py<PyAny>>,
-    repr: Option<Py<PyAny>>,
-}
-
-impl Handle {
-    fn new(callback: Callback, context: Py<PyAny>, event_loop: Py<PyAny>) -> Self {
-        Self {
-            state: std::sync::Mutex::new(HandleState {
-                callback: Some(callback),
-                cancelled: false,
-                source_traceback: None,
-                repr: None,
-            }),
-            context,
-            event_loop,
-        }
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, HandleState> {
-        // A panic cannot happen while the lock is held (only moves of
-        // fields), so the state is never left half-changed.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn is_cancelled(&self) -> bool {
-        self.state().cancelled
-    }
-
-    /// The callback, unless cancelled; the lock is released before it is
-    /// called.
-    fn callback(&self, py: Python<'_>) -> Option<(Py<PyAny>, Py<PyTuple>)> {
-        let state = self.state();
-        let callback = state.callback.as_ref()?;
-        Some((callback.function.clone_ref(py), callback.args.clone_ref(py)))
-    }
-
-    /// Cancels the handle; returns whether it was not cancelled before.
-    fn cancel_once(slf: &Bound<'_, Self>) -> PyResult<bool> {
-        let py = slf.py();
-        let this = slf.get();
-        {
-            let mut state = this.state();
-            if state.cancelled {
-                return Ok(false);
-            }
-            state.cancelled = true;
-        }
-        // In debug mode the handle keeps what it was, for the warning about
-        // a slow callback (asyncio's `_repr`): made cancelled, before the
-        // callback goes.
-        if debug(this.event_loop.bind(py)) {
-            let repr = slf.repr()?.into_any().unbind();
-            this.state().repr = Some(repr);
-        }
-        let callback = this.state().callback.take();
-        drop(callback);
-        Ok(true)
-    }
-
-    /// Runs the callback in its context. An exception goes to the loop's
-    /// exception handler (through `ShardLoop._callback_failed`); only what
-    /// stops a loop comes out.
-    fn run(slf: &Bound<'_, Self>) -> PyResult<()> {
-        let py = slf.py();
-        let Some((function, args)) = slf.get().callback(py) else {
-            return Ok(());
-        };
-        let context = &slf.get().context;
-        let outcome = in_context(py, context.bind(py), || {
-            function.bind(py).call1(args.bind(py)).map(drop)
-        });
-        let Err(err) = outcome else { return Ok(()) };
-        if stops_a_loop(py, &err) {
-            return Err(err);
-        }
-        let exc = crate::errors::exception_with_traceback(py, err);
-        let event_loop = slf.get().event_loop.bind(py);
-        if let Err(err) = event_loop.call_method1(intern!(py, "_callback_failed"), (slf, exc)) {
-            if stops_a_loop(py, &err) {
-                return Err(err);
-            }
-            err.write_unraisable(py, Some(slf));
-        }
-        Ok(())
-    }
-}
-
-/// Whether `event_loop` is in debug mode.
-fn debug(event_loop: &Bound<'_, PyAny>) -> bool {
-    let py = event_loop.py();
-    event_loop
-        .getattr(intern!(py, "_debug"))
-        .and_then(|debug| debug.is_truthy())
-        .unwrap_or(false)
-}
-
-#[pymethods]
-impl Handle {
-    /// Cancels the callback: it will not run. Idempotent.
-    fn cancel(slf: &Bound<'_, Self>) -> PyResult<()> {
-        Self::cancel_once(slf).map(drop)
-    }
-
-    fn cancelled(&self) -> bool {
-        self.is_cancelled()
-    }
-
-    fn get_context(&self, py: Python<'_>) -> Py<PyAny> {
-        self.context.clone_ref(py)
-    }
-
-    /// Runs the callback now, as the loop would.
-    fn _run(slf: &Bound<'_, Self>) -> PyResult<()> {
-        Self::run(slf)
-    }
-
-    #[getter]
-    fn _callback(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        self.callback(py).map(|(function, _)| function)
-    }
-
-    #[getter]
-    fn _args(&self, py: Python<'_>) -> Option<Py<PyTuple>> {
-        self.callback(py).map(|(_, args)| args)
-    }
-
-    #[getter]
-    fn _context(&self, py: Python<'_>) -> Py<PyAny> {
-        self.get_context(py)
-    }
-
-    #[getter]
-    fn _cancelled(&self) -> bool {
-        self.is_cancelled()
-    }
-
-    #[getter]
-    fn _loop(&self, py: Python<'_>) -> Py<PyAny> {
-        self.event_loop.clone_ref(py)
-    }
-
-    #[getter(_source_traceback)]
-    fn source_traceback(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        self.state()
-            .source_traceback
-            .as_ref()
-            .map(|t| t.clone_ref(py))
-    }
-
-    #[setter(_source_traceback)]
-    fn set_source_traceback(&self, value: Option<Py<PyAny>>) {
-        let old = std::mem::replace(&mut self.state().source_traceback, value);
-        drop(old);
-    }
-
-    #[getter]
-    fn _repr(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        self.state().repr.as_ref().map(|r| r.clone_ref(py))
-    }
-
-    fn __repr__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
-        let py = slf.py();
-        slf.get()
-            .event_loop
-            .bind(py)
-            .call_method1(intern!(py, "_handle_repr"), (slf,))
-    }
-
-    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        visit.call(&self.event_loop)?;
-        visit.call(&self.context)?;
-        // A handle being changed on another thread is skipped this time.
-        let Ok(state) = self.state.try_lock() else {
-            return Ok(());
-        };
-        if let Some(callback) = &state.callback {
-            visit.call(&callback.function)?;
-            visit.call(&callback.args)?;
-        }
-        visit.call(&state.source_traceback)?;
-        visit.call(&state.repr)
-    }
-
-    fn __clear__(&self) {
-        let Ok(mut state) = self.state.try_lock() else {
-            return;
-        };
-        let callback = state.callback.take();
-        let traceback = state.source_traceback.take();
-        drop(state);
-        drop((callback, traceback));
-    }
-}
-
-/// `asyncio.TimerHandle`'s counterpart: a callback scheduled by
-/// `call_later` or `call_at`.
-#[pyclass(frozen, extends = Handle, module = "shardloop._shardloop")]
-pub(crate) struct TimerHandle {
-    when: f64,
-    /// Whether it is in its loop's heap.
-    scheduled: AtomicFlag,
-    /// The heap's count of cancelled timers.
-    cancelled_timers: Arc<AtomicUsize>,
-}
-
-/// A flag readable and settable from any thread.
-struct AtomicFlag(std::sync::atomic::AtomicBool);
-
-impl AtomicFlag {
-    fn get(&self) -> bool {
-        self.0.load(Relaxed)
-    }
-
-    fn set(&self, value: bool) {
-        self.0.store(value, Relaxed);
-    }
-}
-
-#[pymethods]
-impl TimerHandle {
-    /// When the callback is due, on the loop's clock.
-    fn when(&self) -> f64 {
-        self.when
-    }
-
-    #[getter]
-    fn _when(&self) -> f64 {
-        self.when
-    }
-
-    #[getter]
-    fn _scheduled(&self) -> bool {
-        self.scheduled.get()
-    }
-
-    #[setter(_scheduled)]
-    fn set_scheduled(&self, value: bool) {
-        self.scheduled.set(value);
-    }
-
-    fn cancel(slf: &Bound<'_, Self>) -> PyResult<()> {
-        if Handle::cancel_once(slf.as_super())? && slf.get().scheduled.get() {
-            slf.get().cancelled_timers.fetch_add(1, Relaxed);
-        }
-        Ok(())
-    }
-
-    fn __hash__(&self, py: Python<'_>) -> PyResult<isize> {
-        // Python's hash of the time, as asyncio's (0.0 and -0.0 are equal).
-        pyo3::types::PyFloat::new(py, self.when).hash()
-    }
-
-    fn __richcmp__(
-        slf: &Bound<'_, Self>,
-        other: &Bound<'_, PyAny>,
-        op: CompareOp,
-    ) -> PyResult<Py<PyAny>> {
-        let py = slf.py();
-        let Ok(other) = other.cast::<TimerHandle>() else {
-            return Ok(py.NotImplemented());
-        };
-        let (a, b) = (slf.get().when, other.get().when);
-        let result = match op {
-            CompareOp::Lt => a < b,
-            CompareOp::Le => a <= b,
-            CompareOp::Gt => a > b,
-            CompareOp::Ge => a >= b,
-            CompareOp::Eq | CompareOp::Ne => {
-                let same = a == b
-                    && slf
-                        .as_super()
-                        .getattr(intern!(py, "_callback"))?
-                        .eq(other.as_super().getattr(intern!(py, "_callback"))?)?
-                    && slf
-                        .as_super()
-                        .getattr(intern!(py, "_args"))?
-                        .eq(other.as_super().getattr(intern!(py, "_args"))?)?
-                    && slf.as_super().get().is_cancelled() == other.as_super().get().is_cancelled();
-                same == matches!(op, CompareOp::Eq)
-            }
-        };
-        Ok(result.into_pyobject(py)?.to_owned().into_any().unbind())
     }
 }
 
@@ -565,7 +271,7 @@ impl TimerHandle {
 /// its own, see `_loop.py`).
 #[pyclass(frozen, module = "shardloop._shardloop")]
 pub(crate) struct Scheduler {
-    turn: Home<Turn>,
+    turn: Home<LoopQueues>,
     event_loop: Py<PyAny>,
     /// asyncio's own `_ready` deque: `call_soon_threadsafe` from other
     /// threads appends there, and each turn moves what it holds here.
@@ -589,9 +295,7 @@ pub(crate) struct Scheduler {
 }
 
 impl Scheduler {
-    /// The shard's queues, for an operation that may only happen on the
-    /// loop's thread while the loop is open (asyncio's `_check_closed`,
-    /// and the thread check its debug mode makes).
+    /// asyncio's `_check_closed`.
     fn check_open(&self) -> PyResult<()> {
         if self.closed.load(Relaxed) {
             return Err(PyRuntimeError::new_err("Event loop is closed"));
@@ -609,8 +313,8 @@ impl Scheduler {
         context: Option<Py<PyAny>>,
     ) -> PyResult<Handle> {
         let context = match context {
-            Some(context) if !context.is_none(py) => context,
-            _ => copy_context(py)?,
+            Some(context) => context,
+            None => copy_context(py)?,
         };
         let callback = Callback { function, args };
         Ok(Handle::new(
@@ -661,10 +365,11 @@ impl Scheduler {
 
     /// Moves what other threads added to asyncio's deque to the queue.
     /// (A timer made on another thread joins the heap.)
-    fn take_threadsafe(&self, py: Python<'_>, turn: &Turn) -> PyResult<()> {
+    fn take_threadsafe(&self, py: Python<'_>, turn: &LoopQueues) -> PyResult<()> {
         let deque = self.threadsafe.bind(py);
-        // Only this thread takes from the deque: what `len` counts is there.
-        for _ in 0..deque.len()? {
+        // Only this thread takes from the deque while the loop is open; the
+        // length is asked again each time, in case it was cleared.
+        while deque.len()? > 0 {
             let handle = deque.call_method0(intern!(py, "popleft"))?;
             match handle.cast_into::<TimerHandle>() {
                 Ok(timer) => turn.add_timer(timer.get().when, timer.unbind()),
@@ -688,7 +393,7 @@ impl Scheduler {
     /// The scheduler of shard `shard`'s loop `event_loop`, whose queues
     /// are `turn` (kept with the shard, on this thread).
     pub(crate) fn new(
-        turn: Rc<Turn>,
+        turn: Rc<LoopQueues>,
         shard: usize,
         driver: Py<PyAny>,
         event_loop: &Bound<'_, PyAny>,
@@ -768,21 +473,37 @@ impl Scheduler {
         Ok(handle)
     }
 
-    /// `loop.call_later`.
+    /// `loop.call_later`: `call_at(time() + delay, ...)`, through the loop's
+    /// own `call_at` if it is not this scheduler's (a subclass's, a mock).
     #[pyo3(signature = (delay, callback, *args, context=None))]
     fn call_later(
-        &self,
+        slf: &Bound<'_, Self>,
         py: Python<'_>,
         delay: Option<Bound<'_, PyAny>>,
         callback: Py<PyAny>,
         args: Py<PyTuple>,
         context: Option<Py<PyAny>>,
-    ) -> PyResult<Py<TimerHandle>> {
+    ) -> PyResult<Py<PyAny>> {
         let delay = delay.ok_or_else(|| PyTypeError::new_err("delay must not be None"))?;
         // `time() + delay`, as asyncio computes it: the delays it takes are
         // those a float adds with.
-        let when = PyFloat::new(py, self.now(py)?).add(delay)?.extract()?;
-        self.call_at(py, Some(when), callback, args, context)
+        let this = slf.get();
+        let when = PyFloat::new(py, this.now(py)?).add(delay)?;
+        let call_at = this.event_loop.bind(py).getattr(intern!(py, "call_at"))?;
+        let ours = call_at
+            .getattr(intern!(py, "__self__"))
+            .is_ok_and(|owner| owner.is(slf));
+        if ours {
+            let timer = this.call_at(py, Some(when.extract()?), callback, args, context)?;
+            return Ok(timer.into_any());
+        }
+        let mut positional = vec![when.into_any(), callback.into_bound(py)];
+        positional.extend(args.bind(py).iter());
+        let kwargs = PyDict::new(py);
+        kwargs.set_item(intern!(py, "context"), context)?;
+        Ok(call_at
+            .call(PyTuple::new(py, positional)?, Some(&kwargs))?
+            .unbind())
     }
 
     /// `loop.call_at`.
@@ -913,7 +634,7 @@ impl Scheduler {
 
     fn __clear__(&self) {
         if let Some(turn) = self.turn.here() {
-            turn.try_clear();
+            turn.clear();
         }
     }
 }
