@@ -78,6 +78,25 @@ async def serve(protocol: Callable[[], asyncio.BaseProtocol]) -> tuple[asyncio.S
     return server, server.sockets[0].getsockname()[1]
 
 
+async def received(made: list[Recorder]) -> None:
+    """Waits until the first protocol `made` has received data."""
+    while not made or not made[0].data:
+        await asyncio.sleep(0.001)
+
+
+async def talking(
+    first: bytes,
+) -> tuple[asyncio.Server, asyncio.StreamReader, asyncio.StreamWriter, Recorder]:
+    """A server of a Recorder that does not echo, and a client that sent it
+    `first`, once the Recorder has it."""
+    made, factory = keeping(lambda: Recorder(echo=False))
+    server, port = await serve(factory)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(first)
+    await received(made)
+    return server, reader, writer, made[0]
+
+
 def test_a_shard_loop_gives_its_own_transport() -> None:
     async def main() -> tuple[type, Any, Any, bool]:
         made, factory = keeping(Recorder)
@@ -137,29 +156,23 @@ def test_a_client_that_does_not_read_pauses_the_writer(run_on: Run) -> None:
     payload = bytes(range(256)) * 40_000  # ~10 MB: more than the socket buffers
 
     async def main() -> tuple[list[str], bool, int, tuple[int, int]]:
-        made, factory = keeping(lambda: Recorder(echo=False))
-
-        server, port = await serve(factory)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"go")
-        while not made or not made[0].data:
-            await asyncio.sleep(0.001)
-        transport = made[0].transport
+        server, reader, writer, protocol = await talking(b"go")
+        transport = protocol.transport
         transport.write(payload)
         paused_at = transport.get_write_buffer_size()
         await asyncio.sleep(0.05)  # the client reads nothing meanwhile
         received = await reader.readexactly(len(payload))
         for _ in range(100):
-            if "resume" in made[0].calls:
+            if "resume" in protocol.calls:
                 break
             await asyncio.sleep(0.01)
         limits = transport.get_write_buffer_limits()
         transport.close()
-        await made[0].lost
+        await protocol.lost
         writer.close()
         server.close()
         await server.wait_closed()
-        return made[0].calls, received == payload, paused_at, limits
+        return protocol.calls, received == payload, paused_at, limits
 
     calls, intact, paused_at, limits = run_on(main())
     assert calls[:4] == ["made", "data", "pause", "resume"]
@@ -281,14 +294,8 @@ def test_a_protocol_that_raises_is_reported_and_its_connection_closed(run_on: Ru
 
 def test_bad_writes_get_asyncio_s_errors(run_on: Run) -> None:
     async def main() -> list[str]:
-        made, factory = keeping(lambda: Recorder(echo=False))
-
-        server, port = await serve(factory)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"x")
-        while not made or not made[0].data:
-            await asyncio.sleep(0.001)
-        transport = made[0].transport
+        server, reader, writer, protocol = await talking(b"x")
+        transport = protocol.transport
         seen = []
         for bad in (
             lambda: transport.write("text"),
@@ -310,7 +317,7 @@ def test_bad_writes_get_asyncio_s_errors(run_on: Run) -> None:
         seen.append((await reader.read()).decode())
         writer.close()
         transport.close()
-        await made[0].lost
+        await protocol.lost
         server.close()
         await server.wait_closed()
         return seen
@@ -327,24 +334,18 @@ def test_abort_drops_what_is_buffered_and_writes_after_are_dropped(
     run_on: Run, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def main() -> tuple[BaseException | None, list[str]]:
-        made, factory = keeping(lambda: Recorder(echo=False))
-
-        server, port = await serve(factory)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"x")
-        while not made or not made[0].data:
-            await asyncio.sleep(0.001)
-        transport = made[0].transport
+        server, reader, writer, protocol = await talking(b"x")
+        transport = protocol.transport
         transport.write(b"y" * 1_000_000)
         transport.abort()
-        exc = await made[0].lost
+        exc = await protocol.lost
         for _ in range(6):
             transport.write(b"after")  # dropped; from the fifth on, logged
         await reader.read()
         writer.close()
         server.close()
         await server.wait_closed()
-        return exc, made[0].calls
+        return exc, protocol.calls
 
     with caplog.at_level(logging.WARNING, logger="asyncio"):
         exc, calls = run_on(main())
@@ -546,12 +547,7 @@ async def accepted(
     and a non-blocking client socket with small buffers (a slow peer),
     once the server's protocol has its transport."""
     loop = asyncio.get_running_loop()
-    made: list[Any] = []
-
-    def factory() -> asyncio.Protocol:
-        made.append(protocol())
-        return made[-1]
-
+    made, factory = keeping(protocol)
     server = await loop.create_server(factory, "127.0.0.1", 0)
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -671,18 +667,12 @@ def test_sendfile_goes_through_the_transport(run_on: Run, tmp_path: Any) -> None
 
     async def main() -> tuple[int, bytes, int]:
         loop = asyncio.get_running_loop()
-        made, factory = keeping(lambda: Recorder(echo=False))
-
-        server, port = await serve(factory)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"x")
-        while not made or not made[0].data:
-            await asyncio.sleep(0.001)
+        server, reader, writer, protocol = await talking(b"x")
         with path.open("rb") as file:
-            sent = await loop.sendfile(made[0].transport, file, offset=1000, count=200_000)
+            sent = await loop.sendfile(protocol.transport, file, offset=1000, count=200_000)
             position = file.tell()
         received = await reader.readexactly(sent)
-        made[0].transport.close()
+        protocol.transport.close()
         writer.close()
         server.close()
         return sent, received, position
@@ -779,8 +769,7 @@ def test_a_reset_after_reading_was_paused_reaches_the_protocol(run_on: Run) -> N
         server, port = await serve(factory)
         peer = socket.create_connection(("127.0.0.1", port))
         peer.sendall(b"r" * 300_000)
-        while not made or not made[0].data:
-            await asyncio.sleep(0.001)
+        await received(made)
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         peer.close()  # a reset
         await asyncio.sleep(0.1)

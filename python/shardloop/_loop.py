@@ -44,7 +44,10 @@ class _ShardSelector(selectors.EpollSelector):
     The driver watches this selector's epoll descriptor (edge-triggered), so
     the selector only asks its own epoll set for events when that descriptor
     signalled, or when the previous look found events (some may remain: the
-    set is level-triggered). That saves a syscall on most turns.
+    set is level-triggered). That saves a syscall on most turns. The loop's
+    turn (the Rust scheduler) does the same: it polls or waits through the
+    driver itself while ``_look`` is false, and calls ``ready_now`` when the
+    wait signalled.
     """
 
     def __init__(self, driver: _shardloop.Driver, loop: asyncio.AbstractEventLoop) -> None:
@@ -58,12 +61,18 @@ class _ShardSelector(selectors.EpollSelector):
         ready = super().select(0) if self._look else []
         if ready or (timeout is not None and timeout <= 0):
             signalled = self._driver.poll(self._loop)
+        elif self._driver.wait(self._loop, timeout):
+            return self.ready_now()
         else:
-            signalled = self._driver.wait(self._loop, timeout)
-            if signalled:
-                ready = super().select(0)
-                signalled = False
+            signalled = False
         self._look = bool(ready) or signalled
+        return ready
+
+    def ready_now(self) -> list[tuple[selectors.SelectorKey, int]]:
+        """The events of the epoll set, after the driver's wait found it
+        readable."""
+        ready = super().select(0)
+        self._look = bool(ready)
         return ready
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:

@@ -253,22 +253,9 @@ impl Handle {
 pub(crate) struct TimerHandle {
     pub(super) when: f64,
     /// Whether it is in its loop's heap.
-    pub(super) scheduled: AtomicFlag,
+    pub(super) scheduled: AtomicBool,
     /// The heap's count of cancelled timers.
     pub(super) cancelled_timers: Arc<AtomicUsize>,
-}
-
-/// A flag readable and settable from any thread.
-pub(super) struct AtomicFlag(pub(super) AtomicBool);
-
-impl AtomicFlag {
-    pub(super) fn get(&self) -> bool {
-        self.0.load(Relaxed)
-    }
-
-    pub(super) fn set(&self, value: bool) {
-        self.0.store(value, Relaxed);
-    }
 }
 
 #[pymethods]
@@ -285,11 +272,11 @@ impl TimerHandle {
 
     #[getter]
     fn _scheduled(&self) -> bool {
-        self.scheduled.get()
+        self.scheduled.load(Relaxed)
     }
 
     fn cancel(slf: &Bound<'_, Self>) -> PyResult<()> {
-        if Handle::cancel_once(slf.as_super())? && slf.get().scheduled.get() {
+        if Handle::cancel_once(slf.as_super())? && slf.get().scheduled.load(Relaxed) {
             slf.get().cancelled_timers.fetch_add(1, Relaxed);
         }
         Ok(())

@@ -36,7 +36,7 @@
 
 mod handle;
 
-use handle::{AtomicFlag, Callback};
+use handle::Callback;
 pub(crate) use handle::{Handle, TimerHandle};
 
 use std::cell::{Cell, RefCell};
@@ -210,7 +210,7 @@ impl LoopQueues {
             }
         }
         for due in &dropped {
-            due.timer.get().scheduled.set(false);
+            due.timer.get().scheduled.store(false, Relaxed);
         }
         drop(dropped);
     }
@@ -226,7 +226,7 @@ impl LoopQueues {
                 }
             };
             let Some(due) = due else { return };
-            due.timer.get().scheduled.set(false);
+            due.timer.get().scheduled.store(false, Relaxed);
             self.push(due.timer.into_any());
         }
     }
@@ -445,8 +445,7 @@ impl Scheduler {
         if !signalled.is_truthy()? {
             return Ok(PyList::empty(py).into_any());
         }
-        selector.setattr(look, true)?;
-        selector.call_method1(intern!(py, "select"), (0.0,))
+        selector.call_method0(intern!(py, "ready_now"))
     }
 }
 
@@ -525,7 +524,7 @@ impl Scheduler {
         let handle = self.handle(py, callback, args, context)?;
         let timer = PyClassInitializer::from(handle).add_subclass(TimerHandle {
             when,
-            scheduled: AtomicFlag(true.into()),
+            scheduled: AtomicBool::new(true),
             cancelled_timers: self.cancelled_timers.clone(),
         });
         let timer = Py::new(py, timer)?;
