@@ -2,13 +2,20 @@
 //! a sequential round trip and 1,024 calls in flight, beside the physical
 //! floor (one cache line bouncing between two pinned threads) and a request/
 //! response round trip over two crossbeam channels, in the same run.
+//!
+//! On a VM the host may move the two vCPUs between physical cores during a
+//! run, which changes the floor itself (here from about 70 ns to 300 ns). So
+//! after criterion's groups the bench measures the floor, the bare ring pair
+//! and `submit_to` again in short alternating rounds, and reports each
+//! round's round trips as multiples of that round's floor, with their median:
+//! a ratio both sides of which saw the same placement.
 
 use std::hint::{black_box, spin_loop};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use crossbeam_utils::CachePadded;
 use shardloop_core::{submit_to, Runtime};
 
@@ -173,5 +180,66 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
+/// Round trips per alternating round of the ratio measurement.
+const ROUND: u64 = 20_000;
+const ROUNDS: usize = 31;
+
+/// The median of `values`.
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The sequential round trips as multiples of the floor measured in the
+/// same round (see the module's note).
+fn ratios_to_the_floor() {
+    let runtime = Runtime::builder().shards(2).pin(true).build().unwrap();
+    let submit = |iters: u64| {
+        runtime.block_on(async move {
+            let start = Instant::now();
+            for i in 0..iters {
+                black_box(submit_to(1, move || i + 1).await.unwrap());
+            }
+            start.elapsed()
+        })
+    };
+    let per_trip = |elapsed: Duration| elapsed.as_secs_f64() * 1e9 / ROUND as f64;
+    submit(ROUND);
+    let (mut floor, mut ring, mut call) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ring_ratio, mut call_ratio) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let f = per_trip(ping_pong(ROUND));
+        let r = per_trip(ring_pair_round_trip(ROUND));
+        let c = per_trip(submit(ROUND));
+        floor.push(f);
+        ring.push(r);
+        call.push(c);
+        ring_ratio.push(r / f);
+        call_ratio.push(c / f);
+    }
+    println!("\nalternating rounds of {ROUND} sequential round trips, medians of {ROUNDS} rounds:");
+    println!(
+        "  cache-line ping-pong (floor)  {:7.1} ns",
+        median(&mut floor)
+    );
+    println!(
+        "  ring pair, bare               {:7.1} ns   {:.2}x the floor of its round",
+        median(&mut ring),
+        median(&mut ring_ratio)
+    );
+    println!(
+        "  submit_to                     {:7.1} ns   {:.2}x the floor of its round",
+        median(&mut call),
+        median(&mut call_ratio)
+    );
+}
+
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    if std::env::args().any(|arg| arg == "--bench") {
+        ratios_to_the_floor();
+    }
+}

@@ -618,3 +618,84 @@ fn runtimes_are_told_apart() {
     assert!(a.is_some() && b.is_some() && a != b);
     assert_eq!(shardloop_core::runtime_id(), None);
 }
+
+/// Counts its drops in the counter it shares.
+struct Counted(Arc<AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn results_small_and_large_come_back_whole() {
+    let rt = runtime(2);
+    rt.block_on(async {
+        let text = submit_to(1, || format!("from shard {}", shard_id().unwrap())).await;
+        assert_eq!(text.as_deref(), Ok("from shard 1"));
+        let wide = submit_to(1, || [7u64; 8]).await;
+        assert_eq!(wide, Ok([7; 8]));
+        let later = submit_to_async(1, || async { vec![1u8, 2, 3] }).await;
+        assert_eq!(later, Ok(vec![1, 2, 3]));
+        let err = submit_to(1, || -> [u64; 8] { panic!("too wide to fail") }).await;
+        assert!(err.unwrap_err().to_string().contains("too wide to fail"));
+    });
+}
+
+#[test]
+fn what_a_call_owns_is_dropped_exactly_once() {
+    let rt = runtime(2);
+    let (funcs, results) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (f, r) = (funcs.clone(), results.clone());
+    rt.block_on(async move {
+        // A result carried in the reply's slot, and one too big for it.
+        let captured = Counted(f.clone());
+        let result = Counted(r.clone());
+        let small = submit_to(1, move || {
+            drop(captured);
+            result
+        });
+        drop(small.await.unwrap());
+        let (captured, result) = (Counted(f.clone()), Counted(r.clone()));
+        let big = submit_to(1, move || {
+            drop(captured);
+            (result, [0u64; 4])
+        });
+        drop(big.await.unwrap());
+        // Abandoned before it comes back: the result is dropped on arrival.
+        let (captured, result) = (Counted(f.clone()), Counted(r.clone()));
+        drop(submit_to(1, move || {
+            drop(captured);
+            result
+        }));
+        let (captured, result) = (Counted(f.clone()), Counted(r.clone()));
+        let later = submit_to_async(1, move || async move {
+            sleep(Duration::from_millis(1)).await;
+            drop(captured);
+            result
+        });
+        drop(later.await.unwrap());
+    });
+    rt.shutdown();
+    assert_eq!(funcs.load(Ordering::SeqCst), 4);
+    assert_eq!(results.load(Ordering::SeqCst), 4);
+}
+
+#[test]
+fn a_stopped_shard_drops_what_its_unfinished_calls_own_once() {
+    let rt = runtime(2);
+    let drops = Arc::new(AtomicUsize::new(0));
+    let held = Counted(drops.clone());
+    #[allow(clippy::async_yields_async)]
+    let stuck = rt.block_on(async move {
+        submit_to_async(1, move || async move {
+            std::future::pending::<()>().await;
+            drop(held);
+        })
+    });
+    rt.force_stop();
+    rt.shutdown();
+    drop(stuck);
+    assert_eq!(drops.load(Ordering::SeqCst), 1);
+}
